@@ -1,0 +1,379 @@
+"""Frozen configuration dataclasses.
+
+Derived values are properties; invariants are checked in ``__post_init__``. Algorithm choices are enums.
+The mesh belongs to the caller, never to a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+# --- model ---------------------------------------------------------------------------------------------------------
+
+
+class Arch(enum.StrEnum):
+    """HF ``model_type`` values r1jax reads."""
+
+    DEEPSEEK_V3 = "deepseek_v3"
+    DEEPSEEK_V2 = "deepseek_v2"
+    QWEN2 = "qwen2"
+    QWEN3 = "qwen3"
+    LLAMA = "llama"
+
+
+class RopeType(enum.StrEnum):
+    DEFAULT = "default"
+    LINEAR = "linear"
+    LLAMA3 = "llama3"
+    YARN = "yarn"
+
+
+class Scoring(enum.StrEnum):
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+
+
+class TopkMethod(enum.StrEnum):
+    GREEDY = "greedy"  # plain top-k over all experts (V2)
+    GROUP_LIMITED_GREEDY = "group_limited_greedy"  # keep topk_group groups by their max score (V2)
+    NOAUX_TC = "noaux_tc"  # keep topk_group groups by the sum of their top-2 biased scores (V3)
+
+
+class AttentionImpl(enum.StrEnum):
+    XLA = "xla"
+    PALLAS = "pallas"
+
+
+def _enum(cls, value):
+    return value if isinstance(value, cls) else cls(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding and its context-extension scaling (HF ``rope_scaling`` / ``rope_parameters``)."""
+
+    theta: float = 10000.0
+    type: RopeType = RopeType.DEFAULT
+    factor: float = 1.0
+    original_max_position: int | None = None
+    beta_fast: float = 32.0  # YaRN
+    beta_slow: float = 1.0  # YaRN
+    mscale: float | None = None  # YaRN, DeepSeek
+    mscale_all_dim: float | None = None  # YaRN, DeepSeek: softmax-scale correction
+    attention_factor: float | None = None  # YaRN: explicit cos/sin scale
+    truncate: bool = True  # YaRN: round the correction range to whole dims
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+
+    def __post_init__(self):
+        object.__setattr__(self, "type", _enum(RopeType, self.type))
+        if self.factor <= 0:
+            raise ValueError(f"rope factor must be positive, got {self.factor}")
+        if self.type in (RopeType.YARN, RopeType.LLAMA3) and self.original_max_position is None:
+            raise ValueError(f"rope type {self.type} needs original_max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One transformer: DeepSeek-V2/V3 (MLA + MoE + MTP) or a dense GQA model (Qwen2/Qwen3/Llama).
+
+    Field names follow the einsum alphabet of ``model.py``: d_model (d), n_heads (h), n_kv_heads (g), q_lora_rank (q),
+    kv_lora_rank (c), qk_nope_dim (n), qk_rope_dim (p), v_head_dim (v), n_experts (e), experts_per_token (k), ffw (f),
+    vocab_size (V).
+    """
+
+    arch: Arch
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffw: int
+    n_kv_heads: int | None = None  # None: = n_heads
+    head_dim: int | None = None  # GQA; None: d_model // n_heads
+    # MLA (DeepSeek)
+    q_lora_rank: int | None = None  # None: plain q projection
+    kv_lora_rank: int = 512
+    qk_nope_dim: int = 128
+    qk_rope_dim: int = 64
+    v_head_dim: int = 128
+    # MoE (DeepSeek)
+    n_experts: int = 0  # 0: dense model
+    n_shared_experts: int = 0
+    experts_per_token: int = 0
+    moe_ffw: int = 0
+    first_k_dense: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    scoring: Scoring = Scoring.SOFTMAX
+    topk_method: TopkMethod = TopkMethod.GREEDY
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    n_mtp_layers: int = 0
+    # shared
+    rope: RopeConfig = RopeConfig()
+    rope_interleave: bool = False  # DeepSeek rotates adjacent pairs (x[2i], x[2i+1])
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    # numerics and kernels (not part of the checkpoint)
+    dtype: str = "float32"  # activations / matmuls
+    param_dtype: str = "float32"
+    attention_impl: AttentionImpl = AttentionImpl.XLA
+    remat: bool = False
+
+    def __post_init__(self):
+        for name, cls in (
+            ("arch", Arch),
+            ("scoring", Scoring),
+            ("topk_method", TopkMethod),
+            ("attention_impl", AttentionImpl),
+        ):
+            object.__setattr__(self, name, _enum(cls, getattr(self, name)))
+        if isinstance(self.rope, dict):
+            object.__setattr__(self, "rope", RopeConfig(**self.rope))
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffw"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.num_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.num_kv_heads})")
+        if self.is_moe:
+            if not 0 < self.experts_per_token <= self.n_experts:
+                raise ValueError(f"experts_per_token must be in [1, {self.n_experts}], got {self.experts_per_token}")
+            if self.n_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+                raise ValueError(
+                    f"bad expert groups: {self.n_experts} experts, n_group {self.n_group}, topk_group {self.topk_group}"
+                )
+            if self.experts_per_token > self.topk_group * (self.n_experts // self.n_group):
+                raise ValueError("experts_per_token exceeds the experts in the kept groups")
+            if not 0 <= self.first_k_dense <= self.n_layers:
+                raise ValueError(f"first_k_dense must be in [0, n_layers], got {self.first_k_dense}")
+        if self.is_mla and self.qk_rope_dim % 2:
+            raise ValueError(f"qk_rope_dim must be even, got {self.qk_rope_dim}")
+        if not self.is_mla and self.head_size % 2:
+            raise ValueError(f"head_dim must be even, got {self.head_size}")
+
+    # derived -----------------------------------------------------------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        return self.arch in (Arch.DEEPSEEK_V2, Arch.DEEPSEEK_V3)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_dim + self.qk_rope_dim if self.is_mla else self.head_size
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.first_k_dense if self.is_moe else self.n_layers
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_dim if self.is_mla else self.head_size
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+# --- RL --------------------------------------------------------------------------------------------------------------
+
+
+def _as_enum(enum_cls: type[enum.Enum], value: object, field: str) -> enum.Enum:
+    """Accept an enum member or its string value (for ``--set`` overrides); reject anything else."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"{field}={value!r}: expected one of {choices}") from None
+
+
+class LossAgg(enum.StrEnum):
+    """How per-token GRPO losses become one scalar (see ``r1jax.grpo.grpo_loss``).
+
+    GRPO: mean over sequences of each sequence's masked token mean (DeepSeekMath / R1; short answers weigh more per
+    token). DAPO: token mean over the whole batch. DR_GRPO: token sum / (num sequences x max_completion_len).
+    """
+
+    GRPO = "grpo"
+    DAPO = "dapo"
+    DR_GRPO = "dr_grpo"
+
+
+class AdvScale(enum.StrEnum):
+    """Divisor of the group-centred reward: the group's std, the whole batch's std, or nothing (Dr. GRPO)."""
+
+    GROUP = "group"
+    BATCH = "batch"
+    NONE = "none"
+
+
+class RatioLevel(enum.StrEnum):
+    """Importance ratio per token (PPO/GRPO) or per sequence (GSPO: exp of the mean token log-ratio)."""
+
+    TOKEN = "token"
+    SEQUENCE = "sequence"
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Group Relative Policy Optimisation. Paper symbols: G = group_size, eps = clip_eps_*, beta = kl_coef,
+    mu = num_iterations.
+
+    Defaults follow DeepSeek-R1 where it states a value (G=16, beta=0.001, one inner epoch) and PPO's clip 0.2
+    otherwise (R1 reports eps=10, which effectively disables clipping). DAPO: ``loss_agg="dapo"``,
+    ``clip_eps_high=0.28``, ``kl_coef=0``, ``dynamic_sampling=True``, ``overlong_filter=True``. Dr. GRPO:
+    ``loss_agg="dr_grpo"``, ``adv_scale="none"``. GSPO: ``ratio_level="sequence"`` with small clips (3e-4 / 4e-4).
+    """
+
+    group_size: int = 16  # G: completions sampled per prompt
+    clip_eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
+    clip_eps_high: float = 0.2  # ratio clipped above at 1 + eps_high (DAPO clip-higher: 0.28)
+    kl_coef: float = 0.001  # beta of the k3 KL-to-reference term in the loss; 0 disables it
+    loss_agg: LossAgg = LossAgg.GRPO
+    adv_scale: AdvScale = AdvScale.GROUP
+    max_completion_len: int = 1024  # tokens; also the Dr. GRPO constant normaliser
+    ratio_level: RatioLevel = RatioLevel.TOKEN
+    tis_cap: float | None = None  # truncated importance sampling cap on pi_old / pi_sampler; None = off
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (no signal)
+    overlong_filter: bool = False  # DAPO: mask out completions truncated at max length without EOS
+    std_eps: float = 1e-4  # added to the std before dividing
+    std_ddof: int = 0  # 0 = population std (default), 1 = Bessel-corrected (TRL / verl parity)
+    num_iterations: int = 1  # mu: policy updates per batch of samples (1 = on-policy, ratio == 1 at the start)
+    num_minibatches: int = 1  # optimiser steps per batch of samples per iteration
+    prompts_per_step: int = 32  # prompts per sampling step (R1: 32 x G=16 = 512 samples)
+    ref_update_every: int = 0  # replace the reference model by the policy every N steps (R1: 400); 0 = never
+
+    def __post_init__(self) -> None:
+        for name, cls in (("loss_agg", LossAgg), ("adv_scale", AdvScale), ("ratio_level", RatioLevel)):
+            object.__setattr__(self, name, _as_enum(cls, getattr(self, name), name))
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.clip_eps_low < 0 or self.clip_eps_high < 0:
+            raise ValueError(f"clip eps must be >= 0, got low={self.clip_eps_low} high={self.clip_eps_high}")
+        if self.clip_eps_low >= 1:
+            raise ValueError(f"clip_eps_low must be < 1 (ratio lower bound 1 - eps > 0), got {self.clip_eps_low}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.max_completion_len < 1:
+            raise ValueError(f"max_completion_len must be >= 1, got {self.max_completion_len}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
+        if self.std_eps < 0:
+            raise ValueError(f"std_eps must be >= 0, got {self.std_eps}")
+        if self.std_ddof not in (0, 1):
+            raise ValueError(f"std_ddof must be 0 or 1, got {self.std_ddof}")
+        if self.std_ddof == 1 and self.group_size < 2 and self.adv_scale is AdvScale.GROUP:
+            raise ValueError("Bessel-corrected group std needs group_size >= 2")
+        if self.num_iterations < 1 or self.num_minibatches < 1 or self.prompts_per_step < 1:
+            raise ValueError("num_iterations, num_minibatches and prompts_per_step must be >= 1")
+        if self.samples_per_step % self.num_minibatches:
+            raise ValueError(f"samples_per_step={self.samples_per_step} not divisible by {self.num_minibatches=}")
+        if self.ref_update_every < 0:
+            raise ValueError(f"ref_update_every must be >= 0, got {self.ref_update_every}")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.samples_per_step // self.num_minibatches
+
+
+LANGUAGES = frozenset({"en", "zh", "ja", "ko", "ru", "ar"})  # language-consistency targets
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Rule-based rewards: which functions, their weights, and how they are run (see ``r1jax.rewards``).
+
+    The total reward is ``sum(weight_i * fn_i)``. Every (function, completion) pair is scored in a worker process
+    with a wall-clock timeout and an address-space bound; a timeout or crash scores ``floor``.
+    """
+
+    functions: tuple[str, ...] = ("accuracy", "format_strict")  # R1: accuracy + format, equal weight
+    weights: tuple[float, ...] = (1.0, 1.0)
+    timeout_s: float = 5.0  # per (function, completion)
+    num_workers: int = 2  # worker processes; 0 = score in-process (debugging only: no timeout, no memory bound)
+    memory_mb: int = 1024  # address-space headroom per worker above its size after imports
+    max_chars: int = 1 << 18  # longer completions score `floor` without being parsed
+    floor: float = 0.0  # value of a timed-out / crashed / over-long evaluation
+    think_prefilled: bool = False  # the chat template ends with "<think>": completions start inside the think block
+    target_language: str = "en"  # language-consistency target: en, zh, ja, ko, ru, ar (meta["language"] overrides)
+    gsm8k_last_number: bool = False  # GSM8K: without tags/\boxed/####, fall back to the last number in the answer
+    countdown_exact_use: bool = True  # TinyZero: every given number exactly once (False: at most once)
+    countdown_format_score: float = 0.1  # TinyZero: a parseable equation that misses scores this
+    overlong_max_tokens: int = 1024  # DAPO soft overlong punishment: L_max
+    overlong_buffer_tokens: int = 256  # DAPO: L_cache, the linear ramp before L_max
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "functions", tuple(self.functions))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if len(self.functions) != len(self.weights):
+            raise ValueError(f"{len(self.functions)} reward functions but {len(self.weights)} weights")
+        if not self.functions:
+            raise ValueError("at least one reward function is required")
+        if len(set(self.functions)) != len(self.functions):
+            raise ValueError(f"duplicate reward functions: {self.functions}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.memory_mb < 64:
+            raise ValueError(f"memory_mb must be >= 64, got {self.memory_mb}")
+        if self.max_chars < 1:
+            raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
+        if self.target_language not in LANGUAGES:
+            raise ValueError(f"target_language={self.target_language!r}: expected one of {sorted(LANGUAGES)}")
+        if not 0 <= self.overlong_buffer_tokens < self.overlong_max_tokens:
+            raise ValueError("need 0 <= overlong_buffer_tokens < overlong_max_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Completion sampling. ``top_k=0`` and ``top_p=1.0`` disable those filters; ``temperature=0`` is greedy."""
+
+    temperature: float = 1.0  # R1: 1.0 (0.7 in the second RL stage)
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    stop_strings: tuple[str, ...] = ()  # decoding of a row stops after any of these (besides EOS)
+    include_stop_str: bool = True  # keep the matched stop string in the completion (e.g. "</answer>")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop strings must be non-empty")

@@ -1,0 +1,13 @@
+"""Errors that the CLI turns into one clear line and a non-zero exit."""
+
+
+class R1jaxError(Exception):
+    """Bad input the user can fix: the message names the problem and what to do."""
+
+
+class CheckpointError(R1jaxError):
+    """A checkpoint that cannot be read: missing, corrupt, mismatched or unsafe."""
+
+
+class ConfigError(R1jaxError):
+    """A configuration that cannot be used."""

@@ -1,0 +1,438 @@
+"""HuggingFace checkpoints: config.json -> ModelConfig, safetensors -> parameters and back.
+
+The mapping is one declarative table: a row per HF key template (``{i}`` layer, ``{j}`` expert), the parameter path
+it fills, and its transform. ``LINEAR``: HF stores ``[out, in]``; r1jax stores ``[in..., out...]`` (einsum layout)
+so the tensor is transposed and reshaped to the parameter's declared shape (``LINEAR2``: two input axes, e.g. the
+output projection ``[h, v, d]``). ``COPY``: reshaped only. Shapes are checked against the abstract parameter tree
+once, before anything is placed. DeepSeek fp8 weights (``weight_scale_inv`` 128x128 block scales) are dequantised
+with numpy/ml_dtypes while streaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from r1jax.config import Arch, ModelConfig, RopeConfig
+from r1jax.errors import CheckpointError
+from r1jax.model import ParamSpec, param_specs
+from r1jax.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
+
+COPY, LINEAR, LINEAR2 = "copy", "linear", "linear2"
+
+ATTN_MLA = [
+    ("self_attn.q_proj.weight", "attn/q", LINEAR),
+    ("self_attn.q_a_proj.weight", "attn/q_a", LINEAR),
+    ("self_attn.q_a_layernorm.weight", "attn/q_norm", COPY),
+    ("self_attn.q_b_proj.weight", "attn/q_b", LINEAR),
+    ("self_attn.kv_a_proj_with_mqa.weight", "attn/kv_a", LINEAR),
+    ("self_attn.kv_a_layernorm.weight", "attn/kv_norm", COPY),
+    ("self_attn.kv_b_proj.weight", "attn/kv_b", LINEAR),
+    ("self_attn.o_proj.weight", "attn/o", LINEAR2),
+]
+ATTN_GQA = [
+    ("self_attn.q_proj.weight", "attn/q", LINEAR),
+    ("self_attn.k_proj.weight", "attn/k", LINEAR),
+    ("self_attn.v_proj.weight", "attn/v", LINEAR),
+    ("self_attn.o_proj.weight", "attn/o", LINEAR2),
+    ("self_attn.q_proj.bias", "attn/q_bias", COPY),
+    ("self_attn.k_proj.bias", "attn/k_bias", COPY),
+    ("self_attn.v_proj.bias", "attn/v_bias", COPY),
+    ("self_attn.o_proj.bias", "attn/o_bias", COPY),
+    ("self_attn.q_norm.weight", "attn/q_norm", COPY),
+    ("self_attn.k_norm.weight", "attn/k_norm", COPY),
+]
+NORMS = [
+    ("input_layernorm.weight", "attn_norm", COPY),
+    ("post_attention_layernorm.weight", "mlp_norm", COPY),
+]
+DENSE_MLP = [
+    ("mlp.gate_proj.weight", "mlp/gate", LINEAR),
+    ("mlp.up_proj.weight", "mlp/up", LINEAR),
+    ("mlp.down_proj.weight", "mlp/down", LINEAR),
+    ("mlp.gate_proj.bias", "mlp/gate_bias", COPY),
+    ("mlp.up_proj.bias", "mlp/up_bias", COPY),
+    ("mlp.down_proj.bias", "mlp/down_bias", COPY),
+]
+MOE_MLP = [
+    ("mlp.gate.weight", "mlp/router", LINEAR),
+    ("mlp.gate.e_score_correction_bias", "mlp/router_bias", COPY),
+    ("mlp.experts.{j}.gate_proj.weight", "mlp/experts/gate", LINEAR),
+    ("mlp.experts.{j}.up_proj.weight", "mlp/experts/up", LINEAR),
+    ("mlp.experts.{j}.down_proj.weight", "mlp/experts/down", LINEAR),
+    ("mlp.shared_experts.gate_proj.weight", "mlp/shared/gate", LINEAR),
+    ("mlp.shared_experts.up_proj.weight", "mlp/shared/up", LINEAR),
+    ("mlp.shared_experts.down_proj.weight", "mlp/shared/down", LINEAR),
+]
+MTP = [
+    ("enorm.weight", "enorm", COPY),
+    ("hnorm.weight", "hnorm", COPY),
+    ("eh_proj.weight", "eh_proj", LINEAR),
+    ("shared_head.norm.weight", "head_norm", COPY),
+]
+GLOBAL = [
+    ("model.embed_tokens.weight", "embed", COPY),
+    ("model.norm.weight", "final_norm", COPY),
+    ("lm_head.weight", "lm_head", LINEAR),
+]
+# Keys present in checkpoints that r1jax does not need: rotary buffers, the MTP module's private copies of the
+# shared embedding and head.
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$|.*\.weight_scale_inv$|model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor of the checkpoint: where it goes (``path`` + leading ``index`` into stacked axes)."""
+
+    key: str
+    path: tuple[str, ...]
+    index: tuple[int, ...]
+    transform: str
+
+
+def _spec_at(specs: dict, path: tuple[str, ...]) -> ParamSpec | None:
+    node = specs
+    for p in path:
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node if isinstance(node, ParamSpec) else None
+
+
+def _layer_rows(cfg: ModelConfig, moe_layer: bool) -> list[tuple[str, str, str]]:
+    rows = NORMS + (ATTN_MLA if cfg.is_mla else ATTN_GQA)
+    return rows + (MOE_MLP if moe_layer else DENSE_MLP)
+
+
+def entries(cfg: ModelConfig, *, mtp: bool = False) -> list[Entry]:
+    """The table expanded for ``cfg``: every HF key the parameter tree needs, nothing else."""
+    specs = param_specs(cfg, mtp=mtp)
+    out: list[Entry] = []
+
+    def add(key: str, path: tuple[str, ...], index: tuple[int, ...], transform: str):
+        if _spec_at(specs, path) is not None:
+            out.append(Entry(key, path, index, transform))
+
+    for key, path, tr in GLOBAL:
+        add(key, (path,), (), tr)
+    layers = [("dense_layers", i, i, False) for i in range(cfg.n_dense_layers)]
+    layers += [("moe_layers", cfg.n_dense_layers + i, i, True) for i in range(cfg.n_moe_layers)]
+    for stack, hf_i, idx, is_moe in layers:
+        for key, path, tr in _layer_rows(cfg, is_moe):
+            _expand(add, f"model.layers.{hf_i}.{key}", (stack, *path.split("/")), (idx,), tr, cfg)
+    if mtp:
+        for k in range(cfg.n_mtp_layers):
+            hf_i = cfg.n_layers + k
+            for key, path, tr in MTP:
+                add(f"model.layers.{hf_i}.{key}", ("mtp", path), (k,), tr)
+            for key, path, tr in _layer_rows(cfg, cfg.is_moe):
+                _expand(add, f"model.layers.{hf_i}.{key}", ("mtp", "block", *path.split("/")), (k,), tr, cfg)
+    return out
+
+
+def _expand(add, key: str, path: tuple[str, ...], index: tuple[int, ...], tr: str, cfg: ModelConfig):
+    if "{j}" in key:
+        for j in range(cfg.n_experts):
+            add(key.format(j=j), path, (*index, j), tr)
+    else:
+        add(key, path, index, tr)
+
+
+# --- config -----------------------------------------------------------------------------------------------------------
+def _rope_from_hf(hf: dict) -> RopeConfig:
+    rp = dict(hf.get("rope_parameters") or {})
+    rs = dict(hf.get("rope_scaling") or {})
+    merged = {**rs, **rp}
+    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rtype = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rtype not in ("default", "linear", "llama3", "yarn"):
+        raise CheckpointError(f"unsupported rope scaling type {rtype!r} (supported: default, linear, llama3, yarn)")
+    return RopeConfig(
+        theta=float(theta),
+        type=rtype,
+        factor=float(merged.get("factor") or 1.0),
+        original_max_position=merged.get("original_max_position_embeddings"),
+        beta_fast=float(merged.get("beta_fast") or 32.0),
+        beta_slow=float(merged.get("beta_slow") or 1.0),
+        mscale=merged.get("mscale"),
+        mscale_all_dim=merged.get("mscale_all_dim"),
+        attention_factor=merged.get("attention_factor"),
+        truncate=bool(merged.get("truncate", True)),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+    )
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """ModelConfig from a HF ``config.json`` dict (``model_type`` decides the architecture)."""
+    mt = hf.get("model_type")
+    try:
+        arch = Arch(mt)
+    except ValueError:
+        raise CheckpointError(
+            f"unknown model_type {mt!r}; r1jax supports {', '.join(a.value for a in Arch)}"
+        ) from None
+    eos = hf.get("eos_token_id")
+    common = dict(
+        arch=arch,
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads"),
+        ffw=hf["intermediate_size"],
+        rope=_rope_from_hf(hf),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"unsupported hidden_act {hf.get('hidden_act')!r} (only silu)")
+    if arch in (Arch.DEEPSEEK_V2, Arch.DEEPSEEK_V3):
+        v3 = arch == Arch.DEEPSEEK_V3
+        n_exp = hf.get("n_routed_experts") or 0
+        fields = dict(
+            q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_dim=hf["qk_nope_head_dim"],
+            qk_rope_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+            n_experts=n_exp,
+            n_shared_experts=hf.get("n_shared_experts") or 0,
+            experts_per_token=hf.get("num_experts_per_tok") or 0,
+            moe_ffw=hf.get("moe_intermediate_size") or 0,
+            first_k_dense=hf.get("first_k_dense_replace", 0) if n_exp else hf["num_hidden_layers"],
+            n_group=hf.get("n_group") or 1,
+            topk_group=hf.get("topk_group") or 1,
+            scoring="sigmoid" if v3 else hf.get("scoring_func", "softmax"),
+            topk_method="noaux_tc" if v3 else hf.get("topk_method", "greedy"),
+            # transformers' V2 router never renormalises; V3 follows the flag.
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if v3 else False,
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            n_mtp_layers=hf.get("num_nextn_predict_layers", 0) or 0,
+            rope_interleave=bool(hf.get("rope_interleave", True)),
+            qkv_bias=False,
+            o_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+        )
+        if hf.get("attention_bias"):
+            raise CheckpointError("attention_bias=true is not supported for MLA models")
+    else:
+        fields = dict(
+            head_dim=hf.get("head_dim"),
+            qkv_bias=arch == Arch.QWEN2 or bool(hf.get("attention_bias", False)),
+            o_bias=arch == Arch.LLAMA and bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=arch == Arch.QWEN3,
+        )
+    try:
+        return ModelConfig(**common, **fields, **overrides)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json describes an invalid model: {e}") from None
+
+
+def read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{path}: no config.json (not a HuggingFace checkpoint directory)")
+    try:
+        return json.load(open(cfg_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+
+
+# --- tensors ----------------------------------------------------------------------------------------------------------
+def dequant_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128)) -> np.ndarray:
+    """DeepSeek fp8: ``W[i, j] = w[i, j] * scale_inv[i // 128, j // 128]`` (a multiply, despite the name)."""
+    rows, cols = w.shape
+    s = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], 0), block[1], 1)[:rows, :cols]
+    if s.shape != w.shape:
+        raise CheckpointError(f"fp8 scale shape {scale_inv.shape} does not cover weight shape {w.shape}")
+    return w.astype(np.float32) * s
+
+
+def to_param(a: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.ndarray:
+    """HF tensor -> parameter slice of ``shape``."""
+    if transform != COPY:
+        a = a.T
+    if a.size != int(np.prod(shape)):
+        raise ValueError(f"has shape {a.shape}, expected {shape}")
+    return a.reshape(shape)
+
+
+def from_param(a: np.ndarray, transform: str, hf_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Parameter slice -> HF tensor (inverse of ``to_param``)."""
+    if transform == COPY:
+        return a.reshape(hf_shape) if hf_shape else a.reshape(-1) if a.ndim > 1 else a
+    n_in = 2 if transform == LINEAR2 else 1
+    return a.reshape(int(np.prod(a.shape[:n_in])), -1).T
+
+
+def iter_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(key, loader) over every tensor of a HF directory, one file at a time; fp8 weights come dequantised."""
+    for fname, names in iter_checkpoint_files(path):
+        f = SafetensorsFile(fname)
+        missing = [n for n in names if n not in f.names()]
+        if missing:
+            raise CheckpointError(f"{fname}: index lists tensor {missing[0]!r} that the file does not hold")
+        name_set = set(f.names())
+        for name in names:
+            scale = name + "_scale_inv"
+            if scale in name_set:
+                yield name, (lambda f=f, n=name, s=scale: dequant_fp8(f.get(n), f.get(s)))
+            else:
+                yield name, (lambda f=f, n=name: f.get(n))
+
+
+def load_hf_params(path: str, cfg: ModelConfig, *, mtp: bool = False, dtype=np.float32) -> dict:
+    """Read a HF directory into a nested dict of numpy arrays matching ``param_specs(cfg, mtp=mtp)``."""
+    return assemble(iter_tensors(path), cfg, mtp=mtp, dtype=dtype, source=path)
+
+
+def assemble(tensors, cfg: ModelConfig, *, mtp: bool, dtype, source: str) -> dict:
+    """Place ``(key, loader)`` pairs into freshly allocated parameter arrays, checking every shape once."""
+    specs = param_specs(cfg, mtp=mtp)
+    table = {e.key: e for e in entries(cfg, mtp=mtp)}
+    out = _allocate(specs, dtype)
+    seen: set[str] = set()
+    for key, load in tensors:
+        entry = table.get(key)
+        if entry is None:
+            mtp_key = cfg.n_mtp_layers and re.match(rf"model\.layers\.({'|'.join(map(str, _mtp_ids(cfg)))})\.", key)
+            if IGNORED.match(key) or mtp_key:
+                continue
+            raise CheckpointError(f"{source}: tensor {key!r} does not match the config (weights/config mismatch)")
+        spec = _spec_at(specs, entry.path)
+        target = _node(out, entry.path)
+        try:
+            target[entry.index] = to_param(np.asarray(load()), entry.transform, spec.shape[len(entry.index) :])
+        except ValueError as e:
+            raise CheckpointError(f"{source}: tensor {key!r} {e} (weights/config mismatch)") from None
+        seen.add(key)
+    missing = [k for k in table if k not in seen]
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]!r}")
+    return out
+
+
+def _mtp_ids(cfg: ModelConfig) -> list[int]:
+    return [cfg.n_layers + k for k in range(cfg.n_mtp_layers)]
+
+
+def _allocate(specs: dict, dtype) -> dict:
+    return {
+        k: np.zeros(v.shape, np.dtype(v.dtype) if v.dtype else np.dtype(dtype)) if isinstance(v, ParamSpec)
+        else _allocate(v, dtype)
+        for k, v in specs.items()
+    }
+
+
+def _node(tree: dict, path: tuple[str, ...]) -> np.ndarray:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+# --- export -----------------------------------------------------------------------------------------------------------
+def hf_tensors(params: dict, cfg: ModelConfig, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF key, tensor) for every parameter (inverse of ``load_hf_params``)."""
+    for e in entries(cfg, mtp="mtp" in params):
+        a = np.asarray(_node(params, e.path)[e.index])
+        keep = dtype if "router" not in e.path[-1] else np.float32
+        yield e.key, from_param(a, e.transform).astype(keep)
+
+
+def hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
+    """A ``config.json`` for ``cfg``: the source's own config when known, else one written from the fields."""
+    if base:
+        return dict(base)
+    out = {
+        "model_type": cfg.arch.value,
+        "architectures": [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                           "llama": "LlamaForCausalLM"}[cfg.arch.value]],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffw,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
+        "pad_token_id": cfg.pad_token_id,
+        "attention_bias": cfg.o_bias or (cfg.qkv_bias and cfg.arch.value == "llama"),
+        "mlp_bias": cfg.mlp_bias,
+        "head_dim": cfg.head_size if not cfg.is_mla else cfg.qk_rope_dim,
+    }
+    r = cfg.rope
+    rope = {"rope_type": r.type.value, "rope_theta": r.theta}
+    if r.type.value != "default":
+        rope |= {"factor": r.factor, "original_max_position_embeddings": r.original_max_position}
+    if r.type.value == "llama3":
+        rope |= {"low_freq_factor": r.low_freq_factor, "high_freq_factor": r.high_freq_factor}
+    if r.type.value == "yarn":
+        rope |= {"beta_fast": r.beta_fast, "beta_slow": r.beta_slow, "mscale": r.mscale,
+                 "mscale_all_dim": r.mscale_all_dim}
+    out["rope_parameters"] = rope
+    out["rope_theta"] = r.theta
+    return out
+
+
+def write_hf(params: dict, cfg: ModelConfig, out_dir: str, *, base_config: dict | None = None,
+             extra_files: dict[str, str] | None = None, dtype=np.float32, shard_bytes: int = 2 << 30) -> None:
+    """Write a HF directory (config.json + sharded safetensors + index) atomically: temp dir, then rename."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".r1jax-export-", dir=parent)
+    try:
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        for key, a in hf_tensors(params, cfg, dtype):
+            if size and size + a.nbytes > shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = a
+            size += a.nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name))
+            weight_map |= dict.fromkeys(shard, name)
+        if len(shards) > 1:
+            total = sum(a.nbytes for s in shards for a in s.values())
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
+                      open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=2)
+        config = hf_config(cfg, base_config)
+        config["torch_dtype"] = config["dtype"] = np.dtype(dtype).name if dtype != ml_dtypes.bfloat16 else "bfloat16"
+        json.dump(config, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+        for src_name, src in (extra_files or {}).items():
+            shutil.copyfile(src, os.path.join(tmp, src_name))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    if os.path.exists(out_dir):
+        old = out_dir.rstrip("/") + ".old-r1jax"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)

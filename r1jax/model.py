@@ -1,0 +1,568 @@
+"""The r1jax transformer: DeepSeek-V2/V3 (MLA + DeepSeekMoE + MTP) and the dense Qwen2/Qwen3/Llama family.
+
+Design choices
+- Parameters are declared once, in ``param_specs``: shape, logical axes, initializer, dtype. The Flax NNX module
+  ``Transformer`` only holds them; all math lives in pure functions over plain arrays (``forward`` and friends).
+- Identical layers are stacked on a leading ``layers`` axis and run with ``jax.lax.scan``: the dense prefix and the MoE
+  stack are two scans.
+- dtype policy: parameters in ``param_dtype``, matmuls in ``dtype``; norms, softmax, router scores and logits in f32.
+- MLA without a cache (training, scoring) expands the latent into per-head keys and values. With a cache, attention
+  is *absorbed*: the cache holds only the normed kv latent and the rotated shared rope key (c + p values per token per
+  layer, 576 for V3); the k up-projection is folded into the query and the v up-projection into the output.
+- RoPE: DeepSeek rotates adjacent pairs (``rope_interleave``); Llama/Qwen rotate halves. YaRN includes DeepSeek's
+  mscale softmax correction, applied whenever the config asks for YaRN (as transformers does).
+- Causal masking is by cache slot; ``start[b]`` (left padding) masks slots before a sequence begins, so padded and
+  unpadded batches give the same results.
+
+Einsum alphabet: ``b`` batch, ``t`` query positions, ``s`` key positions, ``d`` d_model, ``h`` heads, ``g`` kv heads,
+``r`` query heads per kv head, ``q`` q-LoRA rank, ``c`` kv latent rank, ``n`` nope head dim, ``p`` rope head dim,
+``v`` value head dim, ``k`` head dim (GQA), ``e`` experts, ``f`` ffw hidden, ``V`` vocab, ``T`` flattened tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from r1jax import moe
+from r1jax.cache import Cache
+from r1jax.config import AttentionImpl, ModelConfig, RopeConfig, RopeType
+
+Params = dict[str, Any]
+
+
+# --- parameter declarations ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str = "normal"  # normal | ones | zeros
+    dtype: str | None = None  # None: the config's param_dtype
+
+    def stacked(self, n: int) -> ParamSpec:
+        return dataclasses.replace(self, shape=(n, *self.shape), axes=("layers", *self.axes))
+
+
+def _norm(dim: int, axis: str | None = None) -> ParamSpec:
+    return ParamSpec((dim,), (axis,), "ones")
+
+
+def _mla_specs(cfg: ModelConfig) -> dict:
+    d, h, c, p, n, v = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_dim, cfg.qk_nope_dim, cfg.v_head_dim
+    specs = {
+        "kv_a": ParamSpec((d, c + p), ("embed", "kv_lora")),
+        "kv_norm": _norm(c, "kv_lora"),
+        "kv_b": ParamSpec((c, h, n + v), ("kv_lora", "heads", None)),
+        "o": ParamSpec((h, v, d), ("heads", None, "embed")),
+    }
+    if cfg.q_lora_rank is None:
+        specs["q"] = ParamSpec((d, h, n + p), ("embed", "heads", None))
+    else:
+        specs["q_a"] = ParamSpec((d, cfg.q_lora_rank), ("embed", "q_lora"))
+        specs["q_norm"] = _norm(cfg.q_lora_rank, "q_lora")
+        specs["q_b"] = ParamSpec((cfg.q_lora_rank, h, n + p), ("q_lora", "heads", None))
+    return specs
+
+
+def _gqa_specs(cfg: ModelConfig) -> dict:
+    d, h, g, k = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
+    specs = {
+        "q": ParamSpec((d, h, k), ("embed", "heads", None)),
+        "k": ParamSpec((d, g, k), ("embed", "kv_heads", None)),
+        "v": ParamSpec((d, g, k), ("embed", "kv_heads", None)),
+        "o": ParamSpec((h, k, d), ("heads", None, "embed")),
+    }
+    if cfg.qkv_bias:
+        specs |= {"q_bias": ParamSpec((h, k), ("heads", None), "zeros"),
+                  "k_bias": ParamSpec((g, k), ("kv_heads", None), "zeros"),
+                  "v_bias": ParamSpec((g, k), ("kv_heads", None), "zeros")}
+    if cfg.o_bias:
+        specs["o_bias"] = ParamSpec((d,), ("embed",), "zeros")
+    if cfg.qk_norm:
+        specs |= {"q_norm": _norm(k), "k_norm": _norm(k)}
+    return specs
+
+
+def _mlp_specs(d: int, f: int, bias: bool = False) -> dict:
+    specs = {
+        "gate": ParamSpec((d, f), ("embed", "ffw")),
+        "up": ParamSpec((d, f), ("embed", "ffw")),
+        "down": ParamSpec((f, d), ("ffw", "embed")),
+    }
+    if bias:
+        specs |= {"gate_bias": ParamSpec((f,), ("ffw",), "zeros"), "up_bias": ParamSpec((f,), ("ffw",), "zeros"),
+                  "down_bias": ParamSpec((d,), ("embed",), "zeros")}
+    return specs
+
+
+def _moe_specs(cfg: ModelConfig) -> dict:
+    d, e, f = cfg.d_model, cfg.n_experts, cfg.moe_ffw
+    specs = {
+        "router": ParamSpec((d, e), ("embed", None), dtype="float32"),
+        "router_bias": ParamSpec((e,), (None,), "zeros", dtype="float32"),
+        "experts": {
+            "gate": ParamSpec((e, d, f), ("experts", "embed", "expert_ffw")),
+            "up": ParamSpec((e, d, f), ("experts", "embed", "expert_ffw")),
+            "down": ParamSpec((e, f, d), ("experts", "expert_ffw", "embed")),
+        },
+    }
+    if cfg.n_shared_experts:
+        specs["shared"] = _mlp_specs(d, f * cfg.n_shared_experts)
+    return specs
+
+
+def _block_specs(cfg: ModelConfig, moe_layer: bool) -> dict:
+    return {
+        "attn_norm": _norm(cfg.d_model, "embed"),
+        "attn": _mla_specs(cfg) if cfg.is_mla else _gqa_specs(cfg),
+        "mlp_norm": _norm(cfg.d_model, "embed"),
+        "mlp": _moe_specs(cfg) if moe_layer else _mlp_specs(cfg.d_model, cfg.ffw, cfg.mlp_bias),
+    }
+
+
+def _stack(tree: dict, n: int) -> dict:
+    return jax.tree.map(lambda s: s.stacked(n), tree, is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def param_specs(cfg: ModelConfig, *, mtp: bool = False) -> dict:
+    """The whole parameter tree as nested dicts of ``ParamSpec``; ``mtp`` adds the multi-token-prediction module."""
+    d = cfg.d_model
+    specs: dict = {"embed": ParamSpec((cfg.vocab_size, d), ("vocab", "embed"))}
+    if cfg.n_dense_layers:
+        specs["dense_layers"] = _stack(_block_specs(cfg, moe_layer=False), cfg.n_dense_layers)
+    if cfg.n_moe_layers:
+        specs["moe_layers"] = _stack(_block_specs(cfg, moe_layer=True), cfg.n_moe_layers)
+    specs["final_norm"] = _norm(d, "embed")
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ParamSpec((d, cfg.vocab_size), ("embed", "vocab"))
+    if mtp and cfg.n_mtp_layers:
+        mtp_block = {
+            "enorm": _norm(d, "embed"),
+            "hnorm": _norm(d, "embed"),
+            "eh_proj": ParamSpec((2 * d, d), (None, "embed")),
+            "block": _block_specs(cfg, moe_layer=cfg.is_moe),
+            "head_norm": _norm(d, "embed"),
+        }
+        specs["mtp"] = _stack(mtp_block, cfg.n_mtp_layers)
+    return specs
+
+
+def _init_leaf(spec: ParamSpec, key: jax.Array, cfg: ModelConfig, std: float) -> jax.Array:
+    dtype = jnp.dtype(spec.dtype or cfg.param_dtype)
+    if spec.init == "ones":
+        return jnp.ones(spec.shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(spec.shape, dtype)
+    return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, *, mtp: bool = False, std: float = 0.02) -> Params:
+    """Random parameters (normal(0, std) matrices, unit norms, zero biases) as a plain nested dict."""
+    specs = param_specs(cfg, mtp=mtp)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [_init_leaf(s, k, cfg, std) for s, k in zip(leaves, keys, strict=True)])
+
+
+# --- the NNX holder -----------------------------------------------------------------------------------------------
+class _Group(nnx.Module):
+    """A named group of parameters (one level of the ``param_specs`` tree)."""
+
+
+def _build(tree: dict, values: dict) -> _Group:
+    group = _Group()
+    for name, spec in tree.items():
+        if isinstance(spec, ParamSpec):
+            setattr(group, name, nnx.Param(values[name], axes=spec.axes))
+        else:
+            setattr(group, name, _build(spec, values[name]))
+    return group
+
+
+class Transformer(nnx.Module):
+    """Holds the parameters of ``param_specs(cfg)``; ``model(tokens)`` -> f32 logits [b, t, V]."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, *, tokenizer_dir: str | None = None):
+        self.cfg = cfg
+        self.tokenizer_dir = tokenizer_dir
+        self.params = _build(param_specs(cfg, mtp="mtp" in params), params)
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, seed: int = 0, *, mtp: bool = False) -> Transformer:
+        return cls(cfg, jax.jit(lambda k: init_params(cfg, k, mtp=mtp))(jax.random.key(seed)))
+
+    def param_dict(self) -> Params:
+        """The parameters as a plain nested dict of arrays (what the pure functions take)."""
+        return nnx.state(self.params, nnx.Param).to_pure_dict()
+
+    def __call__(self, tokens: jax.Array, **kw) -> jax.Array:
+        return forward(self.param_dict(), jnp.asarray(tokens, jnp.int32), self.cfg, **kw)[0]
+
+
+# --- building blocks ------------------------------------------------------------------------------------------------
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, scaled by ``w`` and cast back to the input dtype (as HF does)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies f32[dim // 2] and the cos/sin scale (YaRN's attention factor, 1 otherwise)."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    if rope.type == RopeType.LINEAR:
+        return inv / rope.factor, 1.0
+    if rope.type == RopeType.LLAMA3:
+        old = rope.original_max_position
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / rope.low_freq_factor, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        mid = (wavelen >= old / rope.high_freq_factor) & (wavelen <= old / rope.low_freq_factor)
+        return np.where(mid, (1 - smooth) * scaled / rope.factor + smooth * scaled, scaled).astype(np.float32), 1.0
+    if rope.type == RopeType.YARN:
+        def corr_dim(rot: float) -> float:
+            return dim * math.log(rope.original_max_position / (rot * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+        low, high = corr_dim(rope.beta_fast), corr_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low if high != low else 1e-3), 0, 1)
+        extrapolate = 1 - ramp
+        inv = (inv / rope.factor) * (1 - extrapolate) + inv * extrapolate
+        if rope.attention_factor is not None:
+            scale = rope.attention_factor
+        elif rope.mscale and rope.mscale_all_dim:
+            scale = _yarn_mscale(rope.factor, rope.mscale) / _yarn_mscale(rope.factor, rope.mscale_all_dim)
+        else:
+            scale = _yarn_mscale(rope.factor)
+        return inv.astype(np.float32), float(scale)
+    return inv, 1.0
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(qk head dim), times DeepSeek's YaRN mscale^2 when the config asks for YaRN with ``mscale_all_dim``."""
+    scale = cfg.qk_head_dim**-0.5
+    if cfg.is_mla and cfg.rope.type == RopeType.YARN and cfg.rope.mscale_all_dim:
+        scale *= _yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim) ** 2
+    return scale
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotate ``x[b, t, ..., p]`` by ``positions[b, t]``: adjacent pairs if ``rope_interleave``, else halves.
+
+    Interleaved inputs come out de-interleaved (evens then odds) — the same for queries and keys, so scores match.
+    """
+    inv, scale = rope_frequencies(cfg.rope, x.shape[-1])
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
+    angles = angles.reshape(*angles.shape[:2], *([1] * (x.ndim - 3)), angles.shape[-1])
+    cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
+    xf = x.astype(jnp.float32)
+    if cfg.rope_interleave:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = jnp.split(xf, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Grouped-query attention: q[b,t,h,k], k[b,s,g,k], v[b,s,g,v], mask bool[b,t,s] -> [b,t,h,v].
+
+    Softmax in f32; rows with no visible key (padding) give zeros, not NaN.
+    """
+    b, t, h, _ = q.shape
+    g = k.shape[2]
+    qg = q.reshape(b, t, g, h // g, q.shape[-1])
+    scores = jnp.einsum("btgrk,bsgk->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
+    m = mask[:, None, None]
+    probs = jax.nn.softmax(jnp.where(m, scores, -jnp.inf), axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(v.dtype)
+    return jnp.einsum("bgrts,bsgv->btgrv", probs, v).reshape(b, t, h, v.shape[-1])
+
+
+def _flash(q, k, v, segment_ids, scale):
+    from r1jax.kernels import flash_attention
+
+    return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=scale)
+
+
+def _mask(positions_q: jax.Array, positions_k: jax.Array, valid_k: jax.Array | None, segs) -> jax.Array:
+    """Causal mask bool[b, t, s] from slot indices; ``valid_k`` bool[b, s]; ``segs`` (q_seg[b,t], k_seg[b,s])."""
+    m = positions_k[:, None, :] <= positions_q[:, :, None]
+    if valid_k is not None:
+        m &= valid_k[:, None, :]
+    if segs is not None:
+        m &= segs[0][:, :, None] == segs[1][:, None, :]
+    return m
+
+
+# --- attention -------------------------------------------------------------------------------------------------------
+def _mla_qkv(p: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
+    """MLA projections -> q_nope[b,t,h,n], q_rope[b,t,h,p] (rotated), latent[b,t,c] (normed), k_rope[b,t,p]."""
+    dt = x.dtype
+    if "q" in p:
+        q = jnp.einsum("btd,dhk->bthk", x, p["q"].astype(dt))
+    else:
+        qa = rms_norm(jnp.einsum("btd,dq->btq", x, p["q_a"].astype(dt)), p["q_norm"], cfg.rms_norm_eps)
+        q = jnp.einsum("btq,qhk->bthk", qa, p["q_b"].astype(dt))
+    q_nope, q_rope = q[..., : cfg.qk_nope_dim], q[..., cfg.qk_nope_dim :]
+    kv = jnp.einsum("btd,dc->btc", x, p["kv_a"].astype(dt))
+    latent = rms_norm(kv[..., : cfg.kv_lora_rank], p["kv_norm"], cfg.rms_norm_eps)
+    k_rope = apply_rope(kv[..., cfg.kv_lora_rank :], positions, cfg)
+    return q_nope, apply_rope(q_rope, positions, cfg), latent, k_rope
+
+
+def mla_attention(p: Params, x: jax.Array, positions: jax.Array, segment_ids, cfg: ModelConfig) -> jax.Array:
+    """Training/scoring MLA over the sequence itself: latent expanded to per-head keys and values."""
+    q_nope, q_rope, latent, k_rope = _mla_qkv(p, x, positions, cfg)
+    kv = jnp.einsum("btc,chk->bthk", latent, p["kv_b"].astype(x.dtype))
+    k_nope, v = kv[..., : cfg.qk_nope_dim], kv[..., cfg.qk_nope_dim :]
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], cfg.qk_rope_dim))], -1)
+    q = jnp.concatenate([q_nope, q_rope], -1)
+    scale = softmax_scale(cfg)
+    if cfg.attention_impl == AttentionImpl.PALLAS:
+        out = _flash(q, k, v, segment_ids, scale)
+    else:
+        segs = None if segment_ids is None else (segment_ids, segment_ids)
+        out = attend(q, k, v, _mask(positions, positions, None, segs), scale)
+    return jnp.einsum("bthv,hvd->btd", out, p["o"].astype(x.dtype))
+
+
+def mla_attention_cached(p: Params, x, positions, layer_cache: dict, slots, valid_k, cfg: ModelConfig):
+    """Absorbed MLA against the compressed cache; writes this step's latent and rope key at ``slots[0]``."""
+    q_nope, q_rope, latent, k_rope = _mla_qkv(p, x, positions, cfg)
+    start = slots[0, 0]
+    lat_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["latent"], latent.astype(layer_cache["latent"].dtype),
+                                                    start, axis=1)
+    rope_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["rope"], k_rope.astype(layer_cache["rope"].dtype),
+                                                     start, axis=1)
+    w_uk = p["kv_b"][..., : cfg.qk_nope_dim].astype(x.dtype)  # [c, h, n]
+    w_uv = p["kv_b"][..., cfg.qk_nope_dim :].astype(x.dtype)  # [c, h, v]
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)
+    scores = jnp.einsum("bthc,bsc->bhts", q_lat, lat_cache.astype(x.dtype), preferred_element_type=jnp.float32)
+    scores += jnp.einsum("bthp,bsp->bhts", q_rope, rope_cache.astype(x.dtype), preferred_element_type=jnp.float32)
+    s_idx = jnp.arange(lat_cache.shape[1])[None]
+    mask = _mask(slots, jnp.broadcast_to(s_idx, (x.shape[0], s_idx.shape[1])), valid_k, None)[:, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores * softmax_scale(cfg), -jnp.inf), axis=-1)
+    probs = jnp.where(mask, probs, 0.0)
+    safe_latent = jnp.where(valid_k[..., None], lat_cache, 0).astype(jnp.float32)
+    out_lat = jnp.einsum("bhts,bsc->bthc", probs, safe_latent).astype(x.dtype)
+    out = jnp.einsum("bthc,chv->bthv", out_lat, w_uv)
+    return jnp.einsum("bthv,hvd->btd", out, p["o"].astype(x.dtype)), {"latent": lat_cache, "rope": rope_cache}
+
+
+def _gqa_qkv(p: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
+    dt = x.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, p["q"].astype(dt))
+    k = jnp.einsum("btd,dgk->btgk", x, p["k"].astype(dt))
+    v = jnp.einsum("btd,dgk->btgk", x, p["v"].astype(dt))
+    if "q_bias" in p:
+        q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
+    if "q_norm" in p:
+        q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    return apply_rope(q, positions, cfg), apply_rope(k, positions, cfg), v
+
+
+def _gqa_out(p: Params, out: jax.Array) -> jax.Array:
+    y = jnp.einsum("bthk,hkd->btd", out, p["o"].astype(out.dtype))
+    return y + p["o_bias"].astype(y.dtype) if "o_bias" in p else y
+
+
+def gqa_attention(p: Params, x: jax.Array, positions: jax.Array, segment_ids, cfg: ModelConfig) -> jax.Array:
+    q, k, v = _gqa_qkv(p, x, positions, cfg)
+    scale = softmax_scale(cfg)
+    if cfg.attention_impl == AttentionImpl.PALLAS:
+        out = _flash(q, k, v, segment_ids, scale)
+    else:
+        segs = None if segment_ids is None else (segment_ids, segment_ids)
+        out = attend(q, k, v, _mask(positions, positions, None, segs), scale)
+    return _gqa_out(p, out)
+
+
+def gqa_attention_cached(p: Params, x, positions, layer_cache: dict, slots, valid_k, cfg: ModelConfig):
+    q, k, v = _gqa_qkv(p, x, positions, cfg)
+    start = slots[0, 0]
+    k_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), start, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, axis=1)
+    s_idx = jnp.broadcast_to(jnp.arange(k_cache.shape[1])[None], (x.shape[0], k_cache.shape[1]))
+    safe_v = jnp.where(valid_k[..., None, None], v_cache, 0)
+    out = attend(q, k_cache.astype(x.dtype), safe_v.astype(x.dtype), _mask(slots, s_idx, valid_k, None),
+                 softmax_scale(cfg))
+    return _gqa_out(p, out), {"k": k_cache, "v": v_cache}
+
+
+# --- feed-forward ----------------------------------------------------------------------------------------------------
+def mlp(p: Params, x: jax.Array) -> jax.Array:
+    """SwiGLU: down(silu(gate x) * up x)."""
+    dt = x.dtype
+    gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, p["up"].astype(dt))
+    if "gate_bias" in p:
+        gate, up = gate + p["gate_bias"].astype(dt), up + p["up_bias"].astype(dt)
+    y = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"].astype(dt))
+    return y + p["down_bias"].astype(dt) if "down_bias" in p else y
+
+
+def moe_layer(p: Params, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """DeepSeekMoE: routed experts (dropless) plus shared experts. Returns (y, expert load f32[e])."""
+    b, t, d = x.shape
+    xt = x.reshape(b * t, d)
+    weights, idx = moe.route(xt, p["router"], p["router_bias"], cfg)
+    y = moe.routed_experts(xt, weights, idx, p["experts"]).reshape(b, t, d).astype(x.dtype)
+    if "shared" in p:
+        y = y + mlp(p["shared"], x)
+    return y, moe.expert_load(idx, cfg.n_experts)
+
+
+# --- blocks and the model --------------------------------------------------------------------------------------------
+def _ffn(p: Params, h: jax.Array, cfg: ModelConfig, moe_block: bool):
+    if moe_block:
+        return moe_layer(p["mlp"], h, cfg)
+    return mlp(p["mlp"], h), jnp.zeros((max(cfg.n_experts, 1),), jnp.float32)
+
+
+def block(p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe_block: bool):
+    """Pre-norm residual block without a cache. Returns (x, expert load)."""
+    attn = mla_attention if cfg.is_mla else gqa_attention
+    x = x + attn(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, segment_ids, cfg)
+    y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block)
+    return x + y, load
+
+
+def block_cached(p: Params, x, positions, layer_cache, slots, valid_k, cfg: ModelConfig, moe_block: bool):
+    attn = mla_attention_cached if cfg.is_mla else gqa_attention_cached
+    a, layer_cache = attn(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, layer_cache, slots,
+                          valid_k, cfg)
+    x = x + a
+    y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block)
+    return x + y, load, layer_cache
+
+
+def _scan_stack(fn: Callable, x: jax.Array, stacked: Params, cfg: ModelConfig, xs_extra=None):
+    """Run ``fn(layer_params, x, extra) -> (x, ys)`` over the leading layer axis with ``lax.scan``."""
+    body = jax.checkpoint(fn) if cfg.remat else fn
+
+    def step(carry, xs):
+        lp, extra = xs
+        return body(lp, carry, extra)
+
+    return jax.lax.scan(step, x, (stacked, xs_extra))
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, dict]:
+    """Logits f32[b, t, V] for ``tokens`` int32[b, t], and aux outputs.
+
+    Without ``cache``: positions default to 0..t-1; ``segment_ids`` int32[b, t] restricts attention to equal ids
+    (packed sequences). With ``cache``: tokens are written at slots ``cache.index ..``; positions default to
+    ``slot - cache.start``. aux: ``expert_load`` f32[n_moe_layers, e], ``cache`` (updated), ``hidden`` (pre-norm
+    last hidden state, when ``return_hidden``).
+    """
+    b, t = tokens.shape
+    dt = jnp.dtype(cfg.dtype)
+    x = params["embed"].astype(dt)[tokens]
+    aux: dict = {}
+    if cache is None:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        stacks = []
+        for name, is_moe in (("dense_layers", False), ("moe_layers", True)):
+            if name in params:
+                fn = lambda lp, h, _, m=is_moe: block(lp, h, positions, segment_ids, cfg, m)  # noqa: E731
+                x, load = _scan_stack(fn, x, params[name], cfg)
+                stacks.append((name, load))
+        new_cache = None
+    else:
+        slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if positions is None:
+            positions = slots - cache.start[:, None]
+        s_idx = jnp.arange(cache.max_len, dtype=jnp.int32)[None]
+        valid_k = (s_idx >= cache.start[:, None]) & (s_idx < cache.index + t)
+        stacks, layers = [], {}
+        for name, is_moe in (("dense_layers", False), ("moe_layers", True)):
+            if name in params:
+                fn = lambda lp, h, lc, m=is_moe: _cached_step(lp, h, lc, positions, slots, valid_k, cfg, m)  # noqa: E731
+                x, (load, layers[name]) = _scan_stack(fn, x, params[name], cfg, cache.layers[name])
+                stacks.append((name, load))
+        new_cache = dataclasses.replace(cache, layers=layers, index=cache.index + t)
+    aux["expert_load"] = dict(stacks).get("moe_layers")
+    aux["cache"] = new_cache
+    if return_hidden:
+        aux["hidden"] = x
+    return logits_from_hidden(params, x, cfg), aux
+
+
+def _cached_step(lp, h, lc, positions, slots, valid_k, cfg, is_moe):
+    h, load, lc = block_cached(lp, h, positions, lc, slots, valid_k, cfg, is_moe)
+    return h, (load, lc)
+
+
+def logits_from_hidden(params: Params, x: jax.Array, cfg: ModelConfig, norm: jax.Array | None = None) -> jax.Array:
+    """Final norm and output head (tied to the embedding when ``tie_embeddings``) -> f32 logits."""
+    x = rms_norm(x, params["final_norm"] if norm is None else norm, cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("btd,dV->btV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def mtp_logits(params: Params, hidden: jax.Array, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Multi-token prediction (DeepSeek-V3 section 2.2), depth D = n_mtp_layers.
+
+    Module k combines the previous depth's hidden state at position i with the embedding of token i+k:
+    ``h' = block(eh_proj([enorm(embed(t_{i+k+1})); hnorm(h_i)]))`` and predicts token i+k+2 through the shared head
+    (k = 0 .. D-1). Returns f32[D, b, t-D, V]: logits at depth k for positions 0 .. t-D-1.
+    """
+    depth = cfg.n_mtp_layers
+    b, t = tokens.shape
+    n = t - depth
+    h = hidden[:, :n]
+    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    out = []
+    for k in range(depth):
+        p = jax.tree.map(lambda a, k=k: a[k], params["mtp"])
+        emb = params["embed"].astype(h.dtype)[tokens[:, k + 1 : k + 1 + n]]
+        cat = jnp.concatenate(
+            [rms_norm(emb, p["enorm"], cfg.rms_norm_eps), rms_norm(h, p["hnorm"], cfg.rms_norm_eps)], -1
+        )
+        h = jnp.einsum("btx,xd->btd", cat, p["eh_proj"].astype(h.dtype))
+        h, _ = block(p["block"], h, positions, None, cfg, cfg.is_moe)
+        out.append(logits_from_hidden(params, h, cfg, norm=p["head_norm"]))
+    return jnp.stack(out)
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) f32[b, t] from logits [b, t, V]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def mtp_loss(params: Params, hidden: jax.Array, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Mean over depths of the masked next-(k+1)-token cross-entropy (multiply by lambda = 0.3 / 0.1 in training)."""
+    depth = cfg.n_mtp_layers
+    logits = mtp_logits(params, hidden, tokens, cfg)
+    n = tokens.shape[1] - depth
+    losses = []
+    for k in range(depth):
+        tgt = tokens[:, k + 2 : k + 2 + n]
+        lg = logits[k][:, : tgt.shape[1]]
+        m = mask[:, k + 2 : k + 2 + n].astype(jnp.float32)
+        losses.append(-(token_logprobs(lg, tgt) * m).sum() / jnp.maximum(m.sum(), 1.0))
+    return jnp.mean(jnp.stack(losses))

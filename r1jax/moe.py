@@ -1,0 +1,82 @@
+"""DeepSeekMoE: router variants and dropless routed experts.
+
+Einsum alphabet as in ``model.py``; here ``T`` is flattened tokens (b*t) and ``a`` is routed assignments (T*k).
+
+Routers (all scores in float32):
+- softmax "greedy" (V2): top-k of softmax scores.
+- softmax "group_limited_greedy" (V2): experts split into ``n_group`` groups; keep the ``topk_group`` groups with the
+  highest max score; top-k among the kept experts (dropped experts score 0.0, as transformers masks them).
+- sigmoid "noaux_tc" (V3): selection uses ``sigmoid + e_score_correction_bias``; a group's score is the sum of its two
+  best biased scores; dropped groups get -inf; gate weights are the *unbiased* sigmoid scores of the chosen experts.
+Then optionally ``w /= sum(w)`` (norm_topk_prob) and ``w *= routed_scaling_factor``.
+
+Experts are dropless: assignments are sorted by expert and run through ``jax.lax.ragged_dot`` (a grouped matmul), so
+no token is ever dropped and no capacity factor exists. Expert loads are returned for auxiliary-loss-free balancing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import ModelConfig, Scoring, TopkMethod
+
+
+def route(x: jax.Array, w_router: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Router for tokens ``x[T, d]`` -> (weights f32[T, k], expert indices int32[T, k])."""
+    logits = jnp.einsum("Td,de->Te", x.astype(jnp.float32), w_router.astype(jnp.float32))
+    scores = jax.nn.sigmoid(logits) if cfg.scoring == Scoring.SIGMOID else jax.nn.softmax(logits, axis=-1)
+    n_tok, n_exp, k = scores.shape[0], cfg.n_experts, cfg.experts_per_token
+    grouped = (n_tok, cfg.n_group, n_exp // cfg.n_group)
+    if cfg.topk_method == TopkMethod.GREEDY:
+        _, idx = jax.lax.top_k(scores, k)
+    elif cfg.topk_method == TopkMethod.GROUP_LIMITED_GREEDY:
+        group_score = scores.reshape(grouped).max(-1)
+        keep = _group_mask(group_score, cfg.topk_group, grouped)
+        _, idx = jax.lax.top_k(jnp.where(keep, scores, 0.0), k)
+    else:  # NOAUX_TC: the bias steers selection only
+        choice = scores + bias.astype(jnp.float32)
+        group_score = jax.lax.top_k(choice.reshape(grouped), 2)[0].sum(-1)
+        keep = _group_mask(group_score, cfg.topk_group, grouped)
+        _, idx = jax.lax.top_k(jnp.where(keep, choice, -jnp.inf), k)
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+def _group_mask(group_score: jax.Array, topk_group: int, grouped: tuple[int, int, int]) -> jax.Array:
+    """Boolean [T, e]: experts whose group is among the ``topk_group`` best groups."""
+    _, gidx = jax.lax.top_k(group_score, topk_group)
+    kept = jnp.zeros(group_score.shape, bool).at[jnp.arange(grouped[0])[:, None], gidx].set(True)
+    return jnp.broadcast_to(kept[:, :, None], grouped).reshape(grouped[0], -1)
+
+
+def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict) -> jax.Array:
+    """Dropless SwiGLU experts: ``x[T, d]`` routed by ``idx[T, k]`` with gate ``weights[T, k]`` -> [T, d].
+
+    ``p`` holds ``gate``/``up`` [e, d, f] and ``down`` [e, f, d].
+    """
+    n_tok, k = idx.shape
+    n_exp = p["gate"].shape[0]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    group_sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
+    xs = x[token]
+    gate = jax.lax.ragged_dot(xs, p["gate"].astype(x.dtype), group_sizes)
+    up = jax.lax.ragged_dot(xs, p["up"].astype(x.dtype), group_sizes)
+    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, p["down"].astype(x.dtype), group_sizes)
+    y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+    return jnp.zeros((n_tok, x.shape[-1]), y.dtype).at[token].add(y)
+
+
+def expert_load(idx: jax.Array, n_experts: int) -> jax.Array:
+    """Tokens routed to each expert, f32[e] (input to auxiliary-loss-free bias balancing)."""
+    return jnp.bincount(idx.reshape(-1), length=n_experts).astype(jnp.float32)
+
+
+def balance_bias(bias: jax.Array, load: jax.Array, gamma: float) -> jax.Array:
+    """Auxiliary-loss-free balancing (DeepSeek-V3 section 2.1.2): move each expert's selection bias by ``gamma``
+    against the sign of its load's deviation from the mean load. ``bias`` and ``load`` are [..., e]."""
+    return bias - gamma * jnp.sign(load - load.mean(-1, keepdims=True))
