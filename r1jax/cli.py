@@ -1,0 +1,108 @@
+"""The ``r1jax`` command line: convert, export, generate (more subcommands register themselves in ``COMMANDS``).
+
+Bad input (a missing path, a corrupt checkpoint, an unknown model type...) prints one line naming the problem and
+exits with status 2; nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _cmd_convert(args) -> int:
+    from r1jax.checkpoint import convert
+
+    t0 = time.time()
+    model = convert(args.src, args.out, dtype=args.dtype, mtp=args.mtp)
+    n = sum(x.size for x in __import__("jax").tree.leaves(model.param_dict()))
+    print(f"wrote {args.out}: {model.cfg.arch.value}, {n / 1e6:.1f}M parameters ({time.time() - t0:.1f}s)")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from r1jax.checkpoint import export_hf, load
+
+    export_hf(load(args.ckpt), args.out, dtype=args.dtype)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from r1jax.checkpoint import load
+    from r1jax.data.tokenizer import Tokenizer
+    from r1jax.sampling import generate
+
+    model = load(args.model, dtype=args.dtype)
+    files = dict(getattr(model, "tokenizer_files", ()))
+    if "tokenizer.json" not in files:
+        raise SystemExit(f"r1jax: error: {args.model}: no tokenizer files in the checkpoint")
+    import json
+
+    tok = Tokenizer(files["tokenizer.json"], json.loads(files.get("tokenizer_config.json", "{}")))
+    text = args.prompt
+    if tok.chat_template and not args.raw:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    ids = tok.encode(text)
+    stops = sorted({*model.cfg.eos_token_ids, *([tok.eos_id] if tok.eos_id is not None else [])})
+    t0 = time.time()
+    out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop_ids=stops)[0]
+    dt = time.time() - t0
+    print(tok.decode(out))
+    print(f"[{len(ids)} prompt tokens, {len(out)} new tokens, {dt:.1f}s including compilation]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r1jax", description="DeepSeek-R1 training stack on JAX")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="HF directory or .gguf file -> r1jax checkpoint")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: float32)")
+    c.add_argument("--mtp", action="store_true", help="also convert the multi-token-prediction module")
+    c.set_defaults(fn=_cmd_convert)
+
+    e = sub.add_parser("export", help="r1jax checkpoint (or any loadable model) -> HF directory")
+    e.add_argument("ckpt")
+    e.add_argument("out")
+    e.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
+    e.set_defaults(fn=_cmd_export)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (chat template applied when present)")
+    g.add_argument("--model", required=True, help="HF directory, .gguf file or r1jax checkpoint")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default=None)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.set_defaults(fn=_cmd_generate)
+    for register in COMMANDS:
+        register(sub)
+    return p
+
+
+COMMANDS: list = []  # callables(subparsers) that add further subcommands
+
+
+def main(argv: list[str] | None = None) -> int:
+    from r1jax.errors import R1jaxError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except R1jaxError as e:
+        print(f"r1jax: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"r1jax: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("r1jax: interrupted", file=sys.stderr)
+        return 130

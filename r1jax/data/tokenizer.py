@@ -1,0 +1,94 @@
+"""Tokenizer: HF ``tokenizer.json`` through the ``tokenizers`` package, chat templates through jinja2.
+
+Chat templates are rendered the way transformers renders them: a sandboxed jinja2 environment with ``trim_blocks``,
+``lstrip_blocks``, the loop-controls extension, ``raise_exception``, ``strftime_now`` and a ``tojson`` filter.
+Templates come from the checkpoint; the sandbox keeps them from reaching Python objects.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from functools import cached_property
+
+from r1jax.errors import CheckpointError
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_json: str, config: dict | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tok = HFTokenizer.from_str(tokenizer_json)
+        self.config = config or {}
+
+    @classmethod
+    def from_dir(cls, path: str) -> Tokenizer:
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise CheckpointError(f"{path}: no tokenizer.json")
+        cfg_path = os.path.join(path, "tokenizer_config.json")
+        config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+        template = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(template) and not config.get("chat_template"):
+            config["chat_template"] = open(template).read()
+        return cls(open(tj).read(), config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _special(self, key: str) -> str | None:
+        v = self.config.get(key)
+        return v.get("content") if isinstance(v, dict) else v
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self._special("bos_token"))
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self._special("eos_token"))
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        add_bos = self.config.get("add_bos_token", False) if add_bos is None else add_bos
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id] else ids
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.config.get("chat_template")
+
+    @cached_property
+    def _template(self):
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"chat template error: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the checkpoint's chat template (a ValueError if it has none)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._special("bos_token") or "",
+            eos_token=self._special("eos_token") or "",
+        )
+
+    def to_files(self) -> dict[str, str]:
+        return {"tokenizer.json": self._tok.to_str(), "tokenizer_config.json": json.dumps(self.config, indent=2)}
