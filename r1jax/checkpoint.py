@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,10 @@ def config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**d)
 
 
+def _tokenizer_files(directory: str) -> dict[str, str]:
+    return {n: (Path(directory) / n).read_text() for n in TOKENIZER_FILES if (Path(directory) / n).exists()}
+
+
 def _read_source(path: str, mtp: bool):
     """(ModelConfig, HF config dict, tensor iterator, tokenizer files) for a HF directory or a GGUF file."""
     if path.endswith(".gguf"):
@@ -54,14 +59,22 @@ def _read_source(path: str, mtp: bool):
         return hf.config_from_hf(hf_cfg), hf_cfg, gguf.iter_tensors(path, reader), gguf.tokenizer_files(path, reader)
     hf_cfg = hf.read_config(path)
     cfg = hf.config_from_hf(hf_cfg)
-    files = {n: open(os.path.join(path, n)).read() for n in TOKENIZER_FILES if os.path.exists(os.path.join(path, n))}
+    files = {
+        n: Path(os.path.join(path, n)).read_text() for n in TOKENIZER_FILES if os.path.exists(os.path.join(path, n))
+    }
     if mtp and cfg.n_mtp_layers == 0:
         raise CheckpointError(f"{path}: the config has no multi-token-prediction layers")
     return cfg, hf_cfg, hf.iter_tensors(path), files
 
 
-def load(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, mtp: bool = False,
-         attention_impl: str | None = None) -> Transformer:
+def load(
+    path: str,
+    *,
+    dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    mtp: bool = False,
+    attention_impl: str | None = None,
+) -> Transformer:
     """Load a HF directory (config.json + safetensors), a ``.gguf`` file or an r1jax checkpoint/run directory.
 
     ``dtype`` sets both parameter and compute dtype (e.g. "bfloat16"); ``mesh`` places every parameter directly with
@@ -73,8 +86,10 @@ def load(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None 
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         return _load_r1jax(path, dtype=dtype, mesh=mesh, attention_impl=attention_impl)
     if os.path.isfile(path) and not path.endswith(".gguf"):
-        raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file"
-                              + ("; r1jax never unpickles" if path.endswith((".bin", ".pt", ".pth", ".pkl")) else ""))
+        raise CheckpointError(
+            f"{path}: expected a checkpoint directory or a .gguf file"
+            + ("; r1jax never unpickles" if path.endswith((".bin", ".pt", ".pth", ".pkl")) else "")
+        )
     cfg, hf_cfg, tensors, files = _read_source(path, mtp)
     cfg = _with_numerics(cfg, dtype, attention_impl)
     params = hf.assemble(tensors, cfg, mtp=mtp, dtype=np.float32, source=path)
@@ -133,20 +148,27 @@ def _load_r1jax(path: str, *, dtype, mesh, attention_impl) -> Transformer:
 
     ckpt = _newest_checkpoint(path)
     if ckpt is None:
-        raise CheckpointError(f"{path}: not a checkpoint (no config.json, {META} or checkpoints/) — "
-                              "pass a HF directory, a .gguf file or an r1jax checkpoint")
-    meta = json.load(open(os.path.join(ckpt, META)))
+        raise CheckpointError(
+            f"{path}: not a checkpoint (no config.json, {META} or checkpoints/) — "
+            "pass a HF directory, a .gguf file or an r1jax checkpoint"
+        )
+    meta = json.loads(Path(os.path.join(ckpt, META)).read_text())
     cfg = _with_numerics(config_from_dict(meta["config"]), dtype, attention_impl)
     saved_cfg = config_from_dict(meta["config"])
     specs = param_specs(saved_cfg, mtp=meta.get("mtp", False))
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or saved_cfg.param_dtype)),
-                          specs, is_leaf=lambda x: hasattr(x, "axes"))
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or saved_cfg.param_dtype)),
+        specs,
+        is_leaf=lambda x: hasattr(x, "axes"),
+    )
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.abspath(os.path.join(ckpt, "params")), target)
     except Exception as e:  # orbax raises many types for damaged checkpoints
         raise CheckpointError(f"{ckpt}: cannot restore parameters ({e.__class__.__name__}: {str(e)[:200]})") from None
-    files = {n: open(os.path.join(ckpt, n)).read() for n in TOKENIZER_FILES if os.path.exists(os.path.join(ckpt, n))}
+    files = {
+        n: Path(os.path.join(ckpt, n)).read_text() for n in TOKENIZER_FILES if os.path.exists(os.path.join(ckpt, n))
+    }
     return _make_model(cfg, jax.tree.map(np.asarray, params), mesh, meta.get("hf_config") or {}, files)
 
 
@@ -160,10 +182,14 @@ def save(model: Transformer, out_dir: str) -> None:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), params)
             ckptr.wait_until_finished()
-        meta = {"config": config_to_dict(model.cfg), "hf_config": json.loads(getattr(model, "hf_config", "{}")),
-                "mtp": "mtp" in params, "format": 1}
+        meta = {
+            "config": config_to_dict(model.cfg),
+            "hf_config": json.loads(getattr(model, "hf_config", "{}")),
+            "mtp": "mtp" in params,
+            "format": 1,
+        }
         _write_tokenizer(model, tmp)
-        json.dump(meta, open(os.path.join(tmp, META), "w"), indent=2)
+        Path(os.path.join(tmp, META)).write_text(json.dumps(meta, indent=2))
         hf._replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

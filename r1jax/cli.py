@@ -47,8 +47,16 @@ def _cmd_generate(args) -> int:
     ids = tok.encode(text)
     stops = sorted({*model.cfg.eos_token_ids, *([tok.eos_id] if tok.eos_id is not None else [])})
     t0 = time.time()
-    out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, stop_ids=stops)[0]
+    out = generate(
+        model,
+        [ids],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop_ids=stops,
+    )[0]
     dt = time.time() - t0
     print(tok.decode(out))
     print(f"[{len(ids)} prompt tokens, {len(out)} new tokens, {dt:.1f}s including compilation]", file=sys.stderr)

@@ -80,9 +80,11 @@ def hf_config(path: str, reader=None) -> dict:
     cfg["pad_token_id"] = _field(reader, "tokenizer.ggml.padding_token_id")
     scaling = _field(reader, "llama.rope.scaling.type")
     if scaling and scaling != "none":
-        cfg["rope_scaling"] = {"rope_type": scaling, "factor": _field(reader, "llama.rope.scaling.factor", 1.0),
-                               "original_max_position_embeddings":
-                                   _field(reader, "llama.rope.scaling.original_context_length")}
+        cfg["rope_scaling"] = {
+            "rope_type": scaling,
+            "factor": _field(reader, "llama.rope.scaling.factor", 1.0),
+            "original_max_position_embeddings": _field(reader, "llama.rope.scaling.original_context_length"),
+        }
     return cfg
 
 
@@ -99,11 +101,8 @@ def iter_tensors(path: str, reader=None) -> Iterator[tuple[str, Callable[[], np.
     reader = reader or _reader(path)
     cfg = hf_config(path, reader)
     for t in reader.tensors:
-        for pattern, hf_key in NAMES:
-            m = re.fullmatch(pattern, t.name)
-            if m:
-                break
-        else:
+        m, hf_key = next(((m, k) for p, k in NAMES if (m := re.fullmatch(p, t.name))), (None, None))
+        if m is None:
             raise CheckpointError(f"{path}: unknown GGUF tensor {t.name!r}")
         if hf_key is None:
             continue
@@ -135,11 +134,17 @@ def tokenizer_files(path: str, reader=None) -> dict[str, str]:
     pre = _field(reader, "tokenizer.ggml.pre")
     tok.pre_tokenizer = (
         pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if pre in ("smollm", "llama3", "llama-bpe", "qwen2", "deepseek-r1-qwen") else byte_level
+        if pre in ("smollm", "llama3", "llama-bpe", "qwen2", "deepseek-r1-qwen")
+        else byte_level
     )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True)
-                            if ty == TOKEN_TYPE_CONTROL])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types, strict=True)
+            if ty == TOKEN_TYPE_CONTROL
+        ]
+    )
 
     def name(key):
         i = _field(reader, f"tokenizer.ggml.{key}")

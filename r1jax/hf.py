@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -27,6 +28,7 @@ from r1jax.model import ParamSpec, param_specs
 from r1jax.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
 
 COPY, LINEAR, LINEAR2 = "copy", "linear", "linear2"
+OPTIONAL = (".e_score_correction_bias",)  # tensors that may be absent (left at their zero init)
 
 ATTN_MLA = [
     ("self_attn.q_proj.weight", "attn/q", LINEAR),
@@ -64,7 +66,7 @@ DENSE_MLP = [
 ]
 MOE_MLP = [
     ("mlp.gate.weight", "mlp/router", LINEAR),
-    ("mlp.gate.e_score_correction_bias", "mlp/router_bias", COPY),
+    ("mlp.gate.e_score_correction_bias", "mlp/router_bias", COPY),  # optional: V2 has none (zeros)
     ("mlp.experts.{j}.gate_proj.weight", "mlp/experts/gate", LINEAR),
     ("mlp.experts.{j}.up_proj.weight", "mlp/experts/up", LINEAR),
     ("mlp.experts.{j}.down_proj.weight", "mlp/experts/down", LINEAR),
@@ -85,7 +87,9 @@ GLOBAL = [
 ]
 # Keys present in checkpoints that r1jax does not need: rotary buffers, the MTP module's private copies of the
 # shared embedding and head.
-IGNORED = re.compile(r".*rotary_emb\.inv_freq$|.*\.weight_scale_inv$|model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.")
+IGNORED = re.compile(
+    r".*rotary_emb\.inv_freq$|.*\.weight_scale_inv$|model\.layers\.\d+\.(embed_tokens|shared_head\.head)\."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +181,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     try:
         arch = Arch(mt)
     except ValueError:
-        raise CheckpointError(
-            f"unknown model_type {mt!r}; r1jax supports {', '.join(a.value for a in Arch)}"
-        ) from None
+        raise CheckpointError(f"unknown model_type {mt!r}; r1jax supports {', '.join(a.value for a in Arch)}") from None
     eos = hf.get("eos_token_id")
     common = dict(
         arch=arch,
@@ -247,7 +249,7 @@ def read_config(path: str) -> dict:
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{path}: no config.json (not a HuggingFace checkpoint directory)")
     try:
-        return json.load(open(cfg_path))
+        return json.loads(Path(cfg_path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
 
@@ -271,10 +273,10 @@ def to_param(a: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.ndarra
     return a.reshape(shape)
 
 
-def from_param(a: np.ndarray, transform: str, hf_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Parameter slice -> HF tensor (inverse of ``to_param``)."""
+def from_param(a: np.ndarray, transform: str, flat: bool = False) -> np.ndarray:
+    """Parameter slice -> HF tensor (inverse of ``to_param``); ``flat`` for HF vectors stored per head here."""
     if transform == COPY:
-        return a.reshape(hf_shape) if hf_shape else a.reshape(-1) if a.ndim > 1 else a
+        return a.reshape(-1) if flat else a
     n_in = 2 if transform == LINEAR2 else 1
     return a.reshape(int(np.prod(a.shape[:n_in])), -1).T
 
@@ -320,7 +322,7 @@ def assemble(tensors, cfg: ModelConfig, *, mtp: bool, dtype, source: str) -> dic
         except ValueError as e:
             raise CheckpointError(f"{source}: tensor {key!r} {e} (weights/config mismatch)") from None
         seen.add(key)
-    missing = [k for k in table if k not in seen]
+    missing = [k for k in table if k not in seen and not k.endswith(OPTIONAL)]
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]!r}")
     return out
@@ -332,7 +334,8 @@ def _mtp_ids(cfg: ModelConfig) -> list[int]:
 
 def _allocate(specs: dict, dtype) -> dict:
     return {
-        k: np.zeros(v.shape, np.dtype(v.dtype) if v.dtype else np.dtype(dtype)) if isinstance(v, ParamSpec)
+        k: np.zeros(v.shape, np.dtype(v.dtype) if v.dtype else np.dtype(dtype))
+        if isinstance(v, ParamSpec)
         else _allocate(v, dtype)
         for k, v in specs.items()
     }
@@ -350,7 +353,7 @@ def hf_tensors(params: dict, cfg: ModelConfig, dtype=np.float32) -> Iterator[tup
     for e in entries(cfg, mtp="mtp" in params):
         a = np.asarray(_node(params, e.path)[e.index])
         keep = dtype if "router" not in e.path[-1] else np.float32
-        yield e.key, from_param(a, e.transform).astype(keep)
+        yield e.key, from_param(a, e.transform, flat=e.key.endswith(".bias")).astype(keep)
 
 
 def hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
@@ -359,9 +362,15 @@ def hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
         return dict(base)
     out = {
         "model_type": cfg.arch.value,
-        "architectures": [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                           "llama": "LlamaForCausalLM"}[cfg.arch.value]],
+        "architectures": [
+            {
+                "deepseek_v3": "DeepseekV3ForCausalLM",
+                "deepseek_v2": "DeepseekV2ForCausalLM",
+                "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM",
+                "llama": "LlamaForCausalLM",
+            }[cfg.arch.value]
+        ],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffw,
@@ -386,15 +395,27 @@ def hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
     if r.type.value == "llama3":
         rope |= {"low_freq_factor": r.low_freq_factor, "high_freq_factor": r.high_freq_factor}
     if r.type.value == "yarn":
-        rope |= {"beta_fast": r.beta_fast, "beta_slow": r.beta_slow, "mscale": r.mscale,
-                 "mscale_all_dim": r.mscale_all_dim}
+        rope |= {
+            "beta_fast": r.beta_fast,
+            "beta_slow": r.beta_slow,
+            "mscale": r.mscale,
+            "mscale_all_dim": r.mscale_all_dim,
+        }
     out["rope_parameters"] = rope
     out["rope_theta"] = r.theta
     return out
 
 
-def write_hf(params: dict, cfg: ModelConfig, out_dir: str, *, base_config: dict | None = None,
-             extra_files: dict[str, str] | None = None, dtype=np.float32, shard_bytes: int = 2 << 30) -> None:
+def write_hf(
+    params: dict,
+    cfg: ModelConfig,
+    out_dir: str,
+    *,
+    base_config: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+    dtype=np.float32,
+    shard_bytes: int = 2 << 30,
+) -> None:
     """Write a HF directory (config.json + sharded safetensors + index) atomically: temp dir, then rename."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -415,11 +436,11 @@ def write_hf(params: dict, cfg: ModelConfig, out_dir: str, *, base_config: dict 
             weight_map |= dict.fromkeys(shard, name)
         if len(shards) > 1:
             total = sum(a.nbytes for s in shards for a in s.values())
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
-                      open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=2)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            Path(tmp, "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = hf_config(cfg, base_config)
         config["torch_dtype"] = config["dtype"] = np.dtype(dtype).name if dtype != ml_dtypes.bfloat16 else "bfloat16"
-        json.dump(config, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+        Path(os.path.join(tmp, "config.json")).write_text(json.dumps(config, indent=2))
         for src_name, src in (extra_files or {}).items():
             shutil.copyfile(src, os.path.join(tmp, src_name))
         _replace_dir(tmp, out_dir)

@@ -80,9 +80,11 @@ def _gqa_specs(cfg: ModelConfig) -> dict:
         "o": ParamSpec((h, k, d), ("heads", None, "embed")),
     }
     if cfg.qkv_bias:
-        specs |= {"q_bias": ParamSpec((h, k), ("heads", None), "zeros"),
-                  "k_bias": ParamSpec((g, k), ("kv_heads", None), "zeros"),
-                  "v_bias": ParamSpec((g, k), ("kv_heads", None), "zeros")}
+        specs |= {
+            "q_bias": ParamSpec((h, k), ("heads", None), "zeros"),
+            "k_bias": ParamSpec((g, k), ("kv_heads", None), "zeros"),
+            "v_bias": ParamSpec((g, k), ("kv_heads", None), "zeros"),
+        }
     if cfg.o_bias:
         specs["o_bias"] = ParamSpec((d,), ("embed",), "zeros")
     if cfg.qk_norm:
@@ -97,8 +99,11 @@ def _mlp_specs(d: int, f: int, bias: bool = False) -> dict:
         "down": ParamSpec((f, d), ("ffw", "embed")),
     }
     if bias:
-        specs |= {"gate_bias": ParamSpec((f,), ("ffw",), "zeros"), "up_bias": ParamSpec((f,), ("ffw",), "zeros"),
-                  "down_bias": ParamSpec((d,), ("embed",), "zeros")}
+        specs |= {
+            "gate_bias": ParamSpec((f,), ("ffw",), "zeros"),
+            "up_bias": ParamSpec((f,), ("ffw",), "zeros"),
+            "down_bias": ParamSpec((d,), ("embed",), "zeros"),
+        }
     return specs
 
 
@@ -200,7 +205,7 @@ class Transformer(nnx.Module):
 
     def param_dict(self) -> Params:
         """The parameters as a plain nested dict of arrays (what the pure functions take)."""
-        return nnx.state(self.params, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self.params, nnx.Param))
 
     def __call__(self, tokens: jax.Array, **kw) -> jax.Array:
         return forward(self.param_dict(), jnp.asarray(tokens, jnp.int32), self.cfg, **kw)[0]
@@ -231,6 +236,7 @@ def rope_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
         mid = (wavelen >= old / rope.high_freq_factor) & (wavelen <= old / rope.low_freq_factor)
         return np.where(mid, (1 - smooth) * scaled / rope.factor + smooth * scaled, scaled).astype(np.float32), 1.0
     if rope.type == RopeType.YARN:
+
         def corr_dim(rot: float) -> float:
             return dim * math.log(rope.original_max_position / (rot * 2 * math.pi)) / (2 * math.log(rope.theta))
 
@@ -343,10 +349,12 @@ def mla_attention_cached(p: Params, x, positions, layer_cache: dict, slots, vali
     """Absorbed MLA against the compressed cache; writes this step's latent and rope key at ``slots[0]``."""
     q_nope, q_rope, latent, k_rope = _mla_qkv(p, x, positions, cfg)
     start = slots[0, 0]
-    lat_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["latent"], latent.astype(layer_cache["latent"].dtype),
-                                                    start, axis=1)
-    rope_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["rope"], k_rope.astype(layer_cache["rope"].dtype),
-                                                     start, axis=1)
+    lat_cache = jax.lax.dynamic_update_slice_in_dim(
+        layer_cache["latent"], latent.astype(layer_cache["latent"].dtype), start, axis=1
+    )
+    rope_cache = jax.lax.dynamic_update_slice_in_dim(
+        layer_cache["rope"], k_rope.astype(layer_cache["rope"].dtype), start, axis=1
+    )
     w_uk = p["kv_b"][..., : cfg.qk_nope_dim].astype(x.dtype)  # [c, h, n]
     w_uv = p["kv_b"][..., cfg.qk_nope_dim :].astype(x.dtype)  # [c, h, v]
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)
@@ -397,8 +405,9 @@ def gqa_attention_cached(p: Params, x, positions, layer_cache: dict, slots, vali
     v_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, axis=1)
     s_idx = jnp.broadcast_to(jnp.arange(k_cache.shape[1])[None], (x.shape[0], k_cache.shape[1]))
     safe_v = jnp.where(valid_k[..., None, None], v_cache, 0)
-    out = attend(q, k_cache.astype(x.dtype), safe_v.astype(x.dtype), _mask(slots, s_idx, valid_k, None),
-                 softmax_scale(cfg))
+    out = attend(
+        q, k_cache.astype(x.dtype), safe_v.astype(x.dtype), _mask(slots, s_idx, valid_k, None), softmax_scale(cfg)
+    )
     return _gqa_out(p, out), {"k": k_cache, "v": v_cache}
 
 
@@ -442,8 +451,9 @@ def block(p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe
 
 def block_cached(p: Params, x, positions, layer_cache, slots, valid_k, cfg: ModelConfig, moe_block: bool):
     attn = mla_attention_cached if cfg.is_mla else gqa_attention_cached
-    a, layer_cache = attn(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, layer_cache, slots,
-                          valid_k, cfg)
+    a, layer_cache = attn(
+        p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, layer_cache, slots, valid_k, cfg
+    )
     x = x + a
     y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block)
     return x + y, load, layer_cache

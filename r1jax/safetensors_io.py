@@ -12,6 +12,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -110,7 +111,7 @@ def iter_checkpoint_files(directory: str) -> Iterator[tuple[str, list[str]]]:
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
-            weight_map = json.load(open(index))["weight_map"]
+            weight_map = json.loads(Path(index).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index}: not a valid safetensors index") from None
         root = os.path.realpath(directory)

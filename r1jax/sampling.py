@@ -129,9 +129,16 @@ def generate(
     stops = list(cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
     tokens, start = left_pad(prompts, pad_id=cfg.pad_token_id or 0)
     toks, _, lengths = generate_tokens(
-        model.param_dict(), jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(stops, jnp.int32),
-        jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens, temperature=float(temperature),
-        top_p=float(top_p), top_k=int(top_k),
+        model.param_dict(),
+        jnp.asarray(tokens),
+        jnp.asarray(start),
+        jnp.asarray(stops, jnp.int32),
+        jax.random.key(seed),
+        cfg=cfg,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
     )
     toks, lengths = np.asarray(toks), np.asarray(lengths)
     out = []

@@ -42,8 +42,10 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> jax.shardi
     dims = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
     devices = list(devices if devices is not None else jax.devices())
     if int(np.prod(dims)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, dims, strict=True))} needs {int(np.prod(dims))} devices, "
-                         f"{len(devices)} available")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, dims, strict=True))} needs {int(np.prod(dims))} devices, "
+            f"{len(devices)} available"
+        )
     return jax.sharding.Mesh(np.asarray(devices).reshape(dims), MESH_AXES)
 
 
@@ -66,18 +68,24 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: jax.
 
 def check_rules(specs_tree, mesh: jax.sharding.Mesh) -> None:
     """Raise if any parameter's PartitionSpec names a mesh axis twice."""
-    for spec in jax.tree.leaves(param_partition_specs(specs_tree, mesh), is_leaf=lambda x: isinstance(x, PartitionSpec)):
+    for spec in jax.tree.leaves(
+        param_partition_specs(specs_tree, mesh), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    ):
         flat = [a for p in spec if p for a in (p if isinstance(p, tuple) else (p,))]
         if len(flat) != len(set(flat)):
             raise ValueError(f"mesh axis used twice in {spec}")
 
 
 def param_partition_specs(specs_tree, mesh: jax.sharding.Mesh):
-    return jax.tree.map(lambda s: logical_to_spec(s.axes, s.shape, mesh), specs_tree,
-                        is_leaf=lambda x: hasattr(x, "axes"))
+    return jax.tree.map(
+        lambda s: logical_to_spec(s.axes, s.shape, mesh), specs_tree, is_leaf=lambda x: hasattr(x, "axes")
+    )
 
 
 def param_shardings(specs_tree, mesh: jax.sharding.Mesh):
     """NamedShardings for a ``param_specs`` tree."""
-    return jax.tree.map(lambda p: NamedSharding(mesh, p), param_partition_specs(specs_tree, mesh),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda p: NamedSharding(mesh, p),
+        param_partition_specs(specs_tree, mesh),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 from functools import cached_property
+from pathlib import Path
 
 from r1jax.errors import CheckpointError
 
@@ -28,11 +29,11 @@ class Tokenizer:
         if not os.path.exists(tj):
             raise CheckpointError(f"{path}: no tokenizer.json")
         cfg_path = os.path.join(path, "tokenizer_config.json")
-        config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+        config = json.loads(Path(cfg_path).read_text()) if os.path.exists(cfg_path) else {}
         template = os.path.join(path, "chat_template.jinja")
         if os.path.exists(template) and not config.get("chat_template"):
-            config["chat_template"] = open(template).read()
-        return cls(open(tj).read(), config)
+            config["chat_template"] = Path(template).read_text()
+        return cls(Path(tj).read_text(), config)
 
     @property
     def vocab_size(self) -> int:
