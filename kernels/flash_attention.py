@@ -112,7 +112,6 @@ class _Geom:
     sm_scale: float
     nq: int = 0
     nk: int = 0
-    precision: lax.Precision | None = None
 
     @property
     def offset(self) -> int:
@@ -124,6 +123,14 @@ def _eff_block(block: int, length: int, kind: str) -> int:
     if kind == "gpu":
         return min(block, max(16, next_pow2(length)))
     return min(block, round_up(length, NUM_SUBLANES))
+
+
+def _mm(x, y, trans_b: bool = False):
+    """x @ y (or x @ y.T) with f32 accumulation; the precision is explicit so a global
+    `jax_default_matmul_precision` cannot push bf16 operands onto an f32 path the kernel compilers reject."""
+    dims = _NT if trans_b else (((1,), (0,)), ((), ()))
+    prec = lax.Precision.HIGHEST if x.dtype == jnp.float32 else lax.Precision.DEFAULT
+    return lax.dot_general(x, y, dims, preferred_element_type=jnp.float32, precision=prec)
 
 
 def _mask(rows, cols, qseg, kseg, g: _Geom):
@@ -171,7 +178,7 @@ def _tpu_fwd_kernel(*refs, g: _Geom):
 
     def _body():
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * g.sm_scale
+        s = _mm(q, k, True) * g.sm_scale
         rows = q_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
         cols = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         qseg = qs_ref[...][:, :1] if g.has_seg else None
@@ -186,7 +193,7 @@ def _tpu_fwd_kernel(*refs, g: _Geom):
         alpha = jnp.exp(m_prev - m_safe)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
         m_sc[...] = m_new
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = _mm(p.astype(v.dtype), v)
         acc_sc[...] = acc_sc[...] * alpha[:, :1] + pv
 
     if g.causal:
@@ -219,7 +226,7 @@ def _tpu_dq_kernel(*refs, g: _Geom):
 
     def _body():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * g.sm_scale
+        s = _mm(q, k, True) * g.sm_scale
         p = jnp.exp(s - lse_ref[...][:, :1])
         rows = q_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
         cols = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
@@ -228,9 +235,9 @@ def _tpu_dq_kernel(*refs, g: _Geom):
         mask = _mask(rows, cols, qseg, kseg, g)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        dp = _mm(do, v, True)
         ds = p * (dp - dl_ref[...][:, :1])
-        acc_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        acc_sc[...] += _mm(ds.astype(k.dtype), k)
 
     if g.causal:
         pl.when(k_start <= q_start + g.bq - 1 + g.offset)(_body)
@@ -259,7 +266,7 @@ def _tpu_dkv_kernel(*refs, g: _Geom):
 
     def _body():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        st = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * g.sm_scale
+        st = _mm(k, q, True) * g.sm_scale
         pt = jnp.exp(st - lse_ref[...][:1, :])
         cols = k_start + lax.broadcasted_iota(jnp.int32, st.shape, 0)
         rows = q_start + lax.broadcasted_iota(jnp.int32, st.shape, 1)
@@ -268,10 +275,10 @@ def _tpu_dkv_kernel(*refs, g: _Geom):
         mask = _mask(rows, cols, qseg, kseg, g)
         if mask is not None:
             pt = jnp.where(mask, pt, 0.0)
-        dv_sc[...] += jnp.dot(pt.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dpt = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+        dv_sc[...] += _mm(pt.astype(do.dtype), do)
+        dpt = _mm(v, do, True)
         dst = pt * (dpt - dl_ref[...][:1, :])
-        dk_sc[...] += jnp.dot(dst.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        dk_sc[...] += _mm(dst.astype(q.dtype), q)
 
     if g.causal:
         pl.when(k_start <= q_start + g.bq - 1 + g.offset)(_body)
@@ -498,8 +505,7 @@ def _tpu_backward(q, k, v, qseg, kvseg, o, lse, do, cfg: _Cfg):
 
 
 def _dot(x, y, g: _Geom, trans_b: bool = False):
-    dims = _NT if trans_b else (((1,), (0,)), ((), ()))
-    return lax.dot_general(x, y, dims, preferred_element_type=jnp.float32, precision=g.precision)
+    return _mm(x, y, trans_b)
 
 
 def _gpu_fwd_kernel(*refs, g: _Geom, nc: int):
@@ -680,7 +686,7 @@ def _gpu_params(cfg: _Cfg, dqk: int):
     return pltriton.CompilerParams(num_warps=warps, num_stages=cfg.blocks.num_stages or 2)
 
 
-def _gpu_geom(q, k, qseg, cfg, bq, bk, f32):
+def _gpu_geom(q, k, qseg, cfg, bq, bk):
     t, s = q.shape[1], k.shape[1]
     tp, sp = round_up(t, bq), round_up(s, bk)
     return _Geom(
@@ -694,7 +700,6 @@ def _gpu_geom(q, k, qseg, cfg, bq, bk, f32):
         sm_scale=cfg.sm_scale,
         nq=tp // bq,
         nk=sp // bk,
-        precision=lax.Precision.HIGHEST if f32 else None,
     )
 
 
@@ -716,7 +721,7 @@ def _gpu_forward(q, k, v, qseg, kvseg, cfg: _Cfg):
     grp = h // hk
     bq = _eff_block(cfg.blocks.block_q, t, "gpu")
     bk = _eff_block(cfg.blocks.block_k, s, "gpu")
-    g = _gpu_geom(q, k, qseg, cfg, bq, bk, q.dtype == jnp.float32)
+    g = _gpu_geom(q, k, qseg, cfg, bq, bk)
     qp, kp, vp, segs = _gpu_inputs(q, k, v, qseg, kvseg, g)
     tp, sp, dvp = g.nq * bq, g.nk * bk, vp.shape[-1]
     chunks = pow2_chunks(dqk)
@@ -760,7 +765,7 @@ def _gpu_backward(q, k, v, qseg, kvseg, o, lse, do, cfg: _Cfg):
     grp = h // hk
     bq = _eff_block(cfg.blocks.block_q_bwd, t, "gpu")
     bk = _eff_block(cfg.blocks.block_k_bwd, s, "gpu")
-    g = _gpu_geom(q, k, qseg, cfg, bq, bk, q.dtype == jnp.float32)
+    g = _gpu_geom(q, k, qseg, cfg, bq, bk)
     qp, kp, vp, segs = _gpu_inputs(q, k, v, qseg, kvseg, g)
     tp, sp, dvp = g.nq * bq, g.nk * bk, vp.shape[-1]
     dop = pad_axis(pad_axis(do, 3, dvp), 1, tp)

@@ -78,13 +78,19 @@ def _online_update(s, lat_safe, m_prev, l_prev, acc_prev):
     p = jnp.exp(s - m_safe[:, :1])
     alpha = jnp.exp(m_prev - m_safe)
     l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    pv = jnp.dot(p.astype(lat_safe.dtype), lat_safe, preferred_element_type=jnp.float32)
+    p = p.astype(lat_safe.dtype)
+    pv = jnp.dot(p, lat_safe, preferred_element_type=jnp.float32, precision=_precision(p.dtype))
     return m_new, l_new, acc_prev * alpha[:, :1] + pv
 
 
-def _scores(ql, qr, lat, rp, k_start, length, sm_scale, precision=None):
-    s = lax.dot_general(ql, lat, _NT, preferred_element_type=jnp.float32, precision=precision)
-    s += lax.dot_general(qr, rp, _NT, preferred_element_type=jnp.float32, precision=precision)
+def _precision(dtype):
+    # Explicit, so a global `jax_default_matmul_precision` cannot force bf16 tiles onto an unsupported path.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _scores(ql, qr, lat, rp, k_start, length, sm_scale):
+    s = lax.dot_general(ql, lat, _NT, preferred_element_type=jnp.float32, precision=_precision(ql.dtype))
+    s += lax.dot_general(qr, rp, _NT, preferred_element_type=jnp.float32, precision=_precision(qr.dtype))
     s = s * sm_scale
     cols = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     rows_valid = (k_start + lax.broadcasted_iota(jnp.int32, (lat.shape[0], 1), 0)) < length
@@ -172,7 +178,7 @@ def _tpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpr
 # ------------------------------------------------------------------------------------------------ GPU (Triton)
 
 
-def _gpu_kernel(lens_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, *, sm_scale, bk, nps, precision):
+def _gpu_kernel(lens_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, *, sm_scale, bk, nps):
     si = pl.program_id(1)
     length = lens_ref[0]
     ql, qr = ql_ref[...], qr_ref[...]
@@ -183,7 +189,7 @@ def _gpu_kernel(lens_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, *, sm
     def body(j, carry):
         k_start = j * bk
         sl = pl.ds(pl.multiple_of(k_start, bk), bk)
-        s, lat_safe = _scores(ql, qr, lat_ref[sl, :], rp_ref[sl, :], k_start, length, sm_scale, precision)
+        s, lat_safe = _scores(ql, qr, lat_ref[sl, :], rp_ref[sl, :], k_start, length, sm_scale)
         return _online_update(s, lat_safe, *carry)
 
     carry = (
@@ -216,9 +222,8 @@ def _gpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpr
         from jax.experimental.pallas import triton as pltriton
 
         params = pltriton.CompilerParams(num_warps=bs.num_warps or 4, num_stages=bs.num_stages or 3)
-    precision = lax.Precision.HIGHEST if q_latent.dtype == jnp.float32 else None
     o, lse = pl.pallas_call(
-        functools.partial(_gpu_kernel, sm_scale=sm_scale, bk=bk, nps=nps, precision=precision),
+        functools.partial(_gpu_kernel, sm_scale=sm_scale, bk=bk, nps=nps),
         grid=(b, ns),
         in_specs=[
             pl.BlockSpec((1,), lambda bi, si: (bi,)),
