@@ -291,6 +291,14 @@ def _tpu_dkv_kernel(*refs, g: _Geom):
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
+def _cost(b, h, t, s, dqk, dv, causal, matmul_factor, args):
+    """Lets XLA schedule around the kernel: matmul FLOPs (x matmul_factor relative to the forward), exps, bytes."""
+    frac = 0.5 if causal else 1.0
+    flops = int(2 * b * h * t * s * (dqk + dv) * frac * matmul_factor)
+    nbytes = int(sum(x.size * x.dtype.itemsize for x in args))
+    return pl.CostEstimate(flops=flops, transcendentals=int(b * h * t * s * frac), bytes_accessed=nbytes)
+
+
 def _tpu_params(semantics, interpret):
     if interpret:
         return None
@@ -377,6 +385,7 @@ def _tpu_forward(q, k, v, qseg, kvseg, cfg: _Cfg):
         ],
         compiler_params=_tpu_params(("parallel", "parallel", "parallel", "arbitrary"), cfg.interpret),
         interpret=cfg.interpret,
+        cost_estimate=_cost(b, h, t, s, dqk, dv, cfg.causal, 1.0, args),
         name="flash_attention_fwd",
     )(*args)
     return jnp.swapaxes(o[:, :, :t], 1, 2), lse
@@ -433,6 +442,7 @@ def _tpu_backward(q, k, v, qseg, kvseg, o, lse, do, cfg: _Cfg):
         scratch_shapes=[_vmem((bq, dqk), jnp.float32)],
         compiler_params=_tpu_params(("parallel", "parallel", "parallel", "arbitrary"), cfg.interpret),
         interpret=cfg.interpret,
+        cost_estimate=_cost(b, h, t, s, dqk, dv, cfg.causal, 1.5, args),
         name="flash_attention_dq",
     )(*args)
 
@@ -493,6 +503,7 @@ def _tpu_backward(q, k, v, qseg, kvseg, o, lse, do, cfg: _Cfg):
             cfg.interpret,
         ),
         interpret=cfg.interpret,
+        cost_estimate=_cost(b, h, t, s, dqk, dv, cfg.causal, 2.0, args),
         name="flash_attention_dkv",
     )(*args)
     unt = lambda x, n: jnp.swapaxes(x[:, :, :n], 1, 2)  # noqa: E731

@@ -170,6 +170,11 @@ def _tpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpr
         if interpret
         else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
+        cost_estimate=pl.CostEstimate(
+            flops=2 * b * h * s * (2 * c + p),
+            transcendentals=b * h * s,
+            bytes_accessed=int(latent.size * latent.dtype.itemsize + rope.size * rope.dtype.itemsize),
+        ),
         name="mla_decode",
     )(lengths, q_latent, q_rope, latent, rope)
     return o, lse[..., 0]

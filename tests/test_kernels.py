@@ -30,7 +30,7 @@ def _import_kernels():
         import r1jax.kernels as kernels
 
         return kernels
-    except ImportError:
+    except Exception:  # not installed (e.g. a bare checkout on a GPU machine with PYTHONPATH=repo)
         root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
         spec = importlib.util.spec_from_file_location(
             "r1jax_kernels_src", root / "__init__.py", submodule_search_locations=[str(root)]
