@@ -198,3 +198,66 @@ def test_mla_decode_default_api():
     np.testing.assert_allclose(_f32(out), _f32(ref), atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError):
         K.MLADecodeBlockSizes(block_k=100)
+
+
+# ------------------------------------------------------------------------------ GPU lowering, without a GPU
+
+
+def test_triton_kernels_lower_for_cuda():
+    """Lowers the GPU (Triton) kernels to Triton IR at production shapes via `jax.export` for CUDA, on CPU.
+
+    Catches what interpret mode accepts but the Pallas->Triton lowering rejects (non power-of-two tiles,
+    unsupported ops); PTX compilation itself happens only on a GPU (tools/gpu_check.sh).
+    """
+    from jax import export
+
+    spec, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+
+    def fwd(q, k, v):
+        return K.flash_attention(q, k, v, causal=True, interpret=False, kind="gpu")
+
+    def bwd(q, k, v, do):
+        return jax.vjp(fwd, q, k, v)[1](do)
+
+    def seg_bwd(q, k, v, seg, do):
+        f = lambda q, k, v: K.flash_attention(q, k, v, segment_ids=seg, causal=False, interpret=False, kind="gpu")  # noqa: E731
+        return jax.vjp(f, q, k, v)[1](do)
+
+    def dec(*args):
+        return K.mla_decode(*args, sm_scale=0.1, interpret=False, kind="gpu")
+
+    t, h = 4096, 16
+    programs = {
+        "fwd": (fwd, (spec((1, t, h, 192), bf), spec((1, t, h, 192), bf), spec((1, t, h, 128), bf))),
+        "bwd_gqa": (
+            bwd,
+            (spec((1, t, h, 192), bf), spec((1, t, 4, 192), bf), spec((1, t, 4, 128), bf), spec((1, t, h, 128), bf)),
+        ),
+        "seg_f32": (
+            seg_bwd,
+            tuple(
+                spec(s, d)
+                for s, d in [
+                    ((2, 40, 4, 32), jnp.float32),
+                    ((2, 40, 2, 32), jnp.float32),
+                    ((2, 40, 2, 16), jnp.float32),
+                    ((2, 40), jnp.int32),
+                    ((2, 40, 4, 16), jnp.float32),
+                ]
+            ),
+        ),
+        "mla_decode": (
+            dec,
+            (
+                spec((64, 16, 512), bf),
+                spec((64, 16, 64), bf),
+                spec((64, 8192, 512), bf),
+                spec((64, 8192, 64), bf),
+                spec((64,), jnp.int32),
+            ),
+        ),
+    }
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for name, (fn, args) in programs.items():
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(*args)
+        assert "__gpu$xla.gpu.triton" in exported.mlir_module(), name
