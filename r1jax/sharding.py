@@ -1,14 +1,31 @@
 """Meshes and the one logical-axis rules table.
 
 Parameters and activations name their axes with nouns (``embed``, ``heads``, ``experts``...); ``RULES`` maps each
-noun to mesh axes. A parameter whose two logical axes would land on the same mesh axis keeps only the first, and
-``check_rules`` rejects tables that map two nouns used together onto one mesh axis unintentionally. Axes whose size
-does not divide evenly are left replicated.
+noun to mesh axes, in order of preference. ``logical_to_spec`` turns a tensor's nouns into a ``PartitionSpec``:
+
+- a mesh axis is used at most once per tensor (the first noun that asks for it wins);
+- a mesh axis is only used where it divides the dimension (together with the axes already chosen for it), so odd
+  sizes stay replicated instead of failing;
+- size-1 mesh axes are never named.
+
+Mesh axes and what they mean here:
+
+- ``data``: pure data parallelism (parameters replicated).
+- ``fsdp``: data parallelism with parameters, gradients and optimizer state sharded over ``embed`` (and the LoRA ranks
+  of MLA); XLA all-gathers weights before use and reduce-scatters their gradients.
+- ``tensor``: Megatron-style model parallelism over heads, ffw, expert ffw and vocab; activations are replicated over
+  it (batch is never split over ``tensor``).
+- ``expert``: expert parallelism: routed experts are split over it, and so is the batch; ``r1jax.expert_parallel``
+  moves tokens to their experts' devices with an explicit all-to-all.
+
+Activations are constrained at block boundaries with ``constrain(x, ("batch", None, None))``; it is a no-op unless a
+mesh is set with ``jax.set_mesh`` (the mesh belongs to the caller, never to a config), so the same model code runs on
+one device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -18,28 +35,41 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # noun -> mesh axes (in order of preference); the ONE table.
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert"),
-    "layers": (),
+    "batch": ("data", "fsdp", "expert"),  # activations: every data-like axis; never "tensor"
+    "layers": (),  # the scan axis stays whole: each step reads one layer
     "vocab": ("tensor",),
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
-    "q_lora": (),
-    "kv_lora": (),
+    "q_lora": ("fsdp",),  # MLA q_b [q, h, n+p]: q is its only fsdp-able axis (q_a keeps fsdp on embed)
+    "kv_lora": ("fsdp",),  # MLA kv_b [c, h, n+v]: likewise
     "ffw": ("tensor",),
     "experts": ("expert",),
     "expert_ffw": ("tensor",),
 }
 
+# A parameter with at least this many elements must be sharded on a mesh with more than one device.
+LARGE_PARAM = 1 << 20
+
+
+def validate_rules(rules: Mapping[str, Sequence[str]] = RULES) -> None:
+    """Raise on unknown mesh axes, or on one noun naming a mesh axis twice."""
+    for noun, axes in rules.items():
+        unknown = set(axes) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"rule {noun!r} names unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"rule {noun!r} names a mesh axis twice: {axes}")
+    if "tensor" in rules.get("batch", ()):
+        raise ValueError("batch must not be split over 'tensor' (tensor-parallel activations are replicated)")
+
+
+validate_rules()
+
 
 def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> jax.sharding.Mesh:
     """A mesh over ``MESH_AXES``; ``shape`` like ``{"fsdp": 4, "tensor": 2}`` (missing axes are 1)."""
-    if not isinstance(shape, dict):
-        shape = dict(zip(MESH_AXES, shape, strict=False))
-    unknown = set(shape) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
-    dims = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
+    dims = _mesh_dims(shape)
     devices = list(devices if devices is not None else jax.devices())
     if int(np.prod(dims)) != len(devices):
         raise ValueError(
@@ -49,37 +79,72 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> jax.shardi
     return jax.sharding.Mesh(np.asarray(devices).reshape(dims), MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
-    """PartitionSpec for a tensor with logical ``axes``: each mesh axis used at most once, only where it divides."""
+def abstract_mesh(shape: dict[str, int] | Sequence[int]) -> jax.sharding.AbstractMesh:
+    """A device-free mesh over ``MESH_AXES`` (for ``jax.eval_shape`` and sharding arithmetic at any scale)."""
+    return jax.sharding.AbstractMesh(_mesh_dims(shape), MESH_AXES)
+
+
+def _mesh_dims(shape: dict[str, int] | Sequence[int]) -> tuple[int, ...]:
+    if not isinstance(shape, dict):
+        shape = dict(zip(MESH_AXES, shape, strict=False))
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+    dims = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
+    if min(dims) < 1:
+        raise ValueError(f"mesh axes must be >= 1, got {shape}")
+    return dims
+
+
+def _axis_sizes(mesh) -> dict[str, int]:
+    return dict(mesh.shape)
+
+
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Mapping[str, Sequence[str]] = RULES
+) -> PartitionSpec:
+    """PartitionSpec for a tensor with logical ``axes``: each mesh axis used at most once, only where it divides.
+
+    ``mesh`` is a ``Mesh`` or an ``AbstractMesh``; mesh axes it lacks count as size 1. Unknown nouns raise.
+    """
+    if len(axes) != len(shape):
+        raise ValueError(f"{len(axes)} logical axes {tuple(axes)} for a rank-{len(shape)} tensor {tuple(shape)}")
+    sizes = _axis_sizes(mesh)
     used: set[str] = set()
     out = []
     for name, size in zip(axes, shape, strict=True):
-        chosen = []
-        for mesh_axis in RULES.get(name, ()) if name else ():
-            n = mesh.shape[mesh_axis]
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
+        chosen: list[str] = []
+        for mesh_axis in rules.get(name, ()) if name else ():
+            n = sizes.get(mesh_axis, 1)
             if mesh_axis in used or n == 1:
                 continue
-            if size % (int(np.prod([mesh.shape[a] for a in chosen])) * n) == 0:
+            if size % (int(np.prod([sizes[a] for a in chosen])) * n) == 0:
                 chosen.append(mesh_axis)
         used.update(chosen)
         out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     return PartitionSpec(*out)
 
 
-def check_rules(specs_tree, mesh: jax.sharding.Mesh) -> None:
-    """Raise if any parameter's PartitionSpec names a mesh axis twice."""
-    for spec in jax.tree.leaves(
-        param_partition_specs(specs_tree, mesh), is_leaf=lambda x: isinstance(x, PartitionSpec)
-    ):
-        flat = [a for p in spec if p for a in (p if isinstance(p, tuple) else (p,))]
-        if len(flat) != len(set(flat)):
-            raise ValueError(f"mesh axis used twice in {spec}")
+def spec_axes(spec: PartitionSpec) -> list[str]:
+    """Mesh axes a PartitionSpec names, flattened, in order (duplicates kept)."""
+    return [a for p in spec if p for a in (p if isinstance(p, tuple) else (p,))]
 
 
-def param_partition_specs(specs_tree, mesh: jax.sharding.Mesh):
-    return jax.tree.map(
-        lambda s: logical_to_spec(s.axes, s.shape, mesh), specs_tree, is_leaf=lambda x: hasattr(x, "axes")
-    )
+def shard_count(spec: PartitionSpec, mesh) -> int:
+    """Into how many pieces ``spec`` splits a tensor on ``mesh``."""
+    sizes = _axis_sizes(mesh)
+    return int(np.prod([sizes[a] for a in spec_axes(spec)] or [1]))
+
+
+def _is_spec(x) -> bool:
+    return hasattr(x, "axes") and hasattr(x, "shape")
+
+
+def param_partition_specs(specs_tree, mesh):
+    """PartitionSpecs for a ``param_specs`` tree (``ParamSpec`` leaves)."""
+    return jax.tree.map(lambda s: logical_to_spec(s.axes, s.shape, mesh), specs_tree, is_leaf=_is_spec)
 
 
 def param_shardings(specs_tree, mesh: jax.sharding.Mesh):
@@ -89,3 +154,53 @@ def param_shardings(specs_tree, mesh: jax.sharding.Mesh):
         param_partition_specs(specs_tree, mesh),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def check_rules(specs_tree, mesh, *, large: int = LARGE_PARAM) -> None:
+    """Raise if a parameter's spec names a mesh axis twice or does not divide its dimension, or if a parameter with
+    at least ``large`` elements stays fully replicated on a mesh of more than one device (except where the mesh has
+    only axes its nouns cannot use, e.g. pure ``data`` parallelism)."""
+    problems = []
+    n_devices = int(np.prod(list(_axis_sizes(mesh).values())))
+    param_axes = {a for noun, axes in RULES.items() if noun != "batch" for a in axes}
+    model_parallel = any(_axis_sizes(mesh).get(a, 1) > 1 for a in param_axes)
+    flat = jax.tree_util.tree_flatten_with_path(specs_tree, is_leaf=_is_spec)[0]
+    for path, s in flat:
+        name = jax.tree_util.keystr(path)
+        spec = logical_to_spec(s.axes, s.shape, mesh)
+        named = spec_axes(spec)
+        if len(named) != len(set(named)):
+            problems.append(f"{name}: mesh axis used twice in {spec}")
+        for dim, part in zip(s.shape, spec, strict=False):
+            if part and dim % shard_count(PartitionSpec(part), mesh):
+                problems.append(f"{name}: {spec} does not divide {s.shape}")
+        if model_parallel and n_devices > 1 and int(np.prod(s.shape)) >= large and not named:
+            problems.append(f"{name}: {s.shape} ({s.axes}) is large but fully replicated")
+    if problems:
+        raise ValueError("sharding rules violated:\n  " + "\n  ".join(problems))
+
+
+# --- activations -----------------------------------------------------------------------------------------------------
+def current_mesh():
+    """The mesh set by the caller (``jax.set_mesh``), or None when there is none (or it has a single device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    return mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` of ``x`` to its logical ``axes`` under the current mesh; identity without one.
+
+    Dims whose noun is None (or whose mesh axes do not divide them) are replicated: block boundaries want the batch
+    split and the features whole. Meshes without r1jax's axis names are left alone.
+    """
+    mesh = current_mesh()
+    if mesh is None or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Sharding of a batch-major array (tokens, masks, advantages...): leading axis split by the ``batch`` rule."""
+    return NamedSharding(mesh, logical_to_spec(("batch", *[None] * (len(shape) - 1)), shape, mesh))

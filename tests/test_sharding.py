@@ -1,0 +1,151 @@
+"""Sharded equals unsharded: logits, loss and gradients of tiny V3 (MLA + MoE) and Qwen2 models on 8 CPU devices."""
+
+import importlib.util
+import os
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from r1jax import sharding
+from r1jax.config import ModelConfig
+from r1jax.model import ParamSpec, forward, init_params, param_specs, token_logprobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+V3 = ModelConfig(
+    arch="deepseek_v3", vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffw=48, q_lora_rank=16, kv_lora_rank=16,
+    qk_nope_dim=8, qk_rope_dim=4, v_head_dim=8, n_experts=8, n_shared_experts=1, experts_per_token=2, moe_ffw=16,
+    first_k_dense=1, scoring="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1, norm_topk_prob=True,
+    rope_interleave=True,
+)  # fmt: skip
+QWEN2 = ModelConfig(arch="qwen2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffw=48, qkv_bias=True)
+MODELS = {"v3": V3, "qwen2": QWEN2}
+MESHES = {
+    "data8": {"data": 8},
+    "fsdp8": {"fsdp": 8},
+    "d2f2t2": {"data": 2, "fsdp": 2, "tensor": 2},
+    "e4f2": {"expert": 4, "fsdp": 2},
+    "t2f4": {"tensor": 2, "fsdp": 4},
+}
+CASES = [("v3", m) for m in MESHES] + [("qwen2", "fsdp8"), ("qwen2", "d2f2t2"), ("qwen2", "t2f4")]
+
+
+def next_token_loss(params, tokens, cfg):
+    logits, _ = forward(params, tokens, cfg)
+    return -token_logprobs(logits[:, :-1], tokens[:, 1:]).mean(), logits
+
+
+def _step(params, tokens, cfg):
+    (loss, logits), grads = jax.value_and_grad(next_token_loss, has_aux=True)(params, tokens, cfg)
+    return loss, logits, grads
+
+
+@pytest.fixture(scope="module")
+def reference():
+    out = {}
+    for name, cfg in MODELS.items():
+        params = init_params(cfg, jax.random.key(0), std=0.2)
+        if cfg.is_moe:  # a non-zero correction bias, so selection differs from plain top-k
+            bias = jax.random.normal(jax.random.key(2), params["moe_layers"]["mlp"]["router_bias"].shape) * 0.1
+            params["moe_layers"]["mlp"]["router_bias"] = bias
+        tokens = jax.random.randint(jax.random.key(1), (8, 8), 0, cfg.vocab_size, jnp.int32)
+        params = jax.device_put(params, jax.devices()[0])
+        out[name] = (params, tokens, jax.jit(partial(_step, cfg=cfg))(params, tokens))
+    return out
+
+
+@pytest.mark.parametrize("model,mesh_name", CASES)
+def test_sharded_equals_single_device(reference, model, mesh_name):
+    cfg = MODELS[model]
+    params, tokens, (loss0, logits0, grads0) = reference[model]
+    mesh = sharding.make_mesh(MESHES[mesh_name])
+    specs = param_specs(cfg)
+    sharding.check_rules(specs, mesh)
+    shardings = sharding.param_shardings(specs, mesh)
+    p = jax.device_put(params, shardings)
+    t = jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape))
+    # parameters are really split: every shard has the shape the spec implies
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+    for leaf, spec in zip(jax.tree.leaves(p), spec_leaves, strict=True):
+        pspec = sharding.logical_to_spec(spec.axes, spec.shape, mesh)
+        want = tuple(d // sharding.shard_count(PartitionSpec(a), mesh) for d, a in zip(leaf.shape, pspec, strict=True))
+        assert leaf.addressable_shards[0].data.shape == want
+    if mesh_name != "data8":
+        assert p["embed"].addressable_shards[0].data.size < p["embed"].size
+    with jax.set_mesh(mesh):
+        loss, logits, grads = jax.jit(partial(_step, cfg=cfg), out_shardings=(None, None, shardings))(p, t)
+    np.testing.assert_allclose(logits, logits0, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loss, loss0, rtol=1e-4)
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+        np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_expert_weights_split_over_expert_axis():
+    mesh = sharding.make_mesh({"expert": 4, "fsdp": 2})
+    spec = param_specs(V3)["moe_layers"]["mlp"]["experts"]["gate"]  # [L, e, d, f]
+    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, "expert", "fsdp", None)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, None, "fsdp", "tensor")
+    batch = sharding.batch_sharding(sharding.make_mesh({"expert": 4, "fsdp": 2}), (8, 8)).spec
+    assert batch == PartitionSpec(("fsdp", "expert"), None)
+
+
+def _load_config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_v3_671b_shapes_on_abstract_256_device_mesh():
+    cfg = _load_config("v3_671b").model()
+    mesh = sharding.abstract_mesh({"fsdp": 16, "tensor": 4, "expert": 4})
+    specs = param_specs(cfg, mtp=True)
+    sharding.check_rules(specs, mesh)
+    shardings = sharding.param_shardings(specs, mesh)
+    abstract = jax.eval_shape(jax.jit(partial(init_params, cfg, mtp=True), out_shardings=shardings), jax.random.key(0))
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    total = sum(x.size for _, x in flat)
+    assert 682e9 < total < 683e9  # 671.0 B + an 11.6 B MTP block (HF's 685 B also counts MTP copies of embed/head)
+    per_device = 0
+    for path, x in flat:
+        named = sharding.spec_axes(x.sharding.spec)
+        assert len(named) == len(set(named)), (jax.tree_util.keystr(path), x.sharding.spec)
+        shard = x.sharding.shard_shape(x.shape)
+        if x.ndim >= 2 and x.size >= sharding.LARGE_PARAM:
+            assert np.prod(shard) * 16 <= x.size, (jax.tree_util.keystr(path), x.sharding.spec)
+        per_device += np.prod(shard) * x.dtype.itemsize
+    # experts are split 256 ways, attention/dense 64 ways (4x replicated over "expert"): close to the ideal
+    assert per_device < 1.1 * total * 4 / 256
+
+
+def test_rules_reject_misuse():
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        sharding.validate_rules({"embed": ("fsdp", "model")})
+    with pytest.raises(ValueError, match="twice"):
+        sharding.validate_rules({"embed": ("fsdp", "fsdp")})
+    with pytest.raises(ValueError, match="tensor"):
+        sharding.validate_rules({"batch": ("data", "tensor")})
+    mesh = sharding.abstract_mesh({"fsdp": 4, "tensor": 2})
+    with pytest.raises(ValueError, match="no rule"):
+        sharding.logical_to_spec(("embed", "hidden"), (8, 8), mesh)
+    with pytest.raises(ValueError, match="large but fully replicated"):
+        sharding.check_rules({"w": ParamSpec((2048, 2048), (None, None))}, mesh)
+    # two nouns asking for one mesh axis: the first keeps it, the second stays whole
+    assert sharding.logical_to_spec(("embed", "q_lora"), (8, 8), mesh) == PartitionSpec("fsdp", None)
+    # an axis that does not divide stays replicated
+    assert sharding.logical_to_spec(("heads", "embed"), (3, 8), mesh) == PartitionSpec(None, "fsdp")
+
+
+def test_constrain_is_identity_without_mesh():
+    x = jnp.ones((4, 3, 8))
+    assert sharding.current_mesh() is None
+    assert sharding.constrain(x, ("batch", None, None)) is x
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda a: sharding.constrain(a * 2, ("batch", None, None)))(x)
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("fsdp", None, None)), 3)
