@@ -1,0 +1,59 @@
+"""The model with ``attention_impl=pallas`` (flash attention kernel, interpret mode on CPU) equals ``xla``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.config import ModelConfig
+from r1jax.model import forward, init_params, token_logprobs
+
+CONFIGS = {
+    "mla": ModelConfig(
+        arch="deepseek_v3",
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        ffw=48,
+        q_lora_rank=16,
+        kv_lora_rank=12,
+        qk_nope_dim=8,
+        qk_rope_dim=4,
+        v_head_dim=6,
+        n_experts=4,
+        n_shared_experts=1,
+        experts_per_token=2,
+        moe_ffw=16,
+        first_k_dense=1,
+        scoring="sigmoid",
+        topk_method="noaux_tc",
+        norm_topk_prob=True,
+        rope_interleave=True,
+    ),
+    "gqa": ModelConfig(
+        arch="qwen2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffw=48, qkv_bias=True
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_pallas_attention_matches_xla(name):
+    cfg = CONFIGS[name]
+    params = init_params(cfg, jax.random.key(0), std=0.2)
+    rng = np.random.RandomState(0)
+    tokens = jnp.asarray(rng.randint(0, 64, (2, 20)))
+    seg = jnp.asarray([[1] * 20, [1] * 7 + [2] * 13])
+    pos = jnp.asarray([list(range(20)), list(range(7)) + list(range(13))])
+
+    def loss(p, c):
+        logits, _ = forward(p, tokens, c, positions=pos, segment_ids=seg)
+        return -token_logprobs(logits[:, :-1], tokens[:, 1:]).mean(), logits
+
+    (l_x, lg_x), g_x = jax.value_and_grad(loss, has_aux=True)(params, cfg)
+    (l_p, lg_p), g_p = jax.value_and_grad(loss, has_aux=True)(params, cfg.replace(attention_impl="pallas"))
+    np.testing.assert_allclose(lg_p, lg_x, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(l_p, l_x, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
