@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from r1jax import moe
+from r1jax import expert_parallel, moe, sharding
 from r1jax.cache import Cache
 from r1jax.config import AttentionImpl, ModelConfig, RopeConfig, RopeType
 
@@ -428,7 +428,7 @@ def moe_layer(p: Params, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax
     b, t, d = x.shape
     xt = x.reshape(b * t, d)
     weights, idx = moe.route(xt, p["router"], p["router_bias"], cfg)
-    y = moe.routed_experts(xt, weights, idx, p["experts"]).reshape(b, t, d).astype(x.dtype)
+    y = expert_parallel.routed_experts(xt, weights, idx, p["experts"]).reshape(b, t, d).astype(x.dtype)
     if "shared" in p:
         y = y + mlp(p["shared"], x)
     return y, moe.expert_load(idx, cfg.n_experts)
@@ -465,7 +465,8 @@ def _scan_stack(fn: Callable, x: jax.Array, stacked: Params, cfg: ModelConfig, x
 
     def step(carry, xs):
         lp, extra = xs
-        return body(lp, carry, extra)
+        carry, ys = body(lp, carry, extra)
+        return sharding.constrain(carry, ("batch", None, None)), ys
 
     return jax.lax.scan(step, x, (stacked, xs_extra))
 
@@ -489,7 +490,7 @@ def forward(
     """
     b, t = tokens.shape
     dt = jnp.dtype(cfg.dtype)
-    x = params["embed"].astype(dt)[tokens]
+    x = sharding.constrain(params["embed"].astype(dt)[tokens], ("batch", None, None))
     aux: dict = {}
     if cache is None:
         if positions is None:
@@ -530,7 +531,8 @@ def logits_from_hidden(params: Params, x: jax.Array, cfg: ModelConfig, norm: jax
     """Final norm and output head (tied to the embedding when ``tie_embeddings``) -> f32 logits."""
     x = rms_norm(x, params["final_norm"] if norm is None else norm, cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    return jnp.einsum("btd,dV->btV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dV->btV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return sharding.constrain(logits, ("batch", None, "vocab"))
 
 
 def mtp_logits(params: Params, hidden: jax.Array, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
