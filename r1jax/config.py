@@ -377,3 +377,82 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
+
+
+# --- training ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay, global-norm clipping, and the MoE router-bias update.
+
+    ``router_bias_gamma`` is the bias update speed of auxiliary-loss-free balancing (DeepSeek-V3 section 2.1.2,
+    gamma = 0.001); the bias is updated outside the optimiser after every optimiser step and never gets gradients.
+    """
+
+    lr: float = 3e-6  # R1 RL stage
+    warmup_steps: int = 0  # optimiser steps of linear warmup from 0
+    decay_steps: int = 0  # optimiser steps of cosine decay after warmup; 0 = constant lr after warmup
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    b1: float = 0.9
+    b2: float = 0.95  # DeepSeek-V3 pre-training
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled; matrices only (not norms, biases or the router bias)
+    max_grad_norm: float = 1.0  # global-norm clip; 0 disables
+    router_bias_gamma: float = 0.001  # 0 disables the bias update
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ValueError("warmup_steps and decay_steps must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1) or self.eps <= 0:
+            raise ValueError("need 0 <= b1, b2 < 1 and eps > 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.router_bias_gamma < 0:
+            raise ValueError("weight_decay, max_grad_norm and router_bias_gamma must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One GRPO run: algorithm, sampling, rewards, optimiser, and the model when it is not read from a checkpoint.
+
+    Batch arithmetic: every step samples ``grpo.prompts_per_step x grpo.group_size`` completions; each of the
+    ``grpo.num_iterations`` passes over them makes ``grpo.num_minibatches`` optimiser steps, each accumulating
+    gradients over micro-batches of ``micro_batch_size`` sequences (0 = the whole mini-batch at once).
+    """
+
+    grpo: GRPOConfig = GRPOConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    rewards: RewardConfig = RewardConfig()
+    optim: OptimConfig = OptimConfig()
+    model: ModelConfig | None = None  # None: the checkpoint's own config
+    micro_batch_size: int = 0  # sequences per gradient-accumulation micro-batch; 0 = whole mini-batch
+    steps: int = 1000  # GRPO steps (one sampling phase each)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sampling.max_new_tokens != self.grpo.max_completion_len:
+            raise ValueError(
+                f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must equal grpo.max_completion_len "
+                f"({self.grpo.max_completion_len}): the overlong filter and the Dr. GRPO normaliser read the latter"
+            )
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.grpo.minibatch_size % self.micro_batch_size):
+            raise ValueError(
+                f"micro_batch_size={self.micro_batch_size} must divide the mini-batch ({self.grpo.minibatch_size})"
+            )
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.grpo.minibatch_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.grpo.minibatch_size // self.micro_batch
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        return self.grpo.num_iterations * self.grpo.num_minibatches

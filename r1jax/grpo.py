@@ -23,11 +23,23 @@ Variants selected by ``GRPOConfig``:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
 
-from r1jax.config import AdvScale, GRPOConfig, LossAgg, RatioLevel
+from r1jax import moe, rollout
+from r1jax.config import AdvScale, GRPOConfig, LossAgg, ModelConfig, OptimConfig, RatioLevel, TrainConfig
+from r1jax.model import Params, forward, param_specs, token_logprobs
+from r1jax.sharding import logical_to_spec, param_shardings
 
 Array = jax.Array
 
@@ -268,3 +280,484 @@ def grpo_loss(
         }
     )
     return loss, metrics
+
+
+# --- the step ---------------------------------------------------------------------------------------------------------
+#
+# One GRPO step is a host loop over jitted phases:
+#   sample   (r1jax.rollout.sample_groups: one prefill per prompt, G decodes from its repeated cache)
+#   score    (host: the reward function, e.g. ``text_reward`` -> r1jax.rewards.score)
+#   select   (host: DAPO dynamic sampling picks informative groups; overlong filtering zeroes truncated rows)
+#   logprobs (``sequence_logprobs`` under pi_old and pi_ref; pi_old is skipped when mu = 1 and there is one
+#             mini-batch: it then equals the current policy's log-probs, used under stop_gradient)
+#   update   (``update_minibatch``, mu x num_minibatches times: gradient accumulation over micro-batches with the
+#             whole mini-batch's token / sequence counts as normalisers, global-norm clip, AdamW, then the
+#             aux-loss-free router-bias update from the mini-batch's global expert loads)
+# and every ``ref_update_every`` steps the reference model becomes a copy of the policy.
+#
+# Sharding: with a mesh, parameters are placed by ``r1jax.sharding.param_shardings`` and every per-row array is
+# sharded over the mesh's batch axes (data parallel); gradients are reduced by XLA. Results equal the unsharded run.
+#
+# Not implemented: routing replay (recomputing MoE routes with the sampler's choices); the expert loads used for the
+# bias update count every token of the training forward, padding included (``forward`` has no load mask).
+
+RewardFn = Callable[[rollout.Rollout, Sequence[Mapping[str, Any]]], tuple[np.ndarray, dict[str, float]]]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "temperature", "entropy"))
+def sequence_logprobs(
+    params: Params,
+    prompt_tokens: Array,
+    prompt_start: Array,
+    completion: Array,
+    cfg: ModelConfig,
+    *,
+    temperature: float = 1.0,
+    entropy: bool = False,
+) -> tuple[Array, dict[str, Array]]:
+    """Teacher-forced log pi(o_t | q, o_<t) of every completion token, f32[n, T], and aux outputs.
+
+    ``prompt_tokens`` int32[n, P] is left-padded with real tokens from ``prompt_start[n]``; ``completion`` int32[n, T]
+    follows it. Positions count from each row's first real token and the padding gets its own segment, so the result
+    does not depend on how much padding a row has and equals what the cached sampler computed. Log-probs are of
+    ``logits / temperature`` (``r1jax.rollout.logprob_temperature``): the same quantity the sampler reports. Values
+    past a completion's end are garbage-free but meaningless (mask them). aux: ``expert_load`` f32[n_moe_layers, e]
+    or None, and ``entropy`` f32[n, T] of the tempered next-token distribution when ``entropy``.
+    """
+    n, plen = prompt_tokens.shape
+    tokens = jnp.concatenate([prompt_tokens, completion.astype(prompt_tokens.dtype)], axis=1)
+    slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    positions = jnp.maximum(slots - prompt_start[:, None], 0)
+    segment_ids = (slots >= prompt_start[:, None]).astype(jnp.int32)
+    logits, aux = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids)
+    logits = logits[:, plen - 1 : -1].astype(jnp.float32) / temperature
+    out = {"expert_load": aux["expert_load"]}
+    if entropy:
+        out["entropy"] = token_entropy(logits)
+    return token_logprobs(logits, completion), out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainBatch:
+    """What the policy update reads, one row per completion (all sharded along rows)."""
+
+    prompt_tokens: Array  # int32[n, P]
+    prompt_start: Array  # int32[n]
+    tokens: Array  # int32[n, T]
+    mask: Array  # float32[n, T] after overlong / dynamic-sampling filtering
+    advantages: Array  # float32[n]
+    sampler_logp: Array  # float32[n, T]
+    old_logp: Array | None  # float32[n, T]; None: the current policy's (mu = 1, one mini-batch)
+    ref_logp: Array | None  # float32[n, T]; None when kl_coef = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GRPOState:
+    step: Array  # int32[]: GRPO steps done
+    params: Params
+    ref_params: Params | None  # None when kl_coef = 0
+    opt_state: Any
+
+
+def lr_schedule(opt: OptimConfig) -> optax.Schedule:
+    """Linear warmup (lr * (i + 1) / warmup_steps, so the first step is not wasted), then cosine decay over
+    ``decay_steps`` to ``lr * min_lr_ratio`` (or constant when ``decay_steps == 0``)."""
+
+    def schedule(count):
+        i = jnp.asarray(count, jnp.float32)
+        warm = jnp.minimum(1.0, (i + 1.0) / opt.warmup_steps) if opt.warmup_steps else 1.0
+        if not opt.decay_steps:
+            return opt.lr * warm
+        t = jnp.clip((i - opt.warmup_steps) / opt.decay_steps, 0.0, 1.0)
+        cos = opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * 0.5 * (1.0 + jnp.cos(math.pi * t))
+        return opt.lr * warm * cos
+
+    return schedule
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def is_router_bias(path) -> bool:
+    return "router_bias" in _path_names(path)
+
+
+def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping + AdamW (decay on matrices only); the router bias is frozen (its updates are zero: it is
+    moved by ``moe.balance_bias`` after each step instead)."""
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda p, _: "frozen" if is_router_bias(p) else "train", params)
+
+    def decay_mask(params):
+        def decays(path, _):
+            last = _path_names(path)[-1]
+            return not ("norm" in last or "bias" in last)
+
+        return jax.tree_util.tree_map_with_path(decays, params)
+
+    adamw = optax.adamw(lr_schedule(opt), opt.b1, opt.b2, opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
+    train = optax.chain(optax.clip_by_global_norm(opt.max_grad_norm), adamw) if opt.max_grad_norm else adamw
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+def _stop_router_bias(params: Params) -> Params:
+    return jax.tree_util.tree_map_with_path(lambda p, x: jax.lax.stop_gradient(x) if is_router_bias(p) else x, params)
+
+
+def update_router_bias(params: Params, load: Array | None, gamma: float) -> Params:
+    """Aux-loss-free balancing: move the MoE router bias [L, e] against each expert's load deviation (``load`` is
+    the global load f32[L, e] of the batch just trained on)."""
+    if load is None or not gamma or "moe_layers" not in params:
+        return params
+    mlp = params["moe_layers"]["mlp"]
+    new_mlp = {**mlp, "router_bias": moe.balance_bias(mlp["router_bias"], load, gamma).astype(mlp["router_bias"].dtype)}
+    return {**params, "moe_layers": {**params["moe_layers"], "mlp": new_mlp}}
+
+
+def _param_shardings(params: Params, cfg: ModelConfig, mesh: Mesh):
+    return param_shardings(param_specs(cfg, mtp="mtp" in params), mesh)
+
+
+def _opt_shardings(opt_state: Any, params: Params, cfg: ModelConfig, mesh: Mesh):
+    """Optimiser-state shardings: moments like their parameters (matched by dict-key path and shape), everything else
+    (step counts) replicated. Fixed shardings keep the update from recompiling when XLA would pick equivalent but
+    differently spelled ones."""
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_path = {}
+    for path, sh in jax.tree_util.tree_flatten_with_path(_param_shardings(params, cfg, mesh))[0]:
+        by_path[tuple(_path_names(path))] = sh
+    shapes = {tuple(_path_names(p)): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def pick(path, leaf):
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        for i in range(len(names)):
+            key = tuple(names[i:])
+            if key in by_path and shapes[key] == leaf.shape:
+                return by_path[key]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def _combine_metrics(ms: dict[str, Array]) -> dict[str, Array]:
+    """Per-micro-batch metrics [k] -> one value: sums for extensive ones, extremes for min/max, token-weighted means
+    for the rest."""
+    tok = ms["tokens"]
+    w = tok / jnp.maximum(jnp.sum(tok), 1.0)
+    out = {}
+    for name, v in ms.items():
+        if name in ("loss", "tokens"):
+            out[name] = jnp.sum(v)
+        elif name == "ratio/min":
+            out[name] = jnp.min(v)
+        elif name == "ratio/max":
+            out[name] = jnp.max(v)
+        else:
+            out[name] = jnp.sum(v * w)
+    return out
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "model_cfg", "micro_batch", "mesh"), donate_argnames=("params", "opt_state")
+)
+def update_minibatch(
+    params: Params,
+    opt_state: Any,
+    batch: TrainBatch,
+    *,
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    micro_batch: int,
+    mesh: Mesh | None = None,
+) -> tuple[Params, Any, dict[str, Array]]:
+    """One optimiser step on a mini-batch: accumulate gradients over micro-batches of ``micro_batch`` rows, each
+    micro-batch loss normalised by the whole mini-batch's token / sequence counts (so their sum IS the mini-batch
+    loss), clip, AdamW, then the router-bias update from the mini-batch's expert loads."""
+    g = cfg.grpo
+    n = batch.tokens.shape[0]
+    k = n // micro_batch
+    tau = rollout.logprob_temperature(cfg.sampling.temperature)
+    mask = batch.mask.astype(jnp.float32)
+    num_tokens = jnp.sum(mask)
+    num_seqs = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
+
+    def split(x):  # [n, ...] -> [k, micro, ...]; micro-batch j = rows j, j + k, ... (each device keeps its rows)
+        return None if x is None else jnp.swapaxes(x.reshape(micro_batch, k, *x.shape[1:]), 0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def loss_fn(p, mb: TrainBatch):
+        p = _stop_router_bias(p)
+        logp, aux = sequence_logprobs(
+            p, mb.prompt_tokens, mb.prompt_start, mb.tokens, model_cfg, temperature=tau, entropy=True
+        )
+        old = jax.lax.stop_gradient(logp) if mb.old_logp is None else mb.old_logp
+        loss, metrics = grpo_loss(
+            logp,
+            old,
+            mb.ref_logp,
+            mb.advantages,
+            mb.mask,
+            g,
+            sampler_logp=mb.sampler_logp,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+        )
+        metrics["entropy"] = jax.lax.stop_gradient(masked_mean(aux["entropy"], mb.mask))
+        return loss, (metrics, aux["expert_load"])
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(acc, mb):
+        mb = jax.tree.map(lambda x: rollout.constrain_batch(x, mesh), mb)
+        (_, (metrics, load)), grads = grad_fn(params, mb)
+        acc_grads, acc_load = acc
+        acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+        acc_load = None if load is None else acc_load + load
+        return (acc_grads, acc_load), metrics
+
+    zero_load = None
+    if model_cfg.n_moe_layers:
+        zero_load = jnp.zeros((model_cfg.n_moe_layers, model_cfg.n_experts), jnp.float32)
+    (grads, load), per_micro = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), zero_load), micro)
+    metrics = _combine_metrics(per_micro)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    tx = make_optimizer(cfg.optim)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params = update_router_bias(params, load, cfg.optim.router_bias_gamma)
+    count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]  # optimiser steps taken (all equal)
+    metrics["lr"] = lr_schedule(cfg.optim)(count - 1)
+    if load is not None:
+        metrics["moe/load_max_over_mean"] = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
+        metrics["moe/bias_abs_mean"] = jnp.mean(jnp.abs(params["moe_layers"]["mlp"]["router_bias"]))
+    if mesh is not None:
+        opt_state = jax.lax.with_sharding_constraint(opt_state, _opt_shardings(opt_state, params, model_cfg, mesh))
+        params = jax.lax.with_sharding_constraint(params, _param_shardings(params, model_cfg, mesh))
+    return params, opt_state, metrics
+
+
+def text_reward(cfg: TrainConfig, decode: Callable[[list[int]], str], stop_ids: Sequence[int]) -> RewardFn:
+    """The standard reward: decode each completion (stop token dropped, stop string kept or not per the sampling
+    config) and score it with ``r1jax.rewards.score`` under ``cfg.rewards``; ``meta["num_tokens"]`` is filled in
+    for the overlong reward."""
+    from r1jax import rewards
+
+    def fn(ro: rollout.Rollout, metadata: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, dict[str, float]]:
+        texts = rollout.completion_texts(
+            ro,
+            decode,
+            stop_ids=stop_ids,
+            stop_strings=cfg.sampling.stop_strings,
+            include_stop_str=cfg.sampling.include_stop_str,
+        )
+        metas = [{**m, "num_tokens": int(n)} for m, n in zip(metadata, np.asarray(ro.lengths), strict=True)]
+        return rewards.score(texts, metas, cfg.rewards)
+
+    return fn
+
+
+def _take_rows(x, rows: np.ndarray):
+    return None if x is None else np.asarray(x)[rows]
+
+
+class GRPOTrainer:
+    """The GRPO step around a model config, a reward function and (optionally) a mesh.
+
+    ``init_state(params)`` -> ``GRPOState``; ``grpo_step(state, prompts, metadata, key)`` -> (state, metrics), with
+    ``prompts`` a list of token lists (``grpo.prompts_per_step`` of them, or more with dynamic sampling: the step
+    trains on the first ``prompts_per_step`` groups whose rewards differ and fills up with masked-out ones) and
+    ``metadata`` one dict per prompt (passed to the reward function, repeated per sample).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_cfg: ModelConfig,
+        reward_fn: RewardFn,
+        *,
+        mesh: Mesh | None = None,
+        stop_ids: Sequence[int] | None = None,
+        encode: Callable[[str], list[int]] | None = None,
+        decode: Callable[[list[int]], str] | None = None,
+        prompt_bucket: int = 32,
+    ):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.reward_fn = reward_fn
+        self.mesh = mesh
+        self.stop_ids = list(model_cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
+        self.encode, self.decode = encode, decode
+        self.prompt_bucket = prompt_bucket
+        self.optimizer = make_optimizer(cfg.optim)
+
+    # placement -------------------------------------------------------------------------------------------------
+    def _place_params(self, params: Params) -> Params:
+        if self.mesh is None:
+            return params
+        return jax.device_put(params, _param_shardings(params, self.model_cfg, self.mesh))
+
+    def _place_rows(self, x):
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        if self.mesh is None:
+            return x
+        spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def init_state(self, params: Params) -> GRPOState:
+        params = self._place_params(params)
+        ref = jax.tree.map(jnp.copy, params) if self.cfg.grpo.kl_coef > 0 else None
+        if self.mesh is None:
+            opt_state = jax.jit(self.optimizer.init)(params)
+        else:
+            shapes = jax.eval_shape(self.optimizer.init, params)
+            out = _opt_shardings(shapes, params, self.model_cfg, self.mesh)
+            opt_state = jax.jit(self.optimizer.init, out_shardings=out)(params)
+        return GRPOState(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref, opt_state=opt_state)
+
+    # phases ----------------------------------------------------------------------------------------------------
+    def _select(self, ro: rollout.Rollout, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """Rows to train on and their mask (dynamic sampling + overlong filtering), host side."""
+        g, G = self.cfg.grpo, self.cfg.grpo.group_size
+        zero_var = np.asarray(zero_variance_groups(rewards, G))
+        n_groups = len(zero_var)
+        if g.dynamic_sampling:
+            order = np.concatenate([np.flatnonzero(~zero_var), np.flatnonzero(zero_var)])[: g.prompts_per_step]
+            dropped = zero_var[order]
+        else:
+            order, dropped = np.arange(n_groups), np.zeros(n_groups, bool)
+        rows = (order[:, None] * G + np.arange(G)[None]).reshape(-1)
+        mask = np.asarray(ro.mask, np.float32)[rows]
+        if g.overlong_filter:
+            mask = np.asarray(overlong_filter(mask, np.asarray(ro.ended)[rows], g.max_completion_len))
+        mask = mask * ~np.repeat(dropped, G)[:, None]
+        info = {
+            "groups/zero_variance_frac": float(zero_var.mean()),
+            "groups/sampled": float(n_groups),
+            "groups/trained": float((~dropped).sum()),
+        }
+        return rows, mask, info
+
+    def grpo_step(
+        self, state: GRPOState, prompts: Sequence[Sequence[int]], metadata: Sequence[Mapping[str, Any]], key: Array
+    ) -> tuple[GRPOState, dict[str, float]]:
+        cfg, g = self.cfg, self.cfg.grpo
+        G = g.group_size
+        if len(prompts) != len(metadata):
+            raise ValueError(f"{len(prompts)} prompts but {len(metadata)} metadata dicts")
+        if len(prompts) != g.prompts_per_step and not (g.dynamic_sampling and len(prompts) > g.prompts_per_step):
+            raise ValueError(
+                f"expected {g.prompts_per_step} prompts (more only with dynamic sampling), got {len(prompts)}"
+            )
+        k_sample, k_shuffle = jax.random.split(key)
+
+        t0 = time.perf_counter()
+        ro = rollout.sample(
+            state.params,
+            prompts,
+            k_sample,
+            cfg=self.model_cfg,
+            sampling=cfg.sampling,
+            group_size=G,
+            stop_ids=self.stop_ids,
+            encode=self.encode,
+            decode=self.decode,
+            mesh=self.mesh,
+            bucket=self.prompt_bucket,
+        )
+        t_sample = time.perf_counter() - t0
+
+        meta_rows = [m for m in metadata for _ in range(G)]
+        rewards, reward_info = self.reward_fn(ro, meta_rows)
+        rewards = np.asarray(rewards, np.float32)
+        t_score = time.perf_counter() - t0 - t_sample
+
+        rows, mask, select_info = self._select(ro, rewards)
+        r_sel = rewards[rows]
+        place = self._place_rows
+        batch = TrainBatch(
+            prompt_tokens=place(_take_rows(ro.prompt_tokens, rows)),
+            prompt_start=place(_take_rows(ro.prompt_start, rows)),
+            tokens=place(_take_rows(ro.tokens, rows)),
+            mask=place(mask),
+            advantages=place(np.asarray(group_advantages(r_sel, g))),
+            sampler_logp=place(_take_rows(ro.logp, rows)),
+            old_logp=None,
+            ref_logp=None,
+        )
+
+        t1 = time.perf_counter()
+        tau = rollout.logprob_temperature(cfg.sampling.temperature)
+        lp = functools.partial(sequence_logprobs, cfg=self.model_cfg, temperature=tau)
+        args = (batch.prompt_tokens, batch.prompt_start, batch.tokens)
+        if g.num_iterations > 1 or g.num_minibatches > 1:
+            batch = dataclasses.replace(batch, old_logp=lp(state.params, *args)[0])
+        if g.kl_coef > 0:
+            batch = dataclasses.replace(batch, ref_logp=lp(state.ref_params, *args)[0])
+        jax.block_until_ready((batch.old_logp, batch.ref_logp))
+        t_logp = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        params, opt_state = state.params, state.opt_state
+        n = len(rows)
+        mb = g.minibatch_size
+        step_metrics = []
+        for it in range(g.num_iterations):
+            if g.num_minibatches > 1:
+                perm = np.asarray(jax.random.permutation(jax.random.fold_in(k_shuffle, it), n))
+            for j in range(g.num_minibatches):
+                if g.num_minibatches > 1:
+                    idx = perm[j * mb : (j + 1) * mb]
+                    minibatch = jax.tree.map(lambda x, idx=idx: place(np.asarray(x)[idx]), batch)
+                else:
+                    minibatch = batch
+                params, opt_state, m = update_minibatch(
+                    params,
+                    opt_state,
+                    minibatch,
+                    cfg=cfg,
+                    model_cfg=self.model_cfg,
+                    micro_batch=min(cfg.micro_batch, mb),
+                    mesh=self.mesh,
+                )
+                step_metrics.append(m)
+        step_metrics = jax.device_get(step_metrics)
+        t_update = time.perf_counter() - t2
+
+        step = int(state.step) + 1
+        ref = state.ref_params
+        if ref is not None and g.ref_update_every and step % g.ref_update_every == 0:
+            ref = jax.tree.map(jnp.copy, params)
+        new_state = GRPOState(step=jnp.asarray(step, jnp.int32), params=params, ref_params=ref, opt_state=opt_state)
+
+        metrics: dict[str, float] = {"step": float(step)}
+        for name in step_metrics[0]:
+            vals = [float(m[name]) for m in step_metrics]
+            metrics[name] = max(vals) if name == "ratio/max" else min(vals) if name == "ratio/min" else np.mean(vals)
+        metrics["grad_norm_max"] = max(float(m["grad_norm"]) for m in step_metrics)
+        metrics.update({k: float(v) for k, v in reward_metrics(rewards, G).items()})
+        metrics.update({k: float(v) for k, v in reward_info.items()})
+        metrics.update(select_info)
+        for name in cfg.rewards.functions:
+            if f"rewards/{name}/mean" in reward_info and "accuracy" in name:
+                metrics["accuracy"] = float(reward_info[f"rewards/{name}/mean"])
+        all_lengths = np.asarray(ro.lengths)
+        metrics["response/length_mean"] = float(all_lengths.mean())
+        metrics["response/length_max"] = float(all_lengths.max())
+        metrics["response/clipped_frac"] = float(1.0 - np.asarray(ro.ended).mean())
+        metrics["response/trained_tokens"] = float(mask.sum())
+        plen = batch.prompt_tokens.shape[1]
+        metrics["perf/sample_s"] = t_sample
+        metrics["perf/score_s"] = t_score
+        metrics["perf/logprob_s"] = t_logp
+        metrics["perf/update_s"] = t_update
+        metrics["perf/sample_tokens_per_s"] = float(all_lengths.sum()) / max(t_sample, 1e-9)
+        seq_tokens = n * (plen + batch.tokens.shape[1]) * g.num_iterations
+        metrics["perf/update_tokens_per_s"] = seq_tokens / max(t_update, 1e-9)
+        return new_state, metrics

@@ -1,0 +1,29 @@
+"""Run presets: each a function returning a frozen ``r1jax.config.TrainConfig``; the arithmetic is in comments.
+
+``r1``: DeepSeek-R1's reasoning RL. ``dapo``: DAPO (clip-higher, token mean, dynamic sampling, overlong handling,
+no KL). ``dr_grpo``: Dr. GRPO (no std division, constant normaliser). ``tiny``: a CPU-sized model and run for tests
+and demos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from configs.dapo import dapo
+from configs.dr_grpo import dr_grpo
+from configs.r1 import r1
+from configs.tiny import tiny, tiny_model
+from r1jax.config import TrainConfig
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {"r1": r1, "dapo": dapo, "dr_grpo": dr_grpo, "tiny": tiny}
+
+
+def get(name: str) -> TrainConfig:
+    """The preset called ``name``."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+__all__ = ["PRESETS", "dapo", "dr_grpo", "get", "r1", "tiny", "tiny_model"]
