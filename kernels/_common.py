@@ -7,6 +7,8 @@ import jax.numpy as jnp
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
+# Shared memory one Triton program (CUDA block) may use on H100/H200 (sm_90: 227 KiB opt-in).
+GPU_SMEM_LIMIT = 232448
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -63,3 +65,11 @@ def pow2_chunks(d: int) -> tuple[tuple[int, int], ...]:
             chunks.append((off, size))
             off += size
     return tuple(chunks)
+
+
+def pick_num_stages(estimate, preferred: int = 3, limit: int = GPU_SMEM_LIMIT) -> int:
+    """The deepest software pipeline (<= preferred, >= 1) whose estimated shared memory `estimate(stages)` fits."""
+    for stages in range(preferred, 1, -1):
+        if estimate(stages) <= limit:
+            return stages
+    return 1

@@ -42,6 +42,7 @@ from ._common import (
     NUM_SUBLANES,
     next_pow2,
     pad_axis,
+    pick_num_stages,
     pow2_chunks,
     resolve_interpret,
     resolve_kind,
@@ -60,7 +61,8 @@ class BlockSizes:
 
     Blocks are clipped to the (padded) sequence length, so small inputs run as a single block. On TPU a block
     that is smaller than its sequence must be a multiple of 128 (lane width); on GPU blocks are powers of two.
-    `num_warps` / `num_stages` only affect the Triton (GPU) kernels.
+    `num_warps` / `num_stages` only affect the Triton (GPU) kernels; `num_stages=None` picks, per kernel, the
+    deepest pipeline (<= 3) whose estimated shared memory fits an H100/H200 (`_gpu_smem_bytes`).
     """
 
     block_q: int = 128
@@ -81,9 +83,11 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name} must be a positive int or None, got {val!r}")
 
     @classmethod
-    def default(cls, kind: str) -> BlockSizes:
+    def default(cls, kind: str, d_qk: int | None = None) -> BlockSizes:
         if kind == "gpu":
-            return cls(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=None, num_stages=3)
+            # Forward key tiles of 128 for head dims <= 128 (2 pipeline stages fit), 64 above (MLA 192: 3 fit).
+            bk = 128 if d_qk is not None and d_qk <= 128 else 64
+            return cls(block_q=128, block_k=bk, block_q_bwd=64, block_k_bwd=64, num_warps=None, num_stages=None)
         return cls(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=512)
 
 
@@ -688,13 +692,21 @@ def _gpu_dkv_kernel(*refs, g: _Geom, nc: int):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _gpu_params(cfg: _Cfg, dqk: int):
+def _gpu_smem_bytes(outer: int, inner: int, dqk: int, dvp: int, itemsize: int, stages: int) -> int:
+    """Estimated shared memory of one Triton flash program (bytes): `stages` pipelined tiles of the loop operand
+    `[inner, d_qk + d_v]`, the resident tiles `[outer, d_qk + d_v]` and one `[outer, inner]` probability tile.
+    Forward / dq: outer = query block, inner = key block; dk/dv: the other way round."""
+    return (stages * inner + outer) * (dqk + dvp) * itemsize + outer * inner * itemsize
+
+
+def _gpu_params(cfg: _Cfg, dqk: int, dvp: int, outer: int, inner: int, itemsize: int):
     if cfg.interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
     warps = cfg.blocks.num_warps or (4 if dqk <= 64 else 8)
-    return pltriton.CompilerParams(num_warps=warps, num_stages=cfg.blocks.num_stages or 2)
+    stages = cfg.blocks.num_stages or pick_num_stages(lambda st: _gpu_smem_bytes(outer, inner, dqk, dvp, itemsize, st))
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def _gpu_geom(q, k, qseg, cfg, bq, bk):
@@ -763,7 +775,7 @@ def _gpu_forward(q, k, v, qseg, kvseg, cfg: _Cfg):
             jax.ShapeDtypeStruct((b, tp, h, dvp), q.dtype),
             jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
         ],
-        compiler_params=_gpu_params(cfg, dqk),
+        compiler_params=_gpu_params(cfg, dqk, dvp, bq, bk, q.dtype.itemsize),
         interpret=cfg.interpret,
         name="flash_attention_fwd",
     )(*args)
@@ -784,7 +796,6 @@ def _gpu_backward(q, k, v, qseg, kvseg, o, lse, do, cfg: _Cfg):
     lse = pad_axis(lse[:, :, :t], 2, tp)  # the forward may have used another block size
     chunks = pow2_chunks(dqk)
     nc = len(chunks)
-    params = _gpu_params(cfg, dqk)
 
     # dq: grid (b, h, q blocks), loop over key blocks.
     in_specs, args = [], []
@@ -813,7 +824,7 @@ def _gpu_backward(q, k, v, qseg, kvseg, o, lse, do, cfg: _Cfg):
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, bq, None, size), lambda bi, hi, qi: (bi, qi, hi, 0)) for _, size in chunks],
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, size), q.dtype) for _, size in chunks],
-        compiler_params=params,
+        compiler_params=_gpu_params(cfg, dqk, dvp, bq, bk, q.dtype.itemsize),
         interpret=cfg.interpret,
         name="flash_attention_dq",
     )(*args)
@@ -849,7 +860,7 @@ def _gpu_backward(q, k, v, qseg, kvseg, o, lse, do, cfg: _Cfg):
         + [pl.BlockSpec((None, bk, None, dvp), lambda bi, hi, ki: (bi, ki, hi, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, sp, h, size), acc_dtype) for _, size in chunks]
         + [jax.ShapeDtypeStruct((b, sp, h, dvp), acc_dtype)],
-        compiler_params=params,
+        compiler_params=_gpu_params(cfg, dqk, dvp, bk, bq, q.dtype.itemsize),
         interpret=cfg.interpret,
         name="flash_attention_dkv",
     )(*args)
@@ -921,7 +932,7 @@ def _flash_attention(q, k, v, segment_ids, *, causal, sm_scale, interpret, block
         sm_scale=scale,
         interpret=interpret,
         kind=kind,
-        blocks=block_sizes or BlockSizes.default(kind),
+        blocks=block_sizes or BlockSizes.default(kind, dqk),
     )
     return _flash(q, k, v, qseg, kvseg, cfg)
 

@@ -29,7 +29,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._common import NUM_LANES, next_pow2, pad_axis, resolve_interpret, resolve_kind, round_up
+from ._common import (
+    GPU_SMEM_LIMIT,
+    NUM_LANES,
+    next_pow2,
+    pad_axis,
+    pick_num_stages,
+    resolve_interpret,
+    resolve_kind,
+    round_up,
+)
 
 __all__ = ["MLADecodeBlockSizes", "mla_decode", "mla_decode_reference"]
 
@@ -42,6 +51,9 @@ class MLADecodeBlockSizes:
     """`block_k` cache positions per step; `num_splits` KV ranges per sequence (None: enough to fill the chip).
 
     On TPU `block_k` must be a multiple of 8 (sublanes) unless it covers the whole cache; on GPU a power of two.
+    On GPU the pipelined cache tiles must fit in shared memory (`gpu_smem_bytes`); a compiled call with a
+    configuration estimated past the H100/H200 limit raises ValueError instead of failing inside Triton.
+    `num_stages=None` on GPU picks the deepest pipeline (<= 3) that fits.
     """
 
     block_k: int = 128
@@ -60,8 +72,22 @@ class MLADecodeBlockSizes:
     @classmethod
     def default(cls, kind: str) -> MLADecodeBlockSizes:
         if kind == "gpu":
-            return cls(block_k=64, num_splits=None, num_warps=4, num_stages=3)
+            # DeepSeek-V3 sizes, 16 heads: 3 pipelined [32, 576] bf16 cache tiles, ~128 KiB of shared memory.
+            return cls(block_k=32, num_splits=None, num_warps=4, num_stages=None)
         return cls(block_k=512, num_splits=None)
+
+    def gpu_smem_bytes(self, h: int, c: int, p: int, itemsize: int = 2, s: int | None = None, stages=None) -> int:
+        """Estimated shared memory of one GPU program (bytes), an upper bound on what Triton allocates.
+
+        `stages` (default `num_stages`, else 3) pipelined cache tiles `[block_k, c + p]`, the query tiles
+        `[h, c + p]` and one f32 `[h, block_k]` score tile for layout conversion; h, c, p padded as the kernel
+        pads them, block_k clipped to the cache length `s` when given. On H200 block_k=64 with 3 stages at
+        h=16, c=512, p=64 (bf16) asked for 233472 bytes; this estimate gives 243712 for it.
+        """
+        bk = self.block_k if s is None else min(self.block_k, max(16, next_pow2(s)))
+        stages = stages or self.num_stages or 3
+        hp, cp, pp = max(16, next_pow2(h)), next_pow2(c), next_pow2(p)
+        return stages * bk * (cp + pp) * itemsize + hp * (cp + pp) * itemsize + hp * bk * 4
 
 
 def _num_splits(bs: MLADecodeBlockSizes, b: int, nblocks: int, kind: str) -> int:
@@ -226,7 +252,19 @@ def _gpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpr
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
-        params = pltriton.CompilerParams(num_warps=bs.num_warps or 4, num_stages=bs.num_stages or 3)
+        isz = latent.dtype.itemsize
+
+        def smem(stages):
+            return bs.gpu_smem_bytes(h, c, p, isz, s=s, stages=stages)
+
+        stages = bs.num_stages or pick_num_stages(smem)
+        if smem(stages) > GPU_SMEM_LIMIT:
+            raise ValueError(
+                f"MLADecodeBlockSizes(block_k={bs.block_k}, num_stages={stages}) needs ~{smem(stages)} bytes of "
+                f"shared memory for h={h}, c={c}, p={p} ({latent.dtype}); the GPU limit is {GPU_SMEM_LIMIT}: "
+                "use a smaller block_k or num_stages"
+            )
+        params = pltriton.CompilerParams(num_warps=bs.num_warps or 4, num_stages=stages)
     o, lse = pl.pallas_call(
         functools.partial(_gpu_kernel, sm_scale=sm_scale, bk=bk, nps=nps),
         grid=(b, ns),

@@ -153,6 +153,24 @@ def test_flash_attention_default_api_and_validation():
         K.flash_attention(q, jnp.ones((1, 9, 2, 16)), jnp.ones((1, 9, 2, 16)), segment_ids=jnp.zeros((1, 8), int))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dims", [(192, 128), (128, 128)], ids=["mla192", "d128"])
+def test_flash_attention_default_blocks(dims, kind):
+    """The per-backend default tiles (not the 16-wide test tiles), several blocks long, bf16, causal GQA."""
+    dqk, dv = dims
+    q, k, v, do, _, _ = _inputs((1, 260, 260, 4, 2, dqk, dv, True, None, jnp.bfloat16))
+    kern = lambda q, k, v: K.flash_attention(q, k, v, causal=True, interpret=INTERPRET, kind=kind)  # noqa: E731
+    ref = lambda q, k, v: K.flash_attention_reference(q, k, v, causal=True)  # noqa: E731
+    up = lambda x: x.astype(jnp.float32)  # noqa: E731
+    out, vjp = jax.vjp(kern, q, k, v)
+    out_ref, vjp_ref = jax.vjp(ref, up(q), up(k), up(v))
+    fwd_tol, bwd_tol = TOL[jnp.bfloat16]
+    np.testing.assert_allclose(_f32(out), _f32(out_ref), atol=fwd_tol, rtol=fwd_tol)
+    for name_, g, g_ref in zip("qkv", vjp(do.astype(out.dtype)), vjp_ref(do), strict=True):
+        assert np.isfinite(_f32(g)).all(), f"d{name_} not finite"
+        np.testing.assert_allclose(_f32(g), _f32(g_ref), atol=bwd_tol, rtol=bwd_tol, err_msg=f"d{name_}")
+
+
 # ---------------------------------------------------------------------------------------------- mla_decode
 
 
@@ -198,6 +216,46 @@ def test_mla_decode_default_api():
     np.testing.assert_allclose(_f32(out), _f32(ref), atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError):
         K.MLADecodeBlockSizes(block_k=100)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mla_decode_default_blocks(kind):
+    """DeepSeek-V3 head sizes with the per-backend default tiles, bf16, lengths off the block boundaries."""
+    ql, qr, lat, rope, _ = _decode_inputs(jnp.bfloat16, b=2, h=16, c=512, p=64, s=200, seed=3)
+    lengths = jnp.array([77, 200], jnp.int32)
+    out = K.mla_decode(ql, qr, lat, rope, lengths, sm_scale=0.04, interpret=INTERPRET, kind=kind)
+    up = [x.astype(jnp.float32) for x in (ql, qr, lat, rope)]
+    ref = K.mla_decode_reference(*up, lengths, sm_scale=0.04)
+    np.testing.assert_allclose(_f32(out), _f32(ref), atol=TOL[jnp.bfloat16][0], rtol=TOL[jnp.bfloat16][0])
+
+
+def test_mla_decode_gpu_shared_memory_estimate():
+    """GPU tiles past the H100/H200 shared memory limit are rejected when lowering, not inside Triton."""
+    from jax import export
+
+    limit = 232448
+    h, c, p = 16, 512, 64  # DeepSeek-V3 absorbed decode, 16 heads per device
+    # block_k=64 x 3 stages asked Triton for 233472 bytes on an H200; the estimate must not undershoot it.
+    assert K.MLADecodeBlockSizes(block_k=64, num_stages=3).gpu_smem_bytes(h, c, p) >= 233472
+    default = K.MLADecodeBlockSizes.default("gpu")
+    assert default.gpu_smem_bytes(h, c, p) <= limit
+    assert default.num_stages is None  # picked per shape: 3 stages for 16 heads, 1 for all 128 on one device
+    assert K.MLADecodeBlockSizes(block_k=32, num_stages=1).gpu_smem_bytes(128, c, p) <= limit
+    assert K.MLADecodeBlockSizes(block_k=64).gpu_smem_bytes(h, c, p, s=16) < 100_000  # clipped to the cache
+
+    spec, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    args = (spec((8, h, c), bf), spec((8, h, p), bf), spec((8, 1024, c), bf), spec((8, 1024, p), bf))
+    args += (spec((8,), jnp.int32),)
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+    def lower(bs):
+        fn = lambda *a: K.mla_decode(*a, sm_scale=0.1, interpret=False, kind="gpu", block_sizes=bs)  # noqa: E731
+        return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(*args)
+
+    with pytest.raises(ValueError, match="shared memory"):
+        lower(K.MLADecodeBlockSizes(block_k=64, num_stages=3))
+    lower(K.MLADecodeBlockSizes(block_k=64, num_stages=2))
+    lower(K.MLADecodeBlockSizes(block_k=64))  # num_stages=None: the deepest pipeline that fits
 
 
 # ------------------------------------------------------------------------------ GPU lowering, without a GPU

@@ -59,9 +59,16 @@ def _time(fn, *args, iters: int, warmup: int = 2) -> float:
     return float(np.median(times))
 
 
+JSON_OUT: list = []  # an open file when --json is given: rows are appended as they come (a timeout keeps them)
+
+
 def _emit(**row):
     ROWS.append(row)
-    print(json.dumps(row), flush=True)
+    line = json.dumps(row)
+    print(line, flush=True)
+    for f in JSON_OUT:
+        f.write(line + "\n")
+        f.flush()
 
 
 def bench_peaks(iters: int, small: bool):
@@ -81,7 +88,67 @@ def _flash_flops(b, t, s, h, dqk, dv, causal):
     return 2 * b * h * t * s * (dqk + dv) * (0.5 if causal else 1.0)
 
 
-def bench_flash(iters: int, small: bool, interpret):
+def _err(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    return f"{type(e).__name__}: {lines[0][:200]}"
+
+
+def _bs_label(bs, fields=None) -> str:
+    if bs is None:
+        return "default"
+    return ",".join(f"{k}={v}" for k, v in vars(bs).items() if v is not None and (fields is None or k in fields))
+
+
+_FIELDS = {
+    "fwd": ("block_q", "block_k", "num_warps", "num_stages"),
+    "bwd": ("block_q_bwd", "block_k_bwd", "num_warps", "num_stages"),
+}
+
+
+def _flash_candidates(phase: str, dqk: int, sweep: bool):
+    """Block sizes to time: the default first, then a few alternatives (GPU only)."""
+    if not sweep:
+        return [None]
+    B = K.BlockSizes
+    if phase == "fwd":
+        alts = [
+            B(block_q=128, block_k=64, num_warps=8, num_stages=3),  # the default when d_qk > 128
+            B(block_q=128, block_k=128, num_warps=8, num_stages=2),  # the default when d_qk <= 128
+            B(block_q=64, block_k=64, num_warps=4, num_stages=3),
+        ]
+        return [None, *alts[1:]] if dqk > 128 else [None, alts[0], alts[2]]  # no duplicate of the default
+    return [
+        None,  # 64 x 64, 8 warps, 3 stages at these sizes
+        B(block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=3),
+        B(block_q_bwd=128, block_k_bwd=64, num_warps=8, num_stages=2),
+        B(block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=2),
+    ]
+
+
+def _pure_bwd(fn, q, k, v):
+    """A jitted backward alone (residuals computed once, outside the timing), or None if it cannot be built."""
+    try:
+        _, vjp = jax.vjp(fn, q, k, v)
+        f = jax.jit(lambda vjp, do: vjp(do))
+        return lambda do: f(vjp, do)
+    except Exception:
+        return None
+
+
+def _time_bwd(fn, q, k, v, do, iters):
+    """Seconds of the backward pass alone; falls back to (forward + backward) - forward."""
+    pure = _pure_bwd(fn, q, k, v)
+    if pure is not None:
+        try:
+            return _time(pure, do, iters=iters)
+        except Exception:
+            pass
+    both = _time(jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do)), q, k, v, do, iters=iters)
+    return max(both - _time(jax.jit(fn), q, k, v, iters=iters), 1e-9)
+
+
+def bench_flash(iters: int, small: bool, interpret, sweep: bool, references: bool):
+    """Pallas flash attention (every candidate block size when sweeping), then the XLA baselines."""
     b, t, h, hk, dqk, dv = (1, 256, 2, 2, 192, 128) if small else (2, 4096, 16, 16, 192, 128)
     cases = [("mla_192_128_causal", hk, dqk, dv, True), ("gqa_128_causal", max(1, h // 4), 128, 128, True)]
     for name, hkv, dq_, dv_, causal in cases:
@@ -91,33 +158,41 @@ def bench_flash(iters: int, small: bool, interpret):
         v = jax.random.normal(ks[2], (b, t, hkv, dv_), jnp.bfloat16)
         do = jax.random.normal(ks[3], (b, t, h, dv_), jnp.bfloat16)
         flops = _flash_flops(b, t, t, h, dq_, dv_, causal)
-        impls = {
-            "pallas": lambda q, k, v, c=causal: K.flash_attention(q, k, v, causal=c, interpret=interpret),
-            "xla_reference": lambda q, k, v, c=causal: K.flash_attention_reference(q, k, v, causal=c),
-            "jax.nn.dot_product_attention": lambda q, k, v, c=causal: jax.nn.dot_product_attention(
-                q, k, v, is_causal=c
-            ),
-        }
-        for impl, fn in impls.items():
-            fwd = jax.jit(fn)
+        shape = dict(b=b, t=t, h=h, h_kv=hkv, d_qk=dq_, d_v=dv_, causal=causal)
+        impls = {}
+        if not references:
+            for phase in ("fwd", "bwd"):
+                for bs in _flash_candidates(phase, dq_, sweep):
+                    impls[(phase, "pallas", _bs_label(bs, _FIELDS[phase]))] = lambda q, k, v, c=causal, bs=bs: (
+                        K.flash_attention(q, k, v, causal=c, interpret=interpret, block_sizes=bs)
+                    )
+        else:
+            for phase in ("fwd", "bwd"):
+                impls[(phase, "xla_reference", "")] = lambda q, k, v, c=causal: K.flash_attention_reference(
+                    q, k, v, causal=c
+                )
+                impls[(phase, "jax.nn.dot_product_attention", "")] = lambda q, k, v, c=causal: (
+                    jax.nn.dot_product_attention(q, k, v, is_causal=c)
+                )
+        best = {}
+        for (phase, impl, blocks), fn in impls.items():
+            row = dict(name=f"flash_{phase}", case=name, impl=impl, blocks=blocks or None)
+            try:
+                if phase == "fwd":
+                    sec, fl = _time(jax.jit(fn), q, k, v, iters=iters), flops
+                else:
+                    sec, fl = _time_bwd(fn, q, k, v, do, iters), 2.5 * flops
+            except Exception as e:  # a tile config that does not fit, a shape an implementation rejects, ...
+                _emit(**row, error=_err(e))
+                continue
+            _emit(**row, **shape, ms=sec * 1e3, tflops=fl / sec / 1e12)
+            if impl == "pallas" and (phase not in best or sec < best[phase][0]):
+                best[phase] = (sec, blocks, fl / sec / 1e12)
+        for phase, (sec, blocks, tf) in best.items():
+            _emit(name=f"flash_{phase}_best", case=name, impl="pallas", blocks=blocks, ms=sec * 1e3, tflops=tf)
 
-            def bwd(q, k, v, do, fn=fn):
-                return jax.vjp(fn, q, k, v)[1](do)
 
-            for phase, f, args, fl in (
-                ("fwd", fwd, (q, k, v), flops),
-                ("bwd", jax.jit(bwd), (q, k, v, do), 2.5 * flops),
-            ):
-                try:
-                    sec = _time(f, *args, iters=iters)
-                except Exception as e:  # e.g. dot_product_attention rejecting d_qk != d_v
-                    _emit(name=f"flash_{phase}", case=name, impl=impl, error=str(e).splitlines()[0][:200])
-                    continue
-                shape = dict(b=b, t=t, h=h, h_kv=hkv, d_qk=dq_, d_v=dv_, causal=causal)
-                _emit(name=f"flash_{phase}", case=name, impl=impl, **shape, ms=sec * 1e3, tflops=fl / sec / 1e12)
-
-
-def bench_decode(iters: int, small: bool, interpret):
+def bench_decode(iters: int, small: bool, interpret, sweep: bool, references: bool):
     b, h, s, c, p = (4, 16, 512, 512, 64) if small else (64, 16, 8192, 512, 64)
     ks = jax.random.split(jax.random.key(1), 4)
     ql = jax.random.normal(ks[0], (b, h, c), jnp.bfloat16)
@@ -126,13 +201,27 @@ def bench_decode(iters: int, small: bool, interpret):
     rope = jax.random.normal(ks[3], (b, s, p), jnp.bfloat16)
     lengths = jnp.full((b,), s, jnp.int32)
     nbytes = lat.nbytes + rope.nbytes + ql.nbytes + qr.nbytes + b * h * c * 2
-    impls = {
-        "pallas": lambda *a: K.mla_decode(*a, sm_scale=0.04, interpret=interpret),
-        "xla_reference": lambda *a: K.mla_decode_reference(*a, sm_scale=0.04),
-    }
-    for impl, fn in impls.items():
-        sec = _time(jax.jit(fn), ql, qr, lat, rope, lengths, iters=iters)
-        _emit(name="mla_decode", impl=impl, b=b, h=h, s=s, c=c, p=p, ms=sec * 1e3, gbps=nbytes / sec / 1e9)
+    impls = {}
+    if references:
+        impls[("xla_reference", "")] = lambda *a: K.mla_decode_reference(*a, sm_scale=0.04)
+    else:
+        D = K.MLADecodeBlockSizes
+        # The default alone, or (sweep) the alternatives to it.
+        cands = (
+            [D(block_k=64, num_stages=2), D(block_k=32, num_stages=4), D(block_k=16, num_stages=4)] if sweep else [None]
+        )
+        for bs in cands:
+            impls[("pallas", _bs_label(bs))] = lambda *a, bs=bs: K.mla_decode(
+                *a, sm_scale=0.04, interpret=interpret, block_sizes=bs
+            )
+    for (impl, blocks), fn in impls.items():
+        row = dict(name="mla_decode", impl=impl, blocks=blocks or None)
+        try:
+            sec = _time(jax.jit(fn), ql, qr, lat, rope, lengths, iters=iters)
+        except Exception as e:
+            _emit(**row, error=_err(e))
+            continue
+        _emit(**row, b=b, h=h, s=s, c=c, p=p, ms=sec * 1e3, gbps=nbytes / sec / 1e9)
 
 
 def tpu_aot(targets):
@@ -194,9 +283,14 @@ def _table():
     bw = next((r["gbps"] for r in ROWS if r["name"] == "copy_bandwidth"), None)
     print(f"\n{'benchmark':<34}{'impl':<30}{'ms':>10}{'TFLOP/s':>10}{'GB/s':>10}{'% peak':>9}")
     for r in ROWS:
+        if "error" in r:
+            label = r["name"] + (f"[{r['case']}]" if "case" in r else "")
+            print(f"{label:<34}{r.get('impl', '')} {r.get('blocks') or ''}  ERROR {r['error'][:120]}")
+            continue
         if "ms" not in r:
             continue
         label = r["name"] + (f"[{r['case']}]" if "case" in r else "")
+        impl = r.get("impl", "") + (f" {r['blocks']}" if r.get("blocks") else "")
         ratio = ""
         if "tflops" in r and peak and r["name"] != "matmul_bf16_peak":
             ratio = f"{100 * r['tflops'] / peak:.1f}"
@@ -204,7 +298,7 @@ def _table():
             ratio = f"{100 * r['gbps'] / bw:.1f}"
         tf = f"{r['tflops']:.1f}" if "tflops" in r else ""
         gb = f"{r['gbps']:.0f}" if "gbps" in r else ""
-        print(f"{label:<34}{r.get('impl', ''):<30}{r['ms']:>10.3f}{tf:>10}{gb:>10}{ratio:>9}")
+        print(f"{label:<34}{impl:<30}{r['ms']:>10.3f}{tf:>10}{gb:>10}{ratio:>9}")
 
 
 def main(argv=None):
@@ -214,22 +308,33 @@ def main(argv=None):
     ap.add_argument("--tpu-aot", action="store_true", help="compile for TPU targets (needs libtpu)")
     ap.add_argument("--targets", default="v5e:2x2,v5p:2x2x1,v6e:2x2")
     ap.add_argument("--skip-run", action="store_true", help="only the --tpu-aot part")
-    ap.add_argument("--json", default=None, help="also write the JSON lines here")
+    ap.add_argument("--json", default=None, help="also write the JSON lines here (as they come)")
+    ap.add_argument("--no-sweep", action="store_true", help="GPU: time only the default block sizes")
     args = ap.parse_args(argv)
     backend = jax.default_backend()
     small = args.small or backend == "cpu"
     iters = args.iters or (2 if backend == "cpu" else 20)
     _emit(name="env", backend=backend, devices=[d.device_kind for d in jax.devices()], jax=jax.__version__)
+    if args.json:
+        JSON_OUT.append(open(args.json, "w"))  # noqa: SIM115  closed at exit
+    sweep = not args.no_sweep and backend == "gpu"
     if not args.skip_run:
         interpret = None  # interpreted on CPU, compiled elsewhere
-        bench_peaks(iters, small)
-        bench_flash(iters, small, interpret)
-        bench_decode(iters, small, interpret)
+        # Most informative first, so a time limit cuts only the tail: the kernels, then the XLA baselines.
+        for step in (
+            lambda: bench_peaks(iters, small),
+            lambda: bench_decode(iters, small, interpret, False, False),
+            lambda: bench_flash(iters, small, interpret, sweep, False),
+            lambda: bench_decode(iters, small, interpret, False, True),
+            lambda: bench_flash(iters, small, interpret, False, True),
+        ) + ((lambda: bench_decode(iters, small, interpret, True, False),) if sweep else ()):
+            try:
+                step()
+            except Exception as e:  # keep going: one broken benchmark must not hide the others
+                _emit(name="error", error=_err(e))
     if args.tpu_aot:
         tpu_aot(args.targets.split(","))
     _table()
-    if args.json:
-        pathlib.Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in ROWS))
 
 
 if __name__ == "__main__":
