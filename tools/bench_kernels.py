@@ -314,9 +314,9 @@ def main(argv=None):
     backend = jax.default_backend()
     small = args.small or backend == "cpu"
     iters = args.iters or (2 if backend == "cpu" else 20)
-    _emit(name="env", backend=backend, devices=[d.device_kind for d in jax.devices()], jax=jax.__version__)
     if args.json:
         JSON_OUT.append(open(args.json, "w"))  # noqa: SIM115  closed at exit
+    _emit(name="env", backend=backend, devices=[d.device_kind for d in jax.devices()], jax=jax.__version__)
     sweep = not args.no_sweep and backend == "gpu"
     if not args.skip_run:
         interpret = None  # interpreted on CPU, compiled elsewhere
