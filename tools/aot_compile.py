@@ -1,0 +1,336 @@
+"""Prove a preset fits a TPU slice without a TPU: AOT-compile its train and decode steps for a TPU topology.
+
+    JAX_PLATFORMS=cpu python tools/aot_compile.py v3_671b --topology v5p:8x16x16 [--reduced] [--step train|decode]
+
+``CONFIG`` is a module in ``configs/`` (or a path to one) with ``model()``, ``mesh()``, ``batch()`` and optionally
+``decode()`` and ``TOPOLOGY``. libtpu compiles deviceless against ``jax.experimental.topologies``; nothing runs.
+
+Train step: next-token cross-entropy, forward + backward + AdamW (f32 moments, sharded like the parameters), params
+and moments donated — the GRPO policy update has the same shapes (its loss differs only elementwise per token).
+Decode step: one token per sequence against the compressed (MLA) or GQA KV cache.
+
+Figures, per device: argument / output / temp / alias bytes from ``memory_analysis()``; total = argument + output +
+temp - alias; ``fits`` = total <= chip HBM. FLOPs: XLA's cost analysis counts a ``while`` (scan) body once, so the
+compiled figure is completed with (layers - 1) x the FLOPs of one layer compiled alone, per stack (said in the
+output as ``flops_method``). ``--reduced`` compiles one layer per stack and extrapolates memory linearly (state bytes
+per layer from the shardings, plus the per-layer saved residual), for presets whose full compile takes too long.
+Roofline step time = max(FLOPs / peak, bytes accessed / HBM bandwidth); MFU = model FLOPs (6 x active params x tokens
+for training, 2 x for decode) / (chips x peak x roofline time) — an upper bound, communication is not modelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from r1jax import sharding
+from r1jax.cache import Cache, layer_shapes
+from r1jax.config import ModelConfig
+from r1jax.model import ParamSpec, block, block_cached, forward, param_specs, token_logprobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# per chip: HBM bytes, bf16 peak FLOP/s, HBM bytes/s (public spec sheets)
+CHIPS = {
+    "v4": (32e9, 275e12, 1.2e12),
+    "v5e": (16e9, 197e12, 0.82e12),
+    "v5p": (95e9, 459e12, 2.765e12),
+    "v6e": (32e9, 918e12, 1.64e12),
+}
+
+
+def load_preset(name: str):
+    """A config module by name (``configs/NAME.py``) or path."""
+    path = name if name.endswith(".py") else os.path.join(ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def _abstract(specs, cfg: ModelConfig, shardings, dtype=None):
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype or s.dtype or cfg.param_dtype), sharding=sh),
+        specs,
+        shardings,
+        is_leaf=_is_spec,
+    )
+
+
+# --- steps -----------------------------------------------------------------------------------------------------------
+def next_token_loss(params, tokens, cfg: ModelConfig):
+    logits, _ = forward(params, tokens, cfg)
+    return -token_logprobs(logits[:, :-1], tokens[:, 1:]).mean()
+
+
+def train_step(params, mu, nu, step, tokens, *, cfg, lr=3e-6, b1=0.9, b2=0.95, eps=1e-8, wd=0.1):
+    """One AdamW update on the next-token loss; returns (params, mu, nu, step, loss)."""
+    loss, grads = jax.value_and_grad(next_token_loss)(params, tokens, cfg)
+    step = step + 1
+    c1, c2 = 1 - b1**step, 1 - b2**step
+
+    def update(p, g, m, v):
+        g = g.astype(jnp.float32)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        new = p.astype(jnp.float32) - lr * ((m / c1) / (jnp.sqrt(v / c2) + eps) + wd * p.astype(jnp.float32))
+        return new.astype(p.dtype), m, v
+
+    out = jax.tree.map(update, params, grads, mu, nu)
+    pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple))  # noqa: E731
+    return pick(0), pick(1), pick(2), step, loss
+
+
+def decode_step(params, cache, tokens, *, cfg):
+    logits, aux = forward(params, tokens, cfg, cache=cache)
+    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), aux["cache"]
+
+
+def _layer_specs(cfg: ModelConfig, stack: str):
+    specs = param_specs(cfg)[stack]
+    return jax.tree.map(lambda s: dataclasses.replace(s, shape=s.shape[1:], axes=s.axes[1:]), specs, is_leaf=_is_spec)
+
+
+# --- compiles --------------------------------------------------------------------------------------------------------
+def compile_train(cfg: ModelConfig, mesh, batch: int, seq: int):
+    specs = param_specs(cfg)
+    psh = sharding.param_shardings(specs, mesh)
+    params = _abstract(specs, cfg, psh)
+    moments = _abstract(specs, cfg, psh, dtype="float32")
+    scalar = NamedSharding(mesh, PartitionSpec())
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar)
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding.batch_sharding(mesh, (batch, seq)))
+    fn = jax.jit(
+        partial(train_step, cfg=cfg), out_shardings=(psh, psh, psh, scalar, scalar), donate_argnums=(0, 1, 2, 3)
+    )
+    with jax.set_mesh(mesh):
+        return fn.lower(params, moments, moments, step, tokens).compile()
+
+
+def _cache_abstract(cfg: ModelConfig, mesh, batch: int, cache_len: int):
+    dt = jnp.dtype(cfg.dtype)
+    layers = {}
+    for stack, n in (("dense_layers", cfg.n_dense_layers), ("moe_layers", cfg.n_moe_layers)):
+        if n:
+            layers[stack] = {}
+            for k, shape in layer_shapes(cfg, batch, cache_len).items():
+                full = (n, *shape)
+                spec = sharding.logical_to_spec(("layers", "batch", *[None] * (len(shape) - 1)), full, mesh)
+                layers[stack][k] = jax.ShapeDtypeStruct(full, dt, sharding=NamedSharding(mesh, spec))
+    rep = NamedSharding(mesh, PartitionSpec())
+    return Cache(
+        layers=layers,
+        index=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+        start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, (batch,))),
+    )
+
+
+def compile_decode(cfg: ModelConfig, mesh, batch: int, cache_len: int):
+    specs = param_specs(cfg)
+    psh = sharding.param_shardings(specs, mesh)
+    params = _abstract(specs, cfg, psh, dtype=cfg.dtype)  # serving weights in the compute dtype
+    cache = _cache_abstract(cfg, mesh, batch, cache_len)
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=sharding.batch_sharding(mesh, (batch, 1)))
+    with jax.set_mesh(mesh):
+        return jax.jit(partial(decode_step, cfg=cfg), donate_argnums=(1,)).lower(params, cache, tokens).compile()
+
+
+def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq: int) -> float:
+    """FLOPs of one layer of ``stack`` (train: forward + backward as the scan runs it; decode: one cached step)."""
+    moe_block = stack == "moe_layers"
+    specs = _layer_specs(cfg, stack)
+    psh = sharding.param_shardings(specs, mesh)
+    dt = jnp.dtype(cfg.dtype)
+    x = jax.ShapeDtypeStruct(
+        (batch, seq, cfg.d_model), dt, sharding=sharding.batch_sharding(mesh, (batch, seq, cfg.d_model))
+    )
+    pos_sh = sharding.batch_sharding(mesh, (batch, seq))
+    pos = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=pos_sh)
+    if kind == "train":
+        params = _abstract(specs, cfg, psh)
+        fn = partial(block, segment_ids=None, cfg=cfg, moe_block=moe_block)
+        fn = jax.checkpoint(fn) if cfg.remat else fn
+
+        def f(p, h, positions):
+            return jax.grad(lambda p, h: jnp.sum(fn(p, h, positions)[0].astype(jnp.float32)), argnums=(0, 1))(p, h)
+
+        args = (params, x, pos)
+    else:
+        params = _abstract(specs, cfg, psh, dtype=cfg.dtype)
+        cache_len = seq
+        x = jax.ShapeDtypeStruct((batch, 1, cfg.d_model), dt, sharding=sharding.batch_sharding(mesh, (batch, 1, 1)))
+        pos = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=sharding.batch_sharding(mesh, (batch, 1)))
+        lc = {
+            k: jax.ShapeDtypeStruct(
+                s,
+                dt,
+                sharding=NamedSharding(mesh, sharding.logical_to_spec(("batch",) + (None,) * (len(s) - 1), s, mesh)),
+            )
+            for k, s in layer_shapes(cfg, batch, cache_len).items()
+        }
+        valid = jax.ShapeDtypeStruct((batch, cache_len), jnp.bool_, sharding=sharding.batch_sharding(mesh, (batch, 1)))
+
+        def f(p, h, positions, lc, valid_k):
+            return block_cached(p, h, positions, lc, positions, valid_k, cfg, moe_block)[0]
+
+        args = (params, x, pos, lc, valid)
+    with jax.set_mesh(mesh):
+        return float(jax.jit(f).lower(*args).compile().cost_analysis().get("flops", 0.0))
+
+
+def _stacks(cfg: ModelConfig) -> dict[str, int]:
+    return {k: n for k, n in (("dense_layers", cfg.n_dense_layers), ("moe_layers", cfg.n_moe_layers)) if n}
+
+
+def reduced_config(cfg: ModelConfig) -> ModelConfig:
+    """At most one layer per stack (dense prefix, MoE stack)."""
+    if cfg.is_moe:
+        d = min(cfg.n_dense_layers, 1)
+        return cfg.replace(n_layers=d + min(cfg.n_moe_layers, 1), first_k_dense=d)
+    return cfg.replace(n_layers=1)
+
+
+def active_params(cfg: ModelConfig) -> float:
+    """Parameters a token touches in matmuls (routed experts: k of e), including the output head."""
+    total = 0.0
+    for path, s in jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=_is_spec)[0]:
+        keys = jax.tree_util.keystr(path)
+        n = float(np.prod(s.shape))
+        if "'embed'" in keys and keys.startswith("['embed']"):
+            continue  # a gather, not a matmul
+        if "'experts'" in keys:
+            n *= cfg.experts_per_token / cfg.n_experts
+        total += n
+    return total
+
+
+def _state_bytes_per_layer(cfg: ModelConfig, mesh, stack: str, kind: str) -> float:
+    specs = _layer_specs(cfg, stack)
+    out = 0.0
+    for s in jax.tree.leaves(specs, is_leaf=_is_spec):
+        spec = sharding.logical_to_spec(s.axes, s.shape, mesh)
+        n = float(np.prod(s.shape)) / sharding.shard_count(spec, mesh)
+        if kind == "train":  # params, grads, two f32 moments
+            out += n * (2 * jnp.dtype(s.dtype or cfg.param_dtype).itemsize + 8)
+        else:
+            out += n * jnp.dtype(cfg.dtype).itemsize
+    return out
+
+
+def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: bool) -> dict:
+    hbm, peak, bw = CHIPS[chip]
+    n_chips = mesh.size
+    compiled_cfg = reduced_config(cfg) if reduced else cfg
+    t0 = time.time()
+    if kind == "train":
+        exe = compile_train(compiled_cfg, mesh, shape["batch"], shape["seq_len"])
+        b, t = shape["batch"], shape["seq_len"]
+    else:
+        exe = compile_decode(compiled_cfg, mesh, shape["batch"], shape["cache_len"])
+        b, t = shape["batch"], shape["cache_len"]
+    compile_s = time.time() - t0
+    mem = exe.memory_analysis()
+    cost = exe.cost_analysis() or {}
+    arg, out, temp, alias = (
+        mem.argument_size_in_bytes,
+        mem.output_size_in_bytes,
+        mem.temp_size_in_bytes,
+        mem.alias_size_in_bytes,
+    )
+    total = arg + out + temp - alias
+    flops = float(cost.get("flops", 0.0))
+    flops_compiled = flops
+    extra_bytes = 0.0
+    for stack, n_full in _stacks(cfg).items():
+        n_compiled = _stacks(compiled_cfg)[stack]
+        flops += (n_full - 1) * _block_flops(compiled_cfg, mesh, stack, kind, b, t if kind == "train" else t)
+        if reduced and n_full > n_compiled:
+            per_layer = _state_bytes_per_layer(cfg, mesh, stack, kind)
+            if kind == "train":  # saved residual per layer (remat) in the compute dtype
+                b_local = b // sharding.shard_count(sharding.batch_sharding(mesh, (b,)).spec, mesh)
+                per_layer += b_local * t * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
+            else:  # the layer's KV cache
+                b_local = b // sharding.shard_count(sharding.batch_sharding(mesh, (b,)).spec, mesh)
+                per_layer += b_local * t * sum(np.prod(s[2:]) for s in layer_shapes(cfg, 1, 1).values()) * 2
+            extra_bytes += (n_full - n_compiled) * per_layer
+    total += extra_bytes
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    step_s = max(flops / peak, bytes_accessed / bw)
+    tokens = b * (t if kind == "train" else 1)
+    model_flops = (6 if kind == "train" else 2) * active_params(cfg) * tokens
+    return {
+        "step": kind,
+        "shape": shape,
+        "layers_compiled": compiled_cfg.n_layers,
+        "layers": cfg.n_layers,
+        "memory_method": "extrapolated linearly from one layer per stack" if reduced else "exact (full compile)",
+        "argument_bytes": arg,
+        "output_bytes": out,
+        "temp_bytes": temp,
+        "alias_bytes": alias,
+        "total_bytes": int(total),
+        "hbm_bytes": int(hbm),
+        "fits": bool(total <= hbm),
+        "flops_per_device": flops,
+        "flops_compiled_raw": flops_compiled,
+        "flops_method": "compiled + (layers-1) x one layer compiled alone, per stack (scan bodies count once)",
+        "bytes_accessed_per_device": bytes_accessed,
+        "roofline_step_s": step_s,
+        "model_flops": model_flops,
+        "mfu_estimate": model_flops / (n_chips * peak * step_s) if step_s else None,
+        "compile_s": round(compile_s, 1),
+    }
+
+
+def run(preset, topology: str | None = None, step: str = "both", reduced: bool = False, name: str = "") -> dict:
+    """Compile ``preset`` (a module or namespace with model/mesh/batch[/decode/TOPOLOGY]) for ``topology``."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless: other processes may hold libtpu too
+    from jax.experimental import topologies
+
+    topology = topology or preset.TOPOLOGY
+    devices = topologies.get_topology_desc(topology, platform="tpu").devices
+    mesh = sharding.make_mesh(preset.mesh(), devices=devices)
+    chip = topology.split(":")[0]
+    cfg = preset.model()
+    result = {"config": name, "topology": topology, "chips": len(devices), "mesh": dict(mesh.shape)}
+    result["params"] = float(sum(np.prod(s.shape) for s in jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec)))
+    result["active_params"] = active_params(cfg)
+    steps = []
+    if step in ("train", "both"):
+        steps.append(analyse("train", cfg, mesh, chip, preset.batch(), reduced))
+    if step in ("decode", "both") and hasattr(preset, "decode"):
+        decode_cfg = cfg.replace(remat=False, param_dtype=cfg.dtype)
+        steps.append(analyse("decode", decode_cfg, mesh, chip, preset.decode(), reduced))
+    result["steps"] = steps
+    return result
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="configs/ module name or path")
+    ap.add_argument("--topology", default=None, help="e.g. v5p:8x16x16 (default: the preset's TOPOLOGY)")
+    ap.add_argument("--step", choices=("train", "decode", "both"), default="both")
+    ap.add_argument("--reduced", action="store_true", help="one layer per stack, memory extrapolated")
+    args = ap.parse_args(argv)
+    result = run(load_preset(args.config), args.topology, args.step, args.reduced, name=args.config)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
