@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from configs.dapo import dapo
-from configs.dr_grpo import dr_grpo
-from configs.r1 import r1
-from configs.tiny import tiny, tiny_model
 from r1jax.config import TrainConfig
 
-PRESETS: dict[str, Callable[[], TrainConfig]] = {"r1": r1, "dapo": dapo, "dr_grpo": dr_grpo, "tiny": tiny}
+from .dapo import dapo
+from .dr_grpo import dr_grpo
+from .r1 import r1
+from .tiny import tiny, tiny_model
+from .tiny_text import tiny_text
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "r1": r1,
+    "dapo": dapo,
+    "dr_grpo": dr_grpo,
+    "tiny": tiny,
+    "tiny_text": tiny_text,
+}
 
 
 def get(name: str) -> TrainConfig:

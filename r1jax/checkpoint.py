@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -128,48 +129,46 @@ def _make_model(cfg, params, mesh, hf_cfg, files) -> Transformer:
     return model
 
 
-def _newest_checkpoint(path: str) -> str | None:
-    """An r1jax checkpoint dir itself, or the newest complete step inside a training run directory."""
-    if os.path.exists(os.path.join(path, META)):
-        return path
-    ckpt_root = os.path.join(path, "checkpoints")
-    if not os.path.isdir(ckpt_root):
-        return None
-    steps = sorted((int(d) for d in os.listdir(ckpt_root) if d.isdigit()), reverse=True)
-    for s in steps:
-        cand = os.path.join(ckpt_root, str(s), "model")
-        if os.path.exists(os.path.join(cand, META)):
-            return cand
-    return None
+def _params_candidates(path: str) -> list[str]:
+    """Parameter directories to try, newest first: ``params/`` of an r1jax checkpoint, or the finalised steps of a
+    training run (``checkpoints/<step>/params``; orbax renames a step into place only once it is complete)."""
+    if os.path.isdir(os.path.join(path, "params")):
+        return [os.path.join(path, "params")]
+    root = os.path.join(path, "checkpoints")
+    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True) if os.path.isdir(root) else []
+    return [os.path.join(root, str(s), "params") for s in steps if os.path.isdir(os.path.join(root, str(s), "params"))]
 
 
 def _load_r1jax(path: str, *, dtype, mesh, attention_impl) -> Transformer:
     import orbax.checkpoint as ocp
 
-    ckpt = _newest_checkpoint(path)
-    if ckpt is None:
+    candidates = _params_candidates(path)
+    if not os.path.exists(os.path.join(path, META)) or not candidates:
         raise CheckpointError(
-            f"{path}: not a checkpoint (no config.json, {META} or checkpoints/) — "
-            "pass a HF directory, a .gguf file or an r1jax checkpoint"
+            f"{path}: not a checkpoint (no config.json, or {META} with params/ or checkpoints/) "
+            "— pass a HF directory, a .gguf file, an r1jax checkpoint or a training run"
         )
-    meta = json.loads(Path(os.path.join(ckpt, META)).read_text())
-    cfg = _with_numerics(config_from_dict(meta["config"]), dtype, attention_impl)
+    meta = json.loads(Path(os.path.join(path, META)).read_text())
     saved_cfg = config_from_dict(meta["config"])
+    cfg = _with_numerics(saved_cfg, dtype, attention_impl)
     specs = param_specs(saved_cfg, mtp=meta.get("mtp", False))
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or saved_cfg.param_dtype)),
         specs,
         is_leaf=lambda x: hasattr(x, "axes"),
     )
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(os.path.abspath(os.path.join(ckpt, "params")), target)
-    except Exception as e:  # orbax raises many types for damaged checkpoints
-        raise CheckpointError(f"{ckpt}: cannot restore parameters ({e.__class__.__name__}: {str(e)[:200]})") from None
-    files = {
-        n: Path(os.path.join(ckpt, n)).read_text() for n in TOKENIZER_FILES if os.path.exists(os.path.join(ckpt, n))
-    }
-    return _make_model(cfg, jax.tree.map(np.asarray, params), mesh, meta.get("hf_config") or {}, files)
+    errors = []
+    for params_dir in candidates:
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                params = ckptr.restore(os.path.abspath(params_dir), target)
+            break
+        except Exception as e:  # orbax raises many types for damaged checkpoints: fall back to an older step
+            errors.append(f"{params_dir}: {e.__class__.__name__}")
+            warnings.warn(f"cannot restore {params_dir} ({e.__class__.__name__}); trying an older one", stacklevel=2)
+    else:
+        raise CheckpointError(f"{path}: no restorable parameters ({'; '.join(errors)[:300]})")
+    return _make_model(cfg, jax.tree.map(np.asarray, params), mesh, meta.get("hf_config") or {}, _tokenizer_files(path))
 
 
 def save(model: Transformer, out_dir: str) -> None:

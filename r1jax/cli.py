@@ -63,6 +63,20 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from r1jax import train
+
+    cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
+    last = train.run(cfg, args.out, progress=not args.no_progress, max_steps=args.max_steps)
+    shown = {
+        k: round(v, 4)
+        for k, v in last.items()
+        if isinstance(v, float) and k in ("step", "reward/mean", "accuracy", "loss", "kl", "response/length_mean")
+    }
+    print(f"done: {args.out} {shown}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r1jax", description="DeepSeek-R1 training stack on JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.set_defaults(fn=_cmd_generate)
+    t = sub.add_parser("train", help="train (sft or grpo stage) into a run directory; re-run to resume")
+    t.add_argument("config", help="preset name in configs/ or a .py file defining config()")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, tb/)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. grpo.group_size=16")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=_cmd_train)
     for register in COMMANDS:
         register(sub)
     return p
@@ -114,3 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("r1jax: interrupted", file=sys.stderr)
         return 130
+
+
+from r1jax import commands  # noqa: E402,F401  (registers sample, eval, report)

@@ -414,6 +414,40 @@ class OptimConfig:
             raise ValueError("weight_decay, max_grad_norm and router_bias_gamma must be >= 0")
 
 
+class Stage(enum.StrEnum):
+    SFT = "sft"  # supervised fine-tuning / distillation on prompt + completion pairs
+    GRPO = "grpo"  # reinforcement learning with group-relative advantages
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where prompts (GRPO) or prompt + completion pairs (SFT) come from (see ``r1jax.data.datasets``)."""
+
+    name: str = "countdown"  # gsm8k | math | countdown | arithmetic | a .jsonl/.parquet path or directory
+    split: str = "train"
+    source: str | None = None  # the file/directory for "math"
+    data_dir: str | None = None  # TFDS data_dir for prepared datasets (None: TFDS's default)
+    template: str = "r1_zero"  # r1_zero | chat | plain | a string with {prompt}
+    system: str | None = None
+    max_prompt_tokens: int = 512  # longer prompts are skipped and counted
+    seq_len: int = 512  # SFT: packed row length
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens < 1 or self.seq_len < 2:
+            raise ValueError("max_prompt_tokens must be >= 1 and seq_len >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 50  # steps between checkpoints (and always at the last step and on SIGTERM)
+    keep: int = 3  # newest checkpoints kept
+    async_save: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise ValueError("checkpoint.every and checkpoint.keep must be >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One GRPO run: algorithm, sampling, rewards, optimiser, and the model when it is not read from a checkpoint.
@@ -429,10 +463,19 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     model: ModelConfig | None = None  # None: the checkpoint's own config
     micro_batch_size: int = 0  # sequences per gradient-accumulation micro-batch; 0 = whole mini-batch
-    steps: int = 1000  # GRPO steps (one sampling phase each)
+    steps: int = 1000  # GRPO steps (one sampling phase each) or SFT optimiser steps
     seed: int = 0
+    stage: Stage = Stage.GRPO
+    init: str | None = None  # checkpoint to start from (HF dir, .gguf, r1jax checkpoint or run dir); None: random
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    sft_batch_size: int = 8  # SFT: packed rows per optimiser step
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stage", _enum(Stage, self.stage))
+        if self.max_consecutive_skips < 1 or self.sft_batch_size < 1:
+            raise ValueError("max_consecutive_skips and sft_batch_size must be >= 1")
         if self.sampling.max_new_tokens != self.grpo.max_completion_len:
             raise ValueError(
                 f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must equal grpo.max_completion_len "

@@ -19,10 +19,15 @@ Variants selected by ``GRPOConfig``:
 - ``tis_cap``: truncated importance sampling, weight min(pi_old / pi_sampler, cap) per token, against the
   log-prob mismatch between the sampling engine and the training forward.
 - ``dynamic_sampling`` / ``overlong_filter`` (DAPO): see ``dynamic_sampling_keep`` and ``overlong_filter``.
+
+The second half of the file ("the step") puts them to work: ``sequence_logprobs`` (the one teacher-forced log-prob
+computation, shared by pi_old, pi_ref and the differentiated policy), ``update_minibatch`` (one jitted optimiser step
+with gradient accumulation and the MoE router-bias update) and ``GRPOTrainer`` (``init_state`` / ``grpo_step``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -39,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from r1jax import moe, rollout
 from r1jax.config import AdvScale, GRPOConfig, LossAgg, ModelConfig, OptimConfig, RatioLevel, TrainConfig
 from r1jax.model import Params, forward, param_specs, token_logprobs
-from r1jax.sharding import logical_to_spec, param_shardings
+from r1jax.sharding import batch_sharding, param_shardings
 
 Array = jax.Array
 
@@ -321,8 +326,9 @@ def sequence_logprobs(
     follows it. Positions count from each row's first real token and the padding gets its own segment, so the result
     does not depend on how much padding a row has and equals what the cached sampler computed. Log-probs are of
     ``logits / temperature`` (``r1jax.rollout.logprob_temperature``): the same quantity the sampler reports. Values
-    past a completion's end are garbage-free but meaningless (mask them). aux: ``expert_load`` f32[n_moe_layers, e]
-    or None, and ``entropy`` f32[n, T] of the tempered next-token distribution when ``entropy``.
+    past a completion's end are finite but meaningless (mask them). aux: ``expert_load`` f32[n_moe_layers, e] or
+    None (it counts every token, padding included), and ``entropy`` f32[n, T] of the tempered next-token
+    distribution when ``entropy``.
     """
     n, plen = prompt_tokens.shape
     tokens = jnp.concatenate([prompt_tokens, completion.astype(prompt_tokens.dtype)], axis=1)
@@ -527,9 +533,13 @@ def update_minibatch(
     metrics = _combine_metrics(per_micro)
     metrics["grad_norm"] = optax.tree.norm(grads)
     tx = make_optimizer(cfg.optim)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    params = update_router_bias(params, load, cfg.optim.router_bias_gamma)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = update_router_bias(optax.apply_updates(params, updates), load, cfg.optim.router_bias_gamma)
+    # a non-finite loss or gradient skips the step: parameters and optimiser state stay as they were
+    finite = jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics.get("loss", 0.0))
+    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params, params)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_opt_state, opt_state)
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]  # optimiser steps taken (all equal)
     metrics["lr"] = lr_schedule(cfg.optim)(count - 1)
     if load is not None:
@@ -605,10 +615,7 @@ class GRPOTrainer:
         if x is None:
             return None
         x = jnp.asarray(x)
-        if self.mesh is None:
-            return x
-        spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        return x if self.mesh is None else jax.device_put(x, batch_sharding(self.mesh, x.shape))
 
     def init_state(self, params: Params) -> GRPOState:
         params = self._place_params(params)
@@ -647,6 +654,12 @@ class GRPOTrainer:
     def grpo_step(
         self, state: GRPOState, prompts: Sequence[Sequence[int]], metadata: Sequence[Mapping[str, Any]], key: Array
     ) -> tuple[GRPOState, dict[str, float]]:
+        """Sample, score, select, compute log-probs, update (see the section comment); returns the new state and
+        host-side float metrics. With a mesh, runs under ``jax.set_mesh`` (the model's activation constraints)."""
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            return self._step(state, prompts, metadata, key)
+
+    def _step(self, state, prompts, metadata, key):
         cfg, g = self.cfg, self.cfg.grpo
         G = g.group_size
         if len(prompts) != len(metadata):

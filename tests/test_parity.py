@@ -10,6 +10,7 @@ import torch
 
 import r1jax
 from r1jax import hf
+from r1jax.checkpoint import convert
 from r1jax.model import forward
 from tests import hf_tiny
 
@@ -52,7 +53,7 @@ def test_hf_roundtrip_reloads_in_transformers(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     case, path, ref = tiny
-    r1jax.checkpoint.convert(path, str(tmp_path / "ckpt"))
+    convert(path, str(tmp_path / "ckpt"))
     r1jax.export_hf(r1jax.load(str(tmp_path / "ckpt")), str(tmp_path / "hf"))
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     tokens = np.random.RandomState(1).randint(3, 96, (1, 7))

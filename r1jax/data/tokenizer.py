@@ -93,3 +93,33 @@ class Tokenizer:
 
     def to_files(self) -> dict[str, str]:
         return {"tokenizer.json": self._tok.to_str(), "tokenizer_config.json": json.dumps(self.config, indent=2)}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0-255 plus ``<bos>`` 256, ``<eos>`` 257, ``<pad>`` 258: lets randomly initialised
+    models (tests, demos) run the text pipeline — prompts, rewards, SFT — with no vocabulary file."""
+
+    BOS, EOS, PAD = 256, 257, 258
+    vocab_size = 259
+    chat_template = None
+    config: dict = {}
+
+    @property
+    def bos_id(self) -> int:
+        return self.BOS
+
+    @property
+    def eos_id(self) -> int:
+        return self.EOS
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        return ([self.BOS] if add_bos else []) + list(text.encode("utf-8", errors="replace"))
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        raise ValueError("the byte tokenizer has no chat template")
+
+    def to_files(self) -> dict[str, str]:
+        return {}

@@ -1,0 +1,548 @@
+"""The training loop: ``r1jax train CONFIG --out RUN_DIR [--set key=value ...]``.
+
+A run directory holds ``train_config.json`` (the resolved TrainConfig), ``r1jax.json`` + tokenizer files (what
+``r1jax.load(RUN_DIR)`` needs), ``checkpoints/<step>/`` (orbax ``CheckpointManager``: ``params``, ``train`` =
+optimizer state + reference model, ``meta`` = step and counters; async saves, keep-N), ``metrics.jsonl`` (one JSON
+object per step with ``"step"``) and ``tb/`` (TensorBoard events).
+
+Resuming is exact: the data order is a pure function of (seed, step), the step's PRNG key is
+``fold_in(key(seed), step)``, and model + optimizer + reference model are restored from the newest checkpoint that
+restores cleanly (a damaged newest one is skipped with a warning). SIGTERM (TPU preemption) finishes the current
+step, saves and exits with status 143; running the same command again continues. A step whose loss or gradients are
+not finite leaves parameters and optimizer state untouched and is counted; ``max_consecutive_skips`` in a row stop
+the run with an error, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.config import ModelConfig, Stage, TrainConfig
+from r1jax.errors import ConfigError, R1jaxError
+
+SIGTERM_EXIT = 143
+
+
+class TrainingError(R1jaxError):
+    """A run that cannot go on (e.g. too many non-finite steps); the last good checkpoint is kept."""
+
+
+# --- configs and overrides --------------------------------------------------------------------------------------------
+def load_config(name_or_path: str) -> TrainConfig:
+    """A preset name from ``configs/`` or a path to a ``.py`` file defining ``config() -> TrainConfig``."""
+    if name_or_path.endswith(".py"):
+        if not os.path.exists(name_or_path):
+            raise ConfigError(f"{name_or_path}: no such config file")
+        spec = importlib.util.spec_from_file_location("r1jax_user_config", name_or_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "config"):
+            raise ConfigError(f"{name_or_path}: defines no config() function")
+        cfg = module.config()
+    else:
+        from r1jax.configs import PRESETS
+
+        if name_or_path not in PRESETS:
+            close = difflib.get_close_matches(name_or_path, PRESETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(PRESETS))}"
+            raise ConfigError(f"unknown config {name_or_path!r}{hint}")
+        cfg = PRESETS[name_or_path]()
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"{name_or_path}: config() must return a TrainConfig, got {type(cfg).__name__}")
+    return cfg
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def config_keys(cfg, prefix: str = "") -> list[str]:
+    """Every dotted key that ``--set`` accepts for ``cfg``."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(value):
+            keys += config_keys(value, prefix + f.name + ".")
+    return keys
+
+
+def _parse(text: str, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _parse(text, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot parse {text!r}")
+    if origin is tuple:
+        inner = args[0] if args else str
+        return tuple(_parse(t.strip(), inner, key) for t in text.split(",") if t.strip())
+    try:
+        if tp is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return tp(text)
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+    except ValueError:
+        choices = (
+            f" (one of {', '.join(m.value for m in tp)})" if isinstance(tp, type) and issubclass(tp, enum.Enum) else ""
+        )
+        raise ConfigError(f"{key}: {text!r} is not a valid {getattr(tp, '__name__', tp)}{choices}") from None
+    raise ConfigError(f"{key}: cannot be set from the command line (type {tp})")
+
+
+def apply_overrides(cfg: TrainConfig, sets: list[str]) -> TrainConfig:
+    """``["grpo.group_size=16", ...]`` -> a new config; values are parsed with the field's type and validated."""
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        cfg = _set(cfg, key.strip().split("."), text.strip(), key.strip(), cfg)
+    return cfg
+
+
+def _set(obj, parts: list[str], text: str, key: str, root):
+    names = {f.name for f in dataclasses.fields(obj)}
+    if parts[0] not in names:
+        close = difflib.get_close_matches(key, config_keys(root), n=1)
+        raise ConfigError(f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    current = getattr(obj, parts[0])
+    if len(parts) > 1:
+        if current is None:
+            raise ConfigError(f"{key}: {'.'.join(parts[:1])} is None in this config")
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"unknown config key {key!r}: {parts[0]} has no fields")
+        value = _set(current, parts[1:], text, key, root)
+    else:
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(
+                f"{key} is a group; set one of its fields, e.g. {key}.{dataclasses.fields(current)[0].name}"
+            )
+        value = _parse(text, _field_types(type(obj))[parts[0]], key)
+    try:
+        return dataclasses.replace(obj, **{parts[0]: value})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key}={text}: {e}") from None
+
+
+def config_to_json(cfg) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_json(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, tuple):
+        return [config_to_json(v) for v in cfg]
+    return cfg
+
+
+# --- run directory ----------------------------------------------------------------------------------------------------
+def check_output_dir(out_dir: str, need_bytes: int) -> None:
+    """Fail at start, not mid-run: the directory must be creatable, writable and have room for checkpoints."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{out_dir}: output directory is not writable ({e.strerror})") from None
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise ConfigError(
+            f"{out_dir}: {free / 2**30:.2f} GiB free, checkpoints need about {need_bytes / 2**30:.2f} GiB — "
+            "free space or choose another --out"
+        )
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (appended and flushed per step; on resume, lines past the restored step are dropped) and
+    TensorBoard event files."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled and self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by a crash
+            self.path.write_text("".join(x + "\n" for x in kept))
+        self._tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                self._tb = None
+
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {
+            k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in metrics.items()
+        }
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+        if self._tb is not None:
+            step = int(metrics["step"])
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, float):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Checkpoints:
+    """Orbax CheckpointManager with items ``params``, ``train`` and ``meta``."""
+
+    def __init__(self, run_dir: Path, keep: int, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(
+            (run_dir / "checkpoints").absolute(), options=options, item_names=("params", "train", "meta")
+        )
+
+    def save(self, step: int, params, train, meta: dict, *, wait: bool = False) -> None:
+        a = self.ocp.args
+        self.manager.save(
+            step,
+            args=a.Composite(params=a.StandardSave(params), train=a.StandardSave(train), meta=a.JsonSave(meta)),
+            force=True,
+        )
+        if wait:
+            self.manager.wait_until_finished()
+
+    def restore_newest(self, abstract_params, abstract_train):
+        """(step, params, train, meta) from the newest checkpoint that restores, or None if there is none."""
+        a = self.ocp.args
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                out = self.manager.restore(
+                    step,
+                    args=a.Composite(
+                        params=a.StandardRestore(abstract_params),
+                        train=a.StandardRestore(abstract_train),
+                        meta=a.JsonRestore(),
+                    ),
+                )
+                return step, out["params"], out["train"], out["meta"]
+            except Exception as e:  # damaged or half-written: fall back to the previous one
+                warnings.warn(
+                    f"checkpoint step {step} cannot be restored ({e.__class__.__name__}); trying the previous one",
+                    stacklevel=2,
+                )
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# --- model, tokenizer, data -------------------------------------------------------------------------------------------
+def _tokenizer_for(model, model_cfg: ModelConfig):
+    from r1jax.data.tokenizer import ByteTokenizer, Tokenizer
+
+    files = dict(getattr(model, "tokenizer_files", ()))
+    if "tokenizer.json" in files:
+        tok = Tokenizer(files["tokenizer.json"], json.loads(files.get("tokenizer_config.json", "{}")))
+    else:
+        tok = ByteTokenizer()
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_cfg.vocab_size}: "
+            "use the tokenizer that belongs to the checkpoint"
+        )
+    return tok
+
+
+def init_model(cfg: TrainConfig):
+    """The policy to start from: ``cfg.init`` (HF dir, GGUF, r1jax checkpoint) or a random ``cfg.model``."""
+    from r1jax.checkpoint import load
+    from r1jax.model import Transformer
+
+    if cfg.init:
+        model = load(cfg.init, dtype=cfg.model.dtype if cfg.model else None)
+        if cfg.model is not None and cfg.model.attention_impl != model.cfg.attention_impl:
+            model.cfg = model.cfg.replace(attention_impl=cfg.model.attention_impl)
+    elif cfg.model is not None:
+        model = Transformer.random(cfg.model, cfg.seed)
+        model.hf_config = "{}"
+        model.tokenizer_files = ()
+    else:
+        raise ConfigError("the config has neither init (a checkpoint to start from) nor model (to initialise)")
+    return model
+
+
+def _stop_ids(model_cfg: ModelConfig, tok) -> list[int]:
+    return sorted({*model_cfg.eos_token_ids, *([tok.eos_id] if tok.eos_id is not None else [])})
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------------
+class _Preempt:
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _need_bytes(params, keep: int) -> int:
+    n = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    return int(n * 4 * (keep + 1))  # params + 2 Adam moments + reference, per kept checkpoint
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def run(cfg: TrainConfig, out_dir: str, *, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Train (or resume) into ``out_dir``; returns the last step's metrics. ``max_steps`` stops early (for tests)."""
+    from r1jax.checkpoint import META, config_to_dict
+
+    run_dir = Path(out_dir)
+    saved_cfg = run_dir / "train_config.json"
+    resolved = config_to_json(cfg)
+    if saved_cfg.exists():
+        before = json.loads(saved_cfg.read_text())
+        if before != resolved:
+            diff = sorted(_diff_keys(before, resolved))
+            raise ConfigError(
+                f"{out_dir} holds a run with a different config ({', '.join(diff[:3])} differ): "
+                "use a new --out or the same config to resume"
+            )
+
+    model = init_model(cfg)
+    model_cfg = model.cfg
+    tok = _tokenizer_for(model, model_cfg)
+    params = model.param_dict()
+    check_output_dir(out_dir, _need_bytes(params, cfg.checkpoint.keep))
+
+    is_main = jax.process_index() == 0
+    if is_main:
+        saved_cfg.write_text(json.dumps(resolved, indent=2))
+        meta = {
+            "config": config_to_dict(model_cfg),
+            "hf_config": json.loads(getattr(model, "hf_config", "{}") or "{}"),
+            "mtp": False,
+            "format": 1,
+        }
+        (run_dir / META).write_text(json.dumps(meta, indent=2))
+        for name, text in getattr(model, "tokenizer_files", ()):
+            (run_dir / name).write_text(text)
+
+    stage = _make_stage(cfg, model_cfg, tok)
+    state = stage.init(params)
+    ckpts = Checkpoints(run_dir, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    start = 0
+    counters = {"skipped_steps": 0, "consecutive_skips": 0}
+    restored = ckpts.restore_newest(*stage.abstract(state))
+    if restored is not None:
+        start, r_params, r_train, r_meta = restored
+        state = stage.restore(state, r_params, r_train)
+        counters.update(r_meta.get("counters", {}))
+    log = MetricsLog(run_dir, start, enabled=is_main)
+    data = stage.data(start)
+    total = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+    bar = _progress(cfg.steps, start, progress and is_main)
+    last: dict = {}
+    step = start
+    with _Preempt() as preempt:
+        try:
+            while step < total:
+                batch = next(data)
+                key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+                t0 = time.perf_counter()
+                new_state, metrics = stage.step(state, batch, key)
+                step += 1
+                if metrics.get("skipped", 0.0) > 0 or not all(
+                    math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "grad_norm")
+                ):
+                    counters["skipped_steps"] += 1
+                    counters["consecutive_skips"] += 1
+                    new_state = stage.keep_params(state, new_state, step)
+                    if counters["consecutive_skips"] >= cfg.max_consecutive_skips:
+                        raise TrainingError(
+                            f"{counters['consecutive_skips']} consecutive steps with non-finite loss or gradients "
+                            f"(at step {step}); the last good checkpoint is kept in {out_dir}/checkpoints — lower the "
+                            "learning rate or check the data"
+                        )
+                else:
+                    counters["consecutive_skips"] = 0
+                state = new_state
+                metrics = {
+                    **metrics,
+                    "step": step,
+                    "time/step_s": time.perf_counter() - t0,
+                    "skipped_steps": counters["skipped_steps"],
+                    "data/skipped_prompts": data.skipped,
+                }
+                log.write(metrics)
+                last = metrics
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in stage.headline if k in metrics})
+                if step % cfg.checkpoint.every == 0 or step == total or preempt.requested:
+                    ckpts.save(
+                        step,
+                        *stage.to_save(state),
+                        {"step": step, "counters": counters},
+                        wait=preempt.requested or step == total,
+                    )
+                if preempt.requested:
+                    break
+        finally:
+            ckpts.close()
+            log.close()
+            if bar is not None:
+                bar.close()
+    if preempt.requested:
+        print(f"r1jax: SIGTERM: saved step {step} in {out_dir}; run the same command to resume", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT)
+    return last
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = set()
+        for k in set(a) | set(b):
+            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+def _make_stage(cfg: TrainConfig, model_cfg: ModelConfig, tok):
+    if cfg.stage == Stage.GRPO:
+        return GRPOStage(cfg, model_cfg, tok)
+    from r1jax.sft_stage import SFTStage
+
+    return SFTStage(cfg, model_cfg, tok)
+
+
+def dataset_for(cfg: TrainConfig):
+    from r1jax.data.datasets import load_dataset
+
+    d = cfg.data
+    return load_dataset(d.name, d.split, data_dir=d.data_dir, seed=cfg.seed, source=d.source)
+
+
+class GRPOStage:
+    """GRPO: prompts from ``cfg.data``, sampled in groups, scored by the reward functions, one policy update."""
+
+    headline = ("reward/mean", "accuracy", "kl", "response/length_mean")
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok):
+        from r1jax import grpo
+
+        self.cfg, self.model_cfg, self.tok = cfg, model_cfg, tok
+        stops = _stop_ids(model_cfg, tok)
+        reward = grpo.text_reward(cfg, tok.decode, stops)
+        self.trainer = grpo.GRPOTrainer(cfg, model_cfg, reward, stop_ids=stops, encode=tok.encode, decode=tok.decode)
+
+    def init(self, params):
+        return self.trainer.init_state(params)
+
+    def abstract(self, state):
+        train = {"opt": state.opt_state, "ref": state.ref_params or {}}
+        return jax.eval_shape(lambda: state.params), jax.eval_shape(lambda: train)
+
+    def restore(self, state, params, train):
+        from r1jax.grpo import GRPOState
+
+        return GRPOState(step=state.step, params=params, ref_params=train["ref"] or None, opt_state=train["opt"])
+
+    def to_save(self, state):
+        return state.params, {"opt": state.opt_state, "ref": state.ref_params or {}}
+
+    def keep_params(self, old, new, step):
+        return new  # the update itself leaves parameters untouched when non-finite (see grpo.update_minibatch)
+
+    def data(self, start: int):
+        from r1jax.data.datasets import batches
+
+        d = self.cfg.data
+        return batches(
+            dataset_for(self.cfg),
+            self.cfg.grpo.prompts_per_step,
+            self.cfg.seed,
+            start,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            tokenizer=self.tok,
+            template=d.template,
+            system=d.system,
+            max_prompt_tokens=d.max_prompt_tokens,
+        )
+
+    def step(self, state, batch, key):
+        prompts = [ex["prompt_ids"] for ex in batch]
+        metas = [{k: v for k, v in ex.items() if k not in ("prompt_ids",)} for ex in batch]
+        return self.trainer.grpo_step(state, prompts, metas, key)
+
+
+def _as_jnp(tree):
+    return jax.tree.map(jnp.asarray, tree)
