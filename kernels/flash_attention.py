@@ -38,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._common import (
+    GPU_SMEM_LIMIT,
     NUM_LANES,
     NUM_SUBLANES,
     next_pow2,
@@ -62,7 +63,9 @@ class BlockSizes:
     Blocks are clipped to the (padded) sequence length, so small inputs run as a single block. On TPU a block
     that is smaller than its sequence must be a multiple of 128 (lane width); on GPU blocks are powers of two.
     `num_warps` / `num_stages` only affect the Triton (GPU) kernels; `num_stages=None` picks, per kernel, the
-    deepest pipeline (<= 3) whose estimated shared memory fits an H100/H200 (`_gpu_smem_bytes`).
+    deepest pipeline (<= 3) whose estimated shared memory fits an H100/H200 (`_gpu_smem_bytes`). A compiled GPU
+    backward whose tiles are estimated past the shared-memory limit (`gpu_bwd_smem_bytes`) raises ValueError
+    instead of failing inside Triton.
     """
 
     block_q: int = 128
@@ -83,12 +86,33 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name} must be a positive int or None, got {val!r}")
 
     @classmethod
-    def default(cls, kind: str, d_qk: int | None = None) -> BlockSizes:
+    def default(cls, kind: str, d_qk: int | None = None, d_v: int | None = None) -> BlockSizes:
         if kind == "gpu":
-            # Forward key tiles of 128 for head dims <= 128 (2 pipeline stages fit), 64 above (MLA 192: 3 fit).
-            bk = 128 if d_qk is not None and d_qk <= 128 else 64
-            return cls(block_q=128, block_k=bk, block_q_bwd=64, block_k_bwd=64, num_warps=None, num_stages=None)
+            # The fastest tiles measured on an H200 (bf16, t=4096, causal) per head-dim class.
+            if d_qk is not None and d_qk > 128:  # MLA 192/128
+                bs = cls(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=2)
+            else:  # GQA 128/128 and smaller
+                bs = cls(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=3)
+            if d_qk is not None and bs.gpu_bwd_smem_bytes(d_qk, d_v or d_qk) > GPU_SMEM_LIMIT:
+                bs = dataclasses.replace(bs, num_stages=None)  # unusual head dims: the deepest pipeline that fits
+            return bs
         return cls(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=512)
+
+    def gpu_bwd_smem_bytes(
+        self, d_qk: int, d_v: int, itemsize: int = 2, t: int | None = None, s: int | None = None
+    ) -> int:
+        """Estimated shared memory (bytes) of the larger of the two GPU backward kernels (dq, dk/dv).
+
+        `t` / `s` clip the tiles to the query / key length as the kernels do; `num_stages=None` is resolved
+        to the pipeline depth the kernels would pick."""
+        bq = _eff_block(self.block_q_bwd, t, "gpu") if t else self.block_q_bwd
+        bk = _eff_block(self.block_k_bwd, s, "gpu") if s else self.block_k_bwd
+        dvp = next_pow2(max(d_v, 16))
+        warps = _gpu_warps(self, d_qk)
+        return max(
+            _gpu_bwd_smem_bytes(o, i, d_qk, dvp, itemsize, _gpu_bwd_stages(self, o, i, d_qk, dvp, itemsize), warps)
+            for o, i in ((bq, bk), (bk, bq))
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -699,12 +723,45 @@ def _gpu_smem_bytes(outer: int, inner: int, dqk: int, dvp: int, itemsize: int, s
     return (stages * inner + outer) * (dqk + dvp) * itemsize + outer * inner * itemsize
 
 
-def _gpu_params(cfg: _Cfg, dqk: int, dvp: int, outer: int, inner: int, itemsize: int):
+def _gpu_bwd_smem_bytes(outer: int, inner: int, dqk: int, dvp: int, itemsize: int, stages: int, warps: int) -> int:
+    """Estimated shared memory of one Triton backward program (dq: outer = query block, inner = key block; dk/dv:
+    the other way round): the pipelined loop tiles `[inner, d_qk + d_v]` and the resident `[outer, d_qk + d_v]`.
+
+    Every streamed tile feeds two matmuls in opposite orientations (k in q.k^T and ds.k; q and do likewise in
+    dk/dv). With one warpgroup (<= 4 warps) Hopper's Triton keeps a shared-memory copy per orientation, so the
+    pipeline is counted twice: 64 x 64 tiles, 4 warps, 3 stages at d 192/128 asked an H200 for 294912 bytes
+    (this gives 286720 > 232448), while 8 warps, and 4 warps at d 128/128 (229376), compiled."""
+    copies = 2 if warps <= 4 else 1
+    return (copies * stages * inner + outer) * (dqk + dvp) * itemsize
+
+
+def _gpu_warps(blocks: BlockSizes, dqk: int) -> int:
+    return blocks.num_warps or (4 if dqk <= 64 else 8)
+
+
+def _gpu_bwd_stages(blocks: BlockSizes, outer: int, inner: int, dqk: int, dvp: int, itemsize: int) -> int:
+    warps = _gpu_warps(blocks, dqk)
+    return blocks.num_stages or pick_num_stages(
+        lambda st: _gpu_bwd_smem_bytes(outer, inner, dqk, dvp, itemsize, st, warps)
+    )
+
+
+def _gpu_params(cfg: _Cfg, dqk: int, dvp: int, outer: int, inner: int, itemsize: int, bwd: bool = False):
     if cfg.interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
-    warps = cfg.blocks.num_warps or (4 if dqk <= 64 else 8)
+    warps = _gpu_warps(cfg.blocks, dqk)
+    if bwd:
+        stages = _gpu_bwd_stages(cfg.blocks, outer, inner, dqk, dvp, itemsize)
+        need = _gpu_bwd_smem_bytes(outer, inner, dqk, dvp, itemsize, stages, warps)
+        if need > GPU_SMEM_LIMIT:
+            raise ValueError(
+                f"flash attention backward with {cfg.blocks} needs ~{need} bytes of shared memory for "
+                f"d_qk={dqk}, padded d_v={dvp} ({itemsize}-byte elements); the GPU limit is {GPU_SMEM_LIMIT}: "
+                "use smaller block_q_bwd / block_k_bwd, fewer num_stages, or num_warps=8"
+            )
+        return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
     stages = cfg.blocks.num_stages or pick_num_stages(lambda st: _gpu_smem_bytes(outer, inner, dqk, dvp, itemsize, st))
     return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
 
@@ -824,7 +881,7 @@ def _gpu_backward(q, k, v, qseg, kvseg, o, lse, do, cfg: _Cfg):
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, bq, None, size), lambda bi, hi, qi: (bi, qi, hi, 0)) for _, size in chunks],
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, size), q.dtype) for _, size in chunks],
-        compiler_params=_gpu_params(cfg, dqk, dvp, bq, bk, q.dtype.itemsize),
+        compiler_params=_gpu_params(cfg, dqk, dvp, bq, bk, q.dtype.itemsize, bwd=True),
         interpret=cfg.interpret,
         name="flash_attention_dq",
     )(*args)
@@ -860,7 +917,7 @@ def _gpu_backward(q, k, v, qseg, kvseg, o, lse, do, cfg: _Cfg):
         + [pl.BlockSpec((None, bk, None, dvp), lambda bi, hi, ki: (bi, ki, hi, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, sp, h, size), acc_dtype) for _, size in chunks]
         + [jax.ShapeDtypeStruct((b, sp, h, dvp), acc_dtype)],
-        compiler_params=_gpu_params(cfg, dqk, dvp, bk, bq, q.dtype.itemsize),
+        compiler_params=_gpu_params(cfg, dqk, dvp, bk, bq, q.dtype.itemsize, bwd=True),
         interpret=cfg.interpret,
         name="flash_attention_dkv",
     )(*args)
@@ -932,7 +989,7 @@ def _flash_attention(q, k, v, segment_ids, *, causal, sm_scale, interpret, block
         sm_scale=scale,
         interpret=interpret,
         kind=kind,
-        blocks=block_sizes or BlockSizes.default(kind, dqk),
+        blocks=block_sizes or BlockSizes.default(kind, dqk, v.shape[-1]),
     )
     return _flash(q, k, v, qseg, kvseg, cfg)
 

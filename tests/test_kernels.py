@@ -258,6 +258,45 @@ def test_mla_decode_gpu_shared_memory_estimate():
     lower(K.MLADecodeBlockSizes(block_k=64))  # num_stages=None: the deepest pipeline that fits
 
 
+def test_flash_attention_gpu_backward_shared_memory_estimate():
+    """Backward tiles past the H100/H200 shared memory limit are rejected when lowering, not inside Triton."""
+    from jax import export
+
+    limit = 232448
+    B = K.BlockSizes
+    # 64 x 64, 4 warps, 3 stages at d 192/128 asked Triton for 294912 bytes on an H200.
+    failed = B(block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=3)
+    assert failed.gpu_bwd_smem_bytes(192, 128) > limit
+    # What compiled there: the same tiles at d 128/128 and with 8 warps, and the measured-best defaults.
+    assert failed.gpu_bwd_smem_bytes(128, 128) <= limit
+    assert B(block_q_bwd=64, block_k_bwd=64, num_warps=8, num_stages=3).gpu_bwd_smem_bytes(192, 128) <= limit
+    for dqk, dv in [(192, 128), (128, 128), (64, 64), (128, 256), (256, 256)]:
+        assert B.default("gpu", dqk, dv).gpu_bwd_smem_bytes(dqk, dv) <= limit, (dqk, dv)
+    assert B.default("gpu", 192, 128) == B(
+        block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=2
+    )
+    assert B.default("gpu", 128, 128) == B(
+        block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=3
+    )
+    assert failed.gpu_bwd_smem_bytes(192, 128, t=32, s=32) <= limit  # clipped to a short sequence
+
+    spec, bf, t = jax.ShapeDtypeStruct, jnp.bfloat16, 256
+    args = (spec((1, t, 2, 192), bf), spec((1, t, 2, 192), bf), spec((1, t, 2, 128), bf), spec((1, t, 2, 128), bf))
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+    def lower(bs):
+        def bwd(q, k, v, do):
+            f = lambda q, k, v: K.flash_attention(q, k, v, causal=True, interpret=False, kind="gpu", block_sizes=bs)  # noqa: E731
+            return jax.vjp(f, q, k, v)[1](do)
+
+        return export.export(jax.jit(bwd), platforms=["cuda"], disabled_checks=allow)(*args)
+
+    with pytest.raises(ValueError, match="shared memory"):
+        lower(failed)
+    lower(B(block_q_bwd=64, block_k_bwd=64, num_warps=8, num_stages=3))
+    lower(B(block_q_bwd=64, block_k_bwd=64, num_warps=4))  # num_stages=None: the deepest pipeline that fits
+
+
 # ------------------------------------------------------------------------------ GPU lowering, without a GPU
 
 

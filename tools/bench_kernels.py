@@ -44,6 +44,7 @@ def _import_kernels():
 
 
 K = _import_kernels()
+GPU_SMEM_LIMIT = getattr(sys.modules[K.BlockSizes.__module__], "GPU_SMEM_LIMIT", 232448)
 ROWS: list[dict] = []
 
 
@@ -105,24 +106,32 @@ _FIELDS = {
 }
 
 
-def _flash_candidates(phase: str, dqk: int, sweep: bool):
+def _flash_candidates(phase: str, dqk: int, dv: int, sweep: bool):
     """Block sizes to time: the default first, then a few alternatives (GPU only)."""
     if not sweep:
         return [None]
     B = K.BlockSizes
+    default = B.default("gpu", dqk, dv)
     if phase == "fwd":
         alts = [
-            B(block_q=128, block_k=64, num_warps=8, num_stages=3),  # the default when d_qk > 128
-            B(block_q=128, block_k=128, num_warps=8, num_stages=2),  # the default when d_qk <= 128
-            B(block_q=64, block_k=64, num_warps=4, num_stages=3),
+            B(block_q=128, block_k=128, num_warps=8, num_stages=2),  # the default when d_qk > 128
+            B(block_q=64, block_k=64, num_warps=4, num_stages=3),  # the default when d_qk <= 128
+            B(block_q=128, block_k=64, num_warps=8, num_stages=3),
         ]
-        return [None, *alts[1:]] if dqk > 128 else [None, alts[0], alts[2]]  # no duplicate of the default
-    return [
-        None,  # 64 x 64, 8 warps, 3 stages at these sizes
-        B(block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=3),
-        B(block_q_bwd=128, block_k_bwd=64, num_warps=8, num_stages=2),
-        B(block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=2),
-    ]
+        keys = ("block_q", "block_k")
+    else:
+        alts = [
+            B(block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=2),  # the default when d_qk > 128
+            B(block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=3),  # the default when d_qk <= 128
+            B(block_q_bwd=64, block_k_bwd=64, num_warps=8, num_stages=3),
+            B(block_q_bwd=128, block_k_bwd=64, num_warps=8, num_stages=2),
+        ]
+        keys = ("block_q_bwd", "block_k_bwd")
+    fields = (*keys, "num_warps", "num_stages")
+    same = lambda a: all(getattr(a, f) == getattr(default, f) for f in fields)  # noqa: E731
+    # No duplicate of the default; backward tiles estimated past the shared-memory limit are skipped.
+    fits = lambda a: phase == "fwd" or a.gpu_bwd_smem_bytes(dqk, dv) <= GPU_SMEM_LIMIT  # noqa: E731
+    return [None, *(a for a in alts if not same(a) and fits(a))]
 
 
 def _pure_bwd(fn, q, k, v):
@@ -162,7 +171,7 @@ def bench_flash(iters: int, small: bool, interpret, sweep: bool, references: boo
         impls = {}
         if not references:
             for phase in ("fwd", "bwd"):
-                for bs in _flash_candidates(phase, dq_, sweep):
+                for bs in _flash_candidates(phase, dq_, dv_, sweep):
                     impls[(phase, "pallas", _bs_label(bs, _FIELDS[phase]))] = lambda q, k, v, c=causal, bs=bs: (
                         K.flash_attention(q, k, v, causal=c, interpret=interpret, block_sizes=bs)
                     )
