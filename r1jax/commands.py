@@ -1,0 +1,211 @@
+"""CLI subcommands ``sample`` (rejection sampling into SFT traces), ``eval`` (pass@1 / maj@k / pass@k) and ``report``
+(plots and a summary of a run's metrics), registered in ``r1jax.cli.COMMANDS``.
+
+``r1jax sample MODEL --data NAME_OR_PATH --samples k --keep correct|all --out traces.jsonl`` is R1's stage-3
+rejection sampling: k completions per prompt, scored by the rule-based rewards (``--rewards``, default accuracy +
+strict format); ``--keep correct`` keeps the samples whose total reward reaches the maximum the reward functions can
+give. Each output line is ``{"prompt", "completion", "reward", "answer", "correct", "task"}`` plus ``messages`` (the
+chat turns with the assistant reply) under ``--template chat``; the file is written to a temporary sibling and
+renamed, so a crash never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from r1jax.errors import R1jaxError
+
+
+def _add_model_data_args(p, default_template: str = "r1_zero") -> None:
+    p.add_argument("model", help="HF directory, .gguf file or r1jax checkpoint / run directory")
+    p.add_argument("--data", required=True, help="dataset name (gsm8k, math, countdown, arithmetic) or a file/dir")
+    p.add_argument("--split", default="train")
+    p.add_argument("--data-dir", default=None, help="where named datasets are prepared (TFDS data_dir)")
+    p.add_argument("--template", default=default_template, help="r1_zero | chat | plain | a '{prompt}' string")
+    p.add_argument("--system", default=None, help="system prompt (replaces the template's preamble)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per sampler call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+
+
+def _load(args):
+    import r1jax
+    from r1jax.data.datasets import load_dataset
+    from r1jax.evaluate import tokenizer_of
+
+    model = r1jax.load(args.model, dtype=args.dtype)
+    data = load_dataset(args.data, args.split, data_dir=args.data_dir)
+    n = len(data) if args.limit is None else min(args.limit, len(data))
+    return model, tokenizer_of(model), [data[i] for i in range(n)]
+
+
+def _reward_config(names: str, weights: str | None):
+    from r1jax.config import RewardConfig
+
+    functions = tuple(s.strip() for s in names.split(",") if s.strip())
+    from r1jax.rewards.registry import get
+
+    try:
+        w = tuple(float(x) for x in weights.split(",")) if weights else (1.0,) * len(functions)
+        for name in functions:
+            get(name)
+        return RewardConfig(functions=functions, weights=w)
+    except ValueError as e:
+        raise R1jaxError(f"--rewards/--reward-weights: {e}") from None
+
+
+def trace_records(
+    examples: Sequence[Mapping[str, Any]],
+    samples: Sequence[Mapping[str, Any]],
+    totals: Sequence[Sequence[float]],
+    *,
+    best: float,
+    keep: str,
+    chat: bool,
+    system: str | None = None,
+) -> Iterable[dict]:
+    """The JSONL records of ``r1jax sample``: one per completion, only those reaching ``best`` when ``keep ==
+    "correct"``."""
+    from r1jax.evaluate import chat_record
+
+    for ex, s, rewards in zip(examples, samples, totals, strict=True):
+        for text, r in zip(s["completions"], rewards, strict=True):
+            correct = bool(float(r) >= best - 1e-6)
+            if keep == "correct" and not correct:
+                continue
+            rec = {
+                "prompt": s["prompt"],
+                "completion": text,
+                "reward": float(r),
+                "answer": ex.get("answer"),
+                "correct": correct,
+                "task": ex.get("task"),
+            }
+            if chat:
+                rec["messages"] = chat_record(ex, text, bool(s["think_prefilled"]), system)
+            yield rec
+
+
+def write_jsonl_atomic(path: str, records: Iterable[Mapping[str, Any]]) -> int:
+    """Write ``records`` as JSON lines to a temporary file beside ``path``, fsync, rename; returns the count."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise R1jaxError(f"{path}: directory {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return n
+
+
+def _sampling(args, temperature: float):
+    from r1jax.config import SamplingConfig
+
+    try:
+        return SamplingConfig(temperature=temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    except ValueError as e:
+        raise R1jaxError(str(e)) from None
+
+
+def _cmd_sample(args) -> int:
+    from r1jax.evaluate import max_total_reward, sample_completions, score_samples
+
+    rewards = _reward_config(args.rewards, args.reward_weights)
+    sampling = _sampling(args, args.temperature)
+    model, tok, examples = _load(args)
+    t0 = time.time()
+    try:
+        samples = sample_completions(
+            model, tok, examples, k=args.samples, sampling=sampling, template=args.template, system=args.system,
+            batch_size=args.batch_size, seed=args.seed,
+        )  # fmt: skip
+        totals, _ = score_samples(samples, examples, rewards)
+    except ValueError as e:  # bad template, metadata the rewards need, ...
+        raise R1jaxError(str(e)) from None
+    records = trace_records(
+        examples, samples, totals, best=max_total_reward(rewards), keep=args.keep, chat=args.template == "chat",
+        system=args.system,
+    )  # fmt: skip
+    n = write_jsonl_atomic(args.out, records)
+    total = sum(len(s["completions"]) for s in samples)
+    print(
+        f"wrote {args.out}: {n} of {total} samples ({len(examples)} prompts x {args.samples}, keep={args.keep}, "
+        f"{time.time() - t0:.1f}s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from r1jax.evaluate import evaluate
+
+    _sampling(args, args.temperature)
+    model, tok, examples = _load(args)
+    try:
+        metrics = evaluate(
+            model, tok, examples, k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+            template=args.template, system=args.system, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as e:
+        raise R1jaxError(str(e)) from None
+    print(json.dumps(metrics))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from r1jax.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("sample", help="rejection sampling: k completions per prompt, scored, kept -> SFT JSONL")
+    _add_model_data_args(s)
+    s.add_argument("--samples", type=int, default=4, help="completions per prompt")
+    s.add_argument("--keep", choices=("correct", "all"), default="correct")
+    s.add_argument("--out", required=True, help="output .jsonl")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--rewards", default="accuracy,format_strict", help="comma-separated reward functions")
+    s.add_argument("--reward-weights", default=None, help="comma-separated weights (default: all 1)")
+    s.set_defaults(fn=_cmd_sample)
+
+    e = sub.add_parser("eval", help="pass@1 (mean over k samples), maj@k and pass@k; prints one JSON line")
+    _add_model_data_args(e)
+    e.set_defaults(split="test", top_p=0.95)
+    e.add_argument("--k", type=int, default=4, help="samples per problem")
+    e.add_argument("--temperature", type=float, default=0.6)
+    e.set_defaults(fn=_cmd_eval)
+
+    r = sub.add_parser("report", help="plots and summary.md from RUN_DIR/metrics.jsonl into RUN_DIR/report/")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=_cmd_report)
+
+
+def _register() -> None:
+    from r1jax.cli import COMMANDS
+
+    if register not in COMMANDS:
+        COMMANDS.append(register)
+
+
+_register()

@@ -1,0 +1,302 @@
+"""Evaluation: pass@1 averaged over k samples, maj@k and pass@k, and the sampling shared with ``r1jax sample``.
+
+Small benchmarks (AIME has 30 problems) make one greedy sample per problem a noisy estimate; R1 reports pass@1 as the
+mean correctness over k samples per problem (temperature 0.6, top-p 0.95) and maj@k, the correctness of the
+majority answer among the k samples.
+
+- ``pass_at_1``: mean over problems of c_i / n_i (c correct among n samples).
+- ``pass_at_k``: the unbiased estimator of Chen et al. 2021 (Codex paper), 1 - C(n - c, k) / C(n, k) per problem,
+  computed as a stable product, averaged over problems.
+- ``maj_at_k``: per problem, the answers extracted from the samples (``answer_key``: the reward functions'
+  extraction rules of ``r1jax.rewards.extract``, normalised per task) are counted; samples without an answer do not
+  vote; the most frequent answer wins, ties going to the answer seen first; the problem counts as solved when a
+  sample with the winning answer was scored correct. No answer at all: not solved.
+
+Correctness is the ``accuracy`` reward (dispatching on the example's ``task``) reaching 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from r1jax.config import RewardConfig, SamplingConfig
+from r1jax.data.templates import build_prompt, chat_messages
+from r1jax.rewards.extract import extract_answer, find_boxed, gsm8k_gold, parse_number, split_reasoning
+
+CORRECT_AT = 1.0 - 1e-6  # a reward at least this is "correct" (countdown gives 0.1 for a well-formed miss)
+
+
+# --- metrics (pure) -------------------------------------------------------------------------------------------------
+def pass_at_k_single(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with ``c`` correct out of ``n`` samples: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
+    """Mean unbiased pass@k over problems; ``correct[i]`` lists problem i's per-sample correctness (n_i >= k)."""
+    if not correct:
+        return float("nan")
+    return float(np.mean([pass_at_k_single(len(c), int(sum(bool(x) for x in c)), k) for c in correct]))
+
+
+def pass_at_1(correct: Sequence[Sequence[bool]]) -> float:
+    """Mean over problems of the share of correct samples (pass@1 averaged over the k samples)."""
+    if not correct:
+        return float("nan")
+    return float(np.mean([np.mean([bool(x) for x in c]) if len(c) else 0.0 for c in correct]))
+
+
+def majority_vote(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """Is the majority answer of one problem correct? ``None`` answers abstain; ties go to the first seen."""
+    if len(answers) != len(correct):
+        raise ValueError(f"{len(answers)} answers but {len(correct)} correctness flags")
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(a for a in answers if a is not None and votes[a] == top)
+    return any(bool(c) for a, c in zip(answers, correct, strict=True) if a == winner)
+
+
+def maj_at_k(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]]) -> float:
+    """Mean over problems of ``majority_vote``."""
+    if len(answers) != len(correct):
+        raise ValueError(f"{len(answers)} problems of answers but {len(correct)} of correctness")
+    if not answers:
+        return float("nan")
+    return float(np.mean([majority_vote(a, c) for a, c in zip(answers, correct, strict=True)]))
+
+
+def answer_key(completion: str, meta: Mapping[str, Any], think_prefilled: bool = False) -> str | None:
+    """The answer a completion gives, normalised for voting, by the task's extraction rules; None if it has none.
+
+    gsm8k: the exact number (``<answer>`` / ``\\boxed`` / ``####``) as a reduced fraction string; math: the
+    extracted answer with whitespace removed; countdown and others: the extracted ``<answer>`` / boxed text with
+    whitespace removed.
+    """
+    task = meta.get("task", "math")
+    answer, _ = extract_answer(completion, think_prefilled)
+    if task == "gsm8k":
+        if answer is None:
+            _, region = split_reasoning(completion, think_prefilled)
+            if region is None or "<answer>" in region or find_boxed(region) or "####" not in region:
+                return None
+            answer = gsm8k_gold(region).split("\n", 1)[0]
+        value = parse_number(answer)
+        return None if value is None else str(value)
+    if answer is None:
+        return None
+    return "".join(answer.split()) or None
+
+
+# --- sampling shared by eval and rejection sampling -----------------------------------------------------------------
+def tokenizer_of(model: Any):
+    """The ``r1jax.data.tokenizer.Tokenizer`` stored with a loaded model (``R1jaxError`` when it has none)."""
+    from r1jax.data.tokenizer import Tokenizer
+    from r1jax.errors import CheckpointError
+
+    files = dict(getattr(model, "tokenizer_files", ()))
+    if "tokenizer.json" not in files:
+        raise CheckpointError("the model has no tokenizer files (tokenizer.json)")
+    return Tokenizer(files["tokenizer.json"], json.loads(files.get("tokenizer_config.json") or "{}"))
+
+
+def stop_ids_of(model: Any, tokenizer: Any) -> list[int]:
+    eos = getattr(tokenizer, "eos_id", None)
+    return sorted({*model.cfg.eos_token_ids, *([eos] if eos is not None else [])})
+
+
+def sample_completions(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    k: int,
+    sampling: SamplingConfig,
+    template: str = "r1_zero",
+    system: str | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[dict]:
+    """``k`` completions per example. Returns one dict per example: ``prompt`` (rendered text), ``think_prefilled``,
+    ``completions`` (k texts, stop token dropped), ``lengths`` (k token counts), ``ended`` (k bools).
+
+    Prompts go through the jitted group sampler (``r1jax.rollout.sample``, one prefill per prompt) in batches of
+    ``batch_size``; the last batch is padded with repeats so every call has the same shape.
+    """
+    from r1jax import rollout
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    stops = stop_ids_of(model, tokenizer)
+    rendered = [build_prompt(ex, tokenizer, template, system) for ex in examples]
+    ids = [tokenizer.encode(text) for text, _ in rendered]
+    params = model.param_dict()
+    key = jax.random.key(seed)
+    out: list[dict] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = ids[start : start + batch_size]
+        real = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch_size - real) if len(examples) > batch_size else chunk
+        ro = rollout.sample(
+            params,
+            chunk,
+            jax.random.fold_in(key, start),
+            cfg=model.cfg,
+            sampling=sampling,
+            group_size=k,
+            stop_ids=stops,
+            encode=tokenizer.encode,
+            decode=tokenizer.decode,
+        )
+        texts = rollout.completion_texts(
+            ro,
+            tokenizer.decode,
+            stop_ids=stops,
+            stop_strings=sampling.stop_strings,
+            include_stop_str=sampling.include_stop_str,
+        )
+        lengths, ended = np.asarray(ro.lengths), np.asarray(ro.ended)
+        for i in range(real):
+            text, prefilled = rendered[start + i]
+            rows = slice(i * k, (i + 1) * k)
+            out.append(
+                {
+                    "prompt": text,
+                    "think_prefilled": prefilled,
+                    "completions": texts[rows],
+                    "lengths": lengths[rows].tolist(),
+                    "ended": ended[rows].tolist(),
+                }
+            )
+    return out
+
+
+def score_samples(
+    samples: Sequence[Mapping[str, Any]], examples: Sequence[Mapping[str, Any]], rewards: RewardConfig
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(totals, components) per example: float32[k] weighted rewards and float32[k, f] per-function values, scored
+    with ``rewards`` (its ``think_prefilled`` taken from each sample's prompt)."""
+    from r1jax.rewards import Scorer
+
+    totals: list[np.ndarray] = [np.zeros(0, np.float32)] * len(samples)
+    comps: list[np.ndarray] = [np.zeros((0, len(rewards.functions)), np.float32)] * len(samples)
+    for prefilled in (False, True):
+        idx = [i for i, s in enumerate(samples) if bool(s["think_prefilled"]) == prefilled]
+        if not idx:
+            continue
+        cfg = RewardConfig(**{**_fields(rewards), "think_prefilled": prefilled})
+        texts, metas = [], []
+        for i in idx:
+            for c, n in zip(samples[i]["completions"], samples[i]["lengths"], strict=True):
+                texts.append(c)
+                metas.append({**examples[i], "num_tokens": int(n)})
+        with Scorer(cfg) as scorer:
+            values, _ = scorer.components(texts, metas)
+        weights = np.asarray(cfg.weights, np.float32)
+        at = 0
+        for i in idx:
+            n = len(samples[i]["completions"])
+            comps[i] = values[at : at + n]
+            totals[i] = values[at : at + n] @ weights
+            at += n
+    return totals, comps
+
+
+def _fields(cfg: Any) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    dataset: Sequence[Mapping[str, Any]],
+    *,
+    k: int = 4,
+    temperature: float = 0.6,
+    max_new_tokens: int = 1024,
+    template: str = "r1_zero",
+    system: str | None = None,
+    top_p: float = 0.95,
+    stop_strings: Sequence[str] = (),
+    limit: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    rewards: RewardConfig | None = None,
+    return_samples: bool = False,
+) -> dict:
+    """Sample ``k`` completions per problem and score them with the ``accuracy`` reward.
+
+    Returns ``{"pass@1", "maj@k", "pass@k", "n_problems", "k", "length_mean", "truncated_frac", "answered_frac"}``
+    (``maj@k`` / ``pass@k`` keyed with the actual k, e.g. ``"maj@4"``), plus ``"samples"`` (per problem: prompt,
+    completions, answers, correct) when ``return_samples``. Defaults follow R1's evaluation (temperature 0.6, top-p
+    0.95). ``rewards`` overrides the scoring config (default: the ``accuracy`` reward alone, in worker processes).
+    """
+    examples = [dataset[i] for i in range(len(dataset) if limit is None else min(limit, len(dataset)))]
+    if not examples:
+        raise ValueError("no problems to evaluate")
+    sampling = SamplingConfig(
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings)
+    )
+    samples = sample_completions(
+        model, tokenizer, examples, k=k, sampling=sampling, template=template, system=system,
+        batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    rewards = rewards or RewardConfig(functions=("accuracy",), weights=(1.0,))
+    acc = rewards.functions.index("accuracy") if "accuracy" in rewards.functions else None
+    if acc is None:
+        raise ValueError("evaluation needs the 'accuracy' reward in rewards.functions")
+    _, comps = score_samples(samples, examples, rewards)
+    correct = [list(c[:, acc] >= CORRECT_AT) for c in comps]
+    answers = [
+        [answer_key(t, ex, s["think_prefilled"]) for t in s["completions"]]
+        for s, ex in zip(samples, examples, strict=True)
+    ]
+    lengths = np.concatenate([s["lengths"] for s in samples])
+    ended = np.concatenate([s["ended"] for s in samples])
+    result: dict[str, Any] = {
+        "pass@1": pass_at_1(correct),
+        f"maj@{k}": maj_at_k(answers, correct),
+        f"pass@{k}": pass_at_k(correct, k),
+        "n_problems": len(examples),
+        "k": k,
+        "length_mean": float(lengths.mean()),
+        "truncated_frac": float(1.0 - ended.mean()),
+        "answered_frac": float(np.mean([a is not None for row in answers for a in row])),
+    }
+    if return_samples:
+        result["samples"] = [
+            {"prompt": s["prompt"], "completions": s["completions"], "answers": a, "correct": [bool(x) for x in c]}
+            for s, a, c in zip(samples, answers, correct, strict=True)
+        ]
+    return result
+
+
+def chat_record(example: Mapping[str, Any], completion: str, think_prefilled: bool, system: str | None = None):
+    """The ``messages`` of an SFT trace: the prompt's chat turns plus the assistant's reply (with the ``<think>``
+    opening that the template pre-filled, so the reply is complete on its own)."""
+    reply = ("<think>\n" + completion) if think_prefilled else completion
+    return [*chat_messages(example, system), {"role": "assistant", "content": reply}]
+
+
+def max_total_reward(rewards: RewardConfig) -> float:
+    """The highest total ``rewards`` can give: each function at its best end for the sign of its weight."""
+    from r1jax.rewards.registry import get
+
+    total = 0.0
+    for name, w in zip(rewards.functions, rewards.weights, strict=True):
+        spec = get(name)
+        total += w * (spec.high if w >= 0 else spec.low)
+    return total

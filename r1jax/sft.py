@@ -1,0 +1,209 @@
+"""Supervised fine-tuning and distillation: masked next-token cross-entropy on completions, over packed rows.
+
+The R1 pipeline uses SFT three times: the cold-start data before reasoning RL, the ~800k rejection-sampled traces
+(``r1jax sample``) before the last RL stage, and distillation (SFT of a dense Qwen2 / Llama base on the same traces,
+no RL). All three are this loss.
+
+Packing. Each example is a pair (prompt ids, completion ids). Its input tokens are ``(prompt + completion)[:-1]`` and
+its targets ``(prompt + completion)[1:]``, so an example of length L takes L - 1 slots of a row. ``pack_examples``
+places examples first-fit into rows of ``seq_len`` slots; every example gets its own segment id (1, 2, ... within a
+row; 0 is padding) and positions that restart at 0, so with ``forward(..., positions, segment_ids)`` a packed example
+sees exactly what it would see alone.
+
+Loss. ``loss_mask`` is 1 where the target is a completion token (slot j of an example with prompt length P counts
+when j >= P - 1) and 0 on prompt targets and padding. The loss is
+
+    L = (1 / N) sum_{rows, slots} -log p(target) * loss_mask,       N = completion tokens in the whole batch
+
+so every completion token weighs the same, whatever the packing (a packed batch gives the token-weighted mean of the
+examples' losses), and with gradient accumulation the micro-batch losses (each divided by the whole batch's N) sum to
+the batch loss.
+
+MoE. The router correction bias gets no gradient (``stop_gradient`` here and a frozen label in
+``r1jax.grpo.make_optimizer``); when ``router_bias_gamma`` is set it is moved by the aux-loss-free sign rule from the
+batch's expert loads after the optimiser step, as in the GRPO step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from r1jax.config import ModelConfig
+from r1jax.grpo import _stop_router_bias, update_router_bias
+from r1jax.model import Params, forward, token_logprobs
+
+Array = jax.Array
+Example = tuple[Sequence[int], Sequence[int]]
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def pack_examples(
+    examples: Sequence[Example],
+    seq_len: int,
+    *,
+    num_rows: int | None = None,
+    pad_id: int = 0,
+    truncate: bool = True,
+) -> dict[str, np.ndarray]:
+    """Pack (prompt ids, completion ids) pairs into rows of ``seq_len`` slots.
+
+    Returns numpy arrays ``tokens`` int32[r, seq_len], ``targets`` int32[r, seq_len], ``loss_mask`` float32[r,
+    seq_len] (1 on completion targets), ``segment_ids`` int32[r, seq_len] (1.. per example, 0 on padding) and
+    ``positions`` int32[r, seq_len] (restarting at 0 for every example). Rows are filled first-fit in the order of
+    ``examples``; ``num_rows`` pads the result with empty rows to a fixed count (a ``ValueError`` if more are needed).
+
+    An example longer than ``seq_len + 1`` tokens has its completion cut to fit when ``truncate`` (else a
+    ``ValueError``); a prompt that leaves no completion target in a row is always a ``ValueError``.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    rows: list[list[tuple[list[int], int]]] = []  # per row: (sequence, prompt length)
+    room: list[int] = []
+    for i, (prompt, completion) in enumerate(examples):
+        prompt, completion = [int(t) for t in prompt], [int(t) for t in completion]
+        if not prompt:
+            raise ValueError(f"example {i}: empty prompt (the first completion token needs a token to follow)")
+        if len(prompt) > seq_len:
+            raise ValueError(f"example {i}: prompt of {len(prompt)} tokens leaves no completion in {seq_len} slots")
+        seq = prompt + completion
+        if len(seq) - 1 > seq_len:
+            if not truncate:
+                raise ValueError(f"example {i}: {len(seq)} tokens do not fit in {seq_len} + 1")
+            seq = seq[: seq_len + 1]
+        need = max(len(seq) - 1, 1)
+        j = next((r for r, free in enumerate(room) if free >= need), None)
+        if j is None:
+            rows.append([])
+            room.append(seq_len)
+            j = len(rows) - 1
+        rows[j].append((seq, len(prompt)))
+        room[j] -= need
+    n = len(rows) if num_rows is None else num_rows
+    if len(rows) > n:
+        raise ValueError(f"{len(examples)} examples need {len(rows)} rows of {seq_len}, more than num_rows={n}")
+    out = {
+        "tokens": np.full((n, seq_len), pad_id, np.int32),
+        "targets": np.full((n, seq_len), pad_id, np.int32),
+        "loss_mask": np.zeros((n, seq_len), np.float32),
+        "segment_ids": np.zeros((n, seq_len), np.int32),
+        "positions": np.zeros((n, seq_len), np.int32),
+    }
+    for r, row in enumerate(rows):
+        at = 0
+        for s, (seq, plen) in enumerate(row, 1):
+            m = max(len(seq) - 1, 1)
+            sl = slice(at, at + m)
+            out["tokens"][r, sl] = seq[:m]
+            out["targets"][r, at : at + len(seq) - 1] = seq[1:]
+            out["loss_mask"][r, sl] = (np.arange(m) >= plen - 1) & (np.arange(m) < len(seq) - 1)
+            out["segment_ids"][r, sl] = s
+            out["positions"][r, sl] = np.arange(m)
+            at += m
+    return out
+
+
+def sft_loss(
+    params: Params, batch: Mapping[str, Array], cfg: ModelConfig, *, num_tokens: Array | float | None = None
+) -> tuple[Array, dict[str, Array]]:
+    """Masked next-token cross-entropy: (sum of -log p(target) over ``loss_mask``) / ``num_tokens``.
+
+    ``num_tokens`` defaults to the mask's sum in this call (pass the whole accumulated batch's count when this is a
+    micro-batch). Returns (loss, aux) with aux ``nll_sum``, ``tokens``, ``correct`` (argmax hits on counted
+    targets) and ``expert_load`` (f32[n_moe_layers, e] or None).
+    """
+    logits, aux = forward(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    mask = jnp.asarray(batch["loss_mask"], jnp.float32)
+    loss, nll_sum = completion_nll(logits, batch["targets"], mask, num_tokens)
+    hits = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32) * mask
+    out = {"nll_sum": nll_sum, "tokens": jnp.sum(mask), "correct": jnp.sum(hits), "expert_load": aux["expert_load"]}
+    return loss, out
+
+
+def completion_nll(
+    logits: Array, targets: Array, loss_mask: Array, num_tokens: Array | float | None = None
+) -> tuple[Array, Array]:
+    """(loss, nll sum) from logits f32[b, t, V]: -log p(target) summed where ``loss_mask`` is nonzero, divided by
+    ``num_tokens`` (default: the mask's sum). Masked positions get zero gradient."""
+    mask = jnp.asarray(loss_mask) != 0
+    nll = jnp.where(mask, -token_logprobs(logits, targets), 0.0)
+    total = jnp.sum(nll)
+    count = jnp.sum(mask.astype(jnp.float32)) if num_tokens is None else num_tokens
+    return total / jnp.maximum(jnp.asarray(count, jnp.float32), 1.0), jax.lax.stop_gradient(total)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "optimizer", "micro_batches", "router_bias_gamma"),
+    donate_argnames=("params", "opt_state"),
+)
+def sft_step(
+    params: Params,
+    opt_state: Any,
+    batch: Mapping[str, Array],
+    *,
+    cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    micro_batches: int = 1,
+    router_bias_gamma: float = 0.0,
+) -> tuple[Params, Any, dict[str, Array]]:
+    """One optimiser step on a packed batch (``pack_examples``' arrays, rows divisible by ``micro_batches``).
+
+    Gradients are accumulated over ``micro_batches`` micro-batches (a ``lax.scan``), each loss normalised by the
+    whole batch's completion-token count, so the result equals one full-batch step. ``optimizer`` is e.g.
+    ``r1jax.grpo.make_optimizer(OptimConfig(...))`` (it freezes the router bias). Metrics: ``loss`` (mean nll per
+    completion token), ``tokens``, ``token_accuracy``, ``grad_norm``; ``params`` and ``opt_state`` are donated.
+    """
+    batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+    n = batch["tokens"].shape[0]
+    if n % micro_batches:
+        raise ValueError(f"{n} rows do not split into {micro_batches} micro-batches")
+    num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    micro = jax.tree.map(lambda x: x.reshape(micro_batches, n // micro_batches, *x.shape[1:]), batch)
+
+    def loss_fn(p, mb):
+        return sft_loss(_stop_router_bias(p), mb, cfg, num_tokens=num_tokens)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(acc, mb):
+        (loss, aux), grads = grad_fn(params, mb)
+        acc_grads, acc_load = acc
+        acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+        if acc_load is not None:
+            acc_load = acc_load + aux["expert_load"]
+        return (acc_grads, acc_load), (loss, aux["correct"])
+
+    zero_load = jnp.zeros((cfg.n_moe_layers, cfg.n_experts), jnp.float32) if cfg.n_moe_layers else None
+    (grads, load), (losses, correct) = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), zero_load), micro)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params = update_router_bias(params, load, router_bias_gamma)
+    metrics = {
+        "loss": jnp.sum(losses),
+        "tokens": num_tokens,
+        "token_accuracy": jnp.sum(correct) / jnp.maximum(num_tokens, 1.0),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return params, opt_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def eval_loss(params: Params, batch: Mapping[str, Array], *, cfg: ModelConfig) -> Array:
+    """Mean nll per completion token of a packed batch (no gradient)."""
+    return sft_loss(params, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}, cfg)[0]
+
+
+def tokenize_trace(
+    prompt: str, completion: str, encode: Any, *, eos_id: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a text trace (``r1jax sample`` output), the EOS id appended to the completion
+    so the model learns to stop. Prompt and completion are tokenised separately, so the boundary is exact."""
+    ids = list(encode(completion))
+    return list(encode(prompt)), ids + ([eos_id] if eos_id is not None else [])
