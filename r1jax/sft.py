@@ -157,7 +157,8 @@ def sft_step(
 
     Gradients are accumulated over ``micro_batches`` micro-batches (a ``lax.scan``), each loss normalised by the
     whole batch's completion-token count, so the result equals one full-batch step. ``optimizer`` is e.g.
-    ``r1jax.grpo.make_optimizer(OptimConfig(...))`` (it freezes the router bias). Metrics: ``loss`` (mean nll per
+    ``r1jax.grpo.make_optimizer(OptimConfig(...))`` (it freezes the router bias); it is a static argument, so build it
+    once and pass the same instance every step. Metrics: ``loss`` (mean nll per
     completion token), ``tokens``, ``token_accuracy``, ``grad_norm``; ``params`` and ``opt_state`` are donated.
     """
     batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
