@@ -9,13 +9,28 @@ import numpy as np
 import pytest
 
 import configs
-from r1jax.config import LossAgg, TrainConfig
+from r1jax.config import LossAgg, ModelConfig, TrainConfig
 from r1jax.grpo import GRPOTrainer, make_optimizer, update_router_bias
 from r1jax.model import init_params
 from r1jax.sharding import make_mesh
 
 PROMPTS = [[2, 3, 4], [7, 8], [9, 10, 11, 12], [13]]
 TARGET = 5
+DENSE = ModelConfig(arch="qwen2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffw=48)
+
+
+def _tiny():
+    """The tiny preset with Adam eps 1e-5 instead of 1e-8: with eps = 1e-8 a gradient of float-noise size (~1e-10,
+    which differs between reduction orders) becomes a sizeable step, and comparisons of two runs would measure that
+    amplification rather than the computation. Shared by the learning and mesh tests so they share compilations."""
+    cfg = configs.tiny()
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, eps=1e-5))
+
+
+def _update_atol(cfg, steps):
+    """Parameters near zero are compared on the scale of what training moved them: an Adam step moves each entry by
+    at most ~lr, so 1e-4 of lr x steps is the same relative precision as rtol=1e-4 on the update."""
+    return 1e-4 * cfg.optim.lr * steps
 
 
 def _init(cfg, seed=0):
@@ -61,8 +76,9 @@ def test_router_bias_moves_against_load_and_not_through_the_optimiser():
     np.testing.assert_array_equal(new["moe_layers"]["mlp"]["router"], params["moe_layers"]["mlp"]["router"])
     # the optimiser leaves the bias alone even when handed a gradient and weight decay for it
     tx = make_optimizer(dataclasses.replace(configs.tiny().optim, weight_decay=0.1))
-    grads = jax.tree.map(jnp.ones_like, new)
-    updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, new)
+    small = {"moe_layers": {"mlp": {k: new["moe_layers"]["mlp"][k] for k in ("router", "router_bias")}}}
+    grads = jax.tree.map(jnp.ones_like, small)
+    updates, _ = tx.update(grads, tx.init(small), small)
     np.testing.assert_array_equal(updates["moe_layers"]["mlp"]["router_bias"], 0.0)
     assert float(jnp.abs(updates["moe_layers"]["mlp"]["router"]).min()) > 0
 
@@ -80,7 +96,7 @@ def _run(cfg, steps, mesh=None, seed=0):
 def test_grpo_raises_a_learnable_reward():
     """Reward = share of completion tokens equal to 5 (chance 1/64). 22 steps of the tiny preset (G=4, 4 prompts,
     2 micro-batches, KL to a reference refreshed every 10 steps) lift it far above chance."""
-    cfg = configs.tiny()
+    cfg = _tiny()
     state, hist = _run(cfg, 22)
     rewards = [m["reward/mean"] for m in hist]
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
@@ -97,14 +113,8 @@ def test_grpo_raises_a_learnable_reward():
 
 
 def test_data_parallel_mesh_equals_single_device():
-    """Two steps on an 8-device data mesh (rows sharded, parameters replicated) equal the single-device run.
-
-    Adam's eps is raised to 1e-5 for this comparison: with eps = 1e-8, a gradient of float-noise size (~1e-10, which
-    differs between reduction orders) becomes a sizeable step and the comparison would measure that amplification,
-    not the sharded computation.
-    """
-    cfg = configs.tiny()
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3, eps=1e-5))
+    """Two steps on an 8-device data mesh (rows sharded, parameters replicated) equal the single-device run."""
+    cfg = _tiny()
     single, h1 = _run(cfg, 2)
     sharded, h8 = _run(cfg, 2, mesh=make_mesh({"data": 8}))
     leaf = jax.tree.leaves(sharded.params)[0]
@@ -115,4 +125,70 @@ def test_data_parallel_mesh_equals_single_device():
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-7, err_msg=key)
     want, got = jax.device_get(single.params), jax.device_get(sharded.params)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=_update_atol(cfg, steps=2))
+
+
+def test_accumulated_micro_batches_equal_one_batch():
+    """Normalising every micro-batch by the whole mini-batch's counts makes accumulation exact: the tiny preset's 2
+    micro-batches of 8 give the loss, KL, gradient norm and update of one batch of 16 (rows of very different
+    lengths; per-sequence means, the normaliser most easily got wrong). Same shapes as a real tiny step."""
+    from r1jax.grpo import TrainBatch, update_minibatch
+
+    cfg = _tiny()
+    mcfg = cfg.model
+    rng = np.random.default_rng(0)
+    n, T = cfg.grpo.samples_per_step, cfg.grpo.max_completion_len
+    lengths = rng.integers(1, T + 1, n)
+    mask = np.arange(T)[None] < lengths[:, None]
+    batch = TrainBatch(
+        prompt_tokens=jnp.asarray(rng.integers(2, 64, (n, 32)), jnp.int32),
+        prompt_start=jnp.asarray(rng.integers(0, 30, n), jnp.int32),
+        tokens=jnp.asarray(rng.integers(2, 64, (n, T)), jnp.int32),
+        mask=jnp.asarray(mask, jnp.float32),
+        advantages=jnp.asarray(rng.normal(size=n), jnp.float32),
+        sampler_logp=jnp.zeros((n, T), jnp.float32),
+        old_logp=None,
+        ref_logp=jnp.asarray(np.where(mask, rng.normal(-4.2, 0.3, (n, T)), 0.0), jnp.float32),
+    )
+    params = _init(mcfg)
+    tx = make_optimizer(cfg.optim)
+    outs = []
+    for micro in (cfg.micro_batch, n):
+        p = jax.tree.map(jnp.copy, params)
+        new, _, metrics = update_minibatch(p, tx.init(p), batch, cfg=cfg, model_cfg=mcfg, micro_batch=micro, mesh=None)
+        outs.append((jax.device_get(new), jax.device_get(metrics)))
+    (p_acc, m_acc), (p_one, m_one) = outs
+    assert cfg.micro_batch < n
+    for key in ("loss", "grad_norm", "kl", "entropy", "tokens"):
+        np.testing.assert_allclose(m_acc[key], m_one[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(p_one), jax.tree.leaves(p_acc), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=_update_atol(cfg, steps=1))
+
+
+def test_dynamic_sampling_overlong_and_several_updates_per_step():
+    """DAPO switches plus mu = 2 and 2 mini-batches (dense model): oversampled prompts, only informative groups
+    trained."""
+    cfg = configs.tiny()
+    g = dataclasses.replace(
+        cfg.grpo, dynamic_sampling=True, overlong_filter=True, num_iterations=2, num_minibatches=2, loss_agg="dapo"
+    )
+    cfg = dataclasses.replace(cfg, grpo=g, model=DENSE)
+    trainer = GRPOTrainer(cfg, cfg.model, first_prompt_reward)
+    state = trainer.init_state(_init(cfg.model))
+    prompts = PROMPTS + [[20, 21], [22]]  # 6 sampled, 4 trained on
+    state, m = trainer.grpo_step(state, prompts, [{"i": i} for i in range(6)], jax.random.key(0))
+    assert m["groups/sampled"] == 6 and m["groups/trained"] == 1  # only prompt 0's group has reward variance
+    assert m["reward/zero_variance_frac"] == pytest.approx(5 / 6)
+    assert all(np.isfinite(v) for v in m.values())
+    import optax
+
+    count = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")[0][1]
+    assert int(count) == 4  # mu x mini-batches optimiser steps
+
+
+def first_prompt_reward(ro, metadata):
+    """Prompt 0's samples score their first token's parity, every other prompt scores 0 (zero variance)."""
+    first = np.asarray(ro.tokens)[:, 0] % 2
+    r = np.asarray([float(f) if m["i"] == 0 else 0.0 for f, m in zip(first, metadata, strict=True)], np.float32)
+    r[0], r[1] = 0.0, 1.0  # make sure the informative group really varies
+    return r, {}
