@@ -128,37 +128,40 @@ def _parse(text: str, tp: Any, key: str) -> Any:
 
 
 def apply_overrides(cfg: TrainConfig, sets: list[str]) -> TrainConfig:
-    """``["grpo.group_size=16", ...]`` -> a new config; values are parsed with the field's type and validated."""
+    """``["grpo.group_size=16", ...]`` -> a new config. Each value is parsed with its field's type; all overrides are
+    applied together, so fields that must agree (e.g. reward functions and weights) can change at once."""
+    changes: dict = {}
     for item in sets:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        cfg = _set(cfg, key.strip().split("."), text.strip(), key.strip(), cfg)
-    return cfg
-
-
-def _set(obj, parts: list[str], text: str, key: str, root):
-    names = {f.name for f in dataclasses.fields(obj)}
-    if parts[0] not in names:
-        close = difflib.get_close_matches(key, config_keys(root), n=1)
-        raise ConfigError(f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    current = getattr(obj, parts[0])
-    if len(parts) > 1:
-        if current is None:
-            raise ConfigError(f"{key}: {'.'.join(parts[:1])} is None in this config")
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"unknown config key {key!r}: {parts[0]} has no fields")
-        value = _set(current, parts[1:], text, key, root)
-    else:
-        if dataclasses.is_dataclass(current):
-            raise ConfigError(
-                f"{key} is a group; set one of its fields, e.g. {key}.{dataclasses.fields(current)[0].name}"
-            )
-        value = _parse(text, _field_types(type(obj))[parts[0]], key)
+        key, text = (x.strip() for x in item.split("=", 1))
+        node, obj = changes, cfg
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                close = difflib.get_close_matches(key, config_keys(cfg), n=1)
+                raise ConfigError(f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            value = getattr(obj, part)
+            if i < len(parts) - 1:
+                if value is None:
+                    raise ConfigError(f"{key}: {'.'.join(parts[: i + 1])} is None in this config")
+                node, obj = node.setdefault(part, {}), value
+            elif dataclasses.is_dataclass(value):
+                raise ConfigError(
+                    f"{key} is a group; set one of its fields, e.g. {key}.{dataclasses.fields(value)[0].name}"
+                )
+            else:
+                node[part] = _parse(text, _field_types(type(obj))[part], key)
     try:
-        return dataclasses.replace(obj, **{parts[0]: value})
+        return _rebuild(cfg, changes)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{key}={text}: {e}") from None
+        raise ConfigError(f"invalid overrides {' '.join(sets)}: {e}") from None
+
+
+def _rebuild(obj, changes: dict):
+    return dataclasses.replace(
+        obj, **{k: _rebuild(getattr(obj, k), v) if isinstance(v, dict) else v for k, v in changes.items()}
+    )
 
 
 def config_to_json(cfg) -> Any:
@@ -262,6 +265,7 @@ class Checkpoints:
     def restore_newest(self, abstract_params, abstract_train):
         """(step, params, train, meta) from the newest checkpoint that restores, or None if there is none."""
         a = self.ocp.args
+        damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 out = self.manager.restore(
@@ -272,8 +276,11 @@ class Checkpoints:
                         meta=a.JsonRestore(),
                     ),
                 )
+                for bad in damaged:  # so that training can write these steps again
+                    self.manager.delete(bad)
                 return step, out["params"], out["train"], out["meta"]
             except Exception as e:  # damaged or half-written: fall back to the previous one
+                damaged.append(step)
                 warnings.warn(
                     f"checkpoint step {step} cannot be restored ({e.__class__.__name__}); trying the previous one",
                     stacklevel=2,
@@ -425,12 +432,6 @@ def run(cfg: TrainConfig, out_dir: str, *, progress: bool = True, max_steps: int
                     counters["skipped_steps"] += 1
                     counters["consecutive_skips"] += 1
                     new_state = stage.keep_params(state, new_state, step)
-                    if counters["consecutive_skips"] >= cfg.max_consecutive_skips:
-                        raise TrainingError(
-                            f"{counters['consecutive_skips']} consecutive steps with non-finite loss or gradients "
-                            f"(at step {step}); the last good checkpoint is kept in {out_dir}/checkpoints — lower the "
-                            "learning rate or check the data"
-                        )
                 else:
                     counters["consecutive_skips"] = 0
                 state = new_state
@@ -443,6 +444,12 @@ def run(cfg: TrainConfig, out_dir: str, *, progress: bool = True, max_steps: int
                 }
                 log.write(metrics)
                 last = metrics
+                if counters["consecutive_skips"] >= cfg.max_consecutive_skips:
+                    raise TrainingError(
+                        f"{counters['consecutive_skips']} consecutive steps with non-finite loss or gradients "
+                        f"(at step {step}); the last good checkpoint is kept in {out_dir}/checkpoints — lower the "
+                        "learning rate or check the data"
+                    )
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in stage.headline if k in metrics})

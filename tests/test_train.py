@@ -1,0 +1,170 @@
+"""The training loop: exact resume, SIGTERM/SIGKILL, determinism, non-finite steps, config overrides, run dirs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import r1jax
+from r1jax import train
+from r1jax.errors import ConfigError
+
+FAST = [
+    "steps=4",
+    "checkpoint.every=1",
+    "checkpoint.keep=10",
+    "data.template=plain",
+    "data.max_prompt_tokens=384",
+    "rewards.num_workers=0",
+]
+
+
+@pytest.fixture(autouse=True)
+def _tfds_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "tfds"))
+
+
+def _cfg(*extra):
+    return train.apply_overrides(train.load_config("tiny_text"), FAST + list(extra))
+
+
+def _params(run_dir):
+    return jax.tree.map(np.asarray, r1jax.load(str(run_dir)).param_dict())
+
+
+def _assert_same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 4-step run (with its metrics)."""
+    os.environ["TFDS_DATA_DIR"] = str(tmp_path_factory.getbasetemp() / "tfds")
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train.run(_cfg(), str(out), progress=False)
+    return out
+
+
+def test_run_dir_layout_and_metrics(reference_run):
+    lines = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert all("reward/mean" in m and "kl" in m and "grad_norm" in m for m in lines)
+    assert (reference_run / "tb").is_dir() and any((reference_run / "tb").iterdir())
+    model = r1jax.load(str(reference_run))
+    assert model.cfg.vocab_size == 320
+
+
+def test_resume_is_exact(reference_run, tmp_path):
+    out = tmp_path / "run"
+    train.run(_cfg(), str(out), progress=False, max_steps=2)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    train.run(_cfg(), str(out), progress=False)
+    _assert_same(_params(out), _params(reference_run))
+    ref_lines = (reference_run / "metrics.jsonl").read_text().splitlines()
+    got_lines = (out / "metrics.jsonl").read_text().splitlines()
+    strip = lambda ls: [{k: v for k, v in json.loads(x).items() if not k.startswith(("perf/", "time/"))} for x in ls]  # noqa: E731
+    assert strip(got_lines) == strip(ref_lines)
+
+
+def test_same_seed_is_bitwise_identical(reference_run, tmp_path):
+    train.run(_cfg(), str(tmp_path / "again"), progress=False)
+    _assert_same(_params(tmp_path / "again"), _params(reference_run))
+
+
+def test_damaged_newest_checkpoint_is_skipped(reference_run, tmp_path):
+    out = tmp_path / "run"
+    train.run(_cfg(), str(out), progress=False, max_steps=3)
+    newest = out / "checkpoints" / "3" / "params"
+    for f in newest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0" * f.stat().st_size)
+    with pytest.warns(UserWarning, match="step 3"):
+        train.run(_cfg(), str(out), progress=False)
+    _assert_same(_params(out), _params(reference_run))
+
+
+def _spawn(out, *extra):
+    cmd = [sys.executable, "-m", "r1jax", "train", "tiny_text", "--out", str(out), "--no-progress"]
+    cmd += [a for s in FAST + list(extra) for a in ("--set", s)]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu")
+    )
+
+
+def _wait_for_step(out, proc, n, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        path = out / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+    raise AssertionError("no progress")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_to_the_same_parameters(reference_run, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = _spawn(out)
+    _wait_for_step(out, proc, 1)
+    t0 = time.time()
+    proc.send_signal(sig)
+    code = proc.wait(timeout=60)
+    if sig == signal.SIGTERM:
+        assert code == train.SIGTERM_EXIT and time.time() - t0 < 30
+        assert "saved step" in proc.stderr.read()
+    else:
+        assert code == -signal.SIGKILL
+    again = _spawn(out)
+    assert again.wait(timeout=300) == 0, again.stderr.read()[-2000:]
+    _assert_same(_params(out), _params(reference_run))
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    out = tmp_path / "run"
+    # an absurd learning rate makes the parameters overflow after the first update; every later step is non-finite
+    cfg = _cfg("optim.lr=1e38", "max_consecutive_skips=2", "steps=6")
+    with pytest.raises(train.TrainingError, match="2 consecutive steps with non-finite"):
+        train.run(cfg, str(out), progress=False)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["skipped_steps"] == 2
+    assert (out / "checkpoints" / "1").is_dir()
+
+
+def test_overrides_are_type_checked():
+    cfg = train.apply_overrides(
+        train.load_config("tiny_text"),
+        ["grpo.group_size=2", "rewards.functions=countdown", "rewards.weights=1.0", "init=none"],
+    )
+    assert cfg.grpo.group_size == 2 and cfg.rewards.functions == ("countdown",) and cfg.init is None
+    with pytest.raises(ConfigError, match="did you mean 'grpo.group_size'"):
+        train.apply_overrides(cfg, ["grpo.group_sise=4"])
+    with pytest.raises(ConfigError, match="not a valid int"):
+        train.apply_overrides(cfg, ["grpo.group_size=four"])
+    with pytest.raises(ConfigError, match="one of grpo, dapo, dr_grpo"):
+        train.apply_overrides(cfg, ["grpo.loss_agg=ppo"])
+    with pytest.raises(ConfigError, match="unknown config 'tiny_txt'; did you mean 'tiny_text'"):
+        train.load_config("tiny_txt")
+
+
+def test_unwritable_output_fails_at_start(tmp_path, capsys):
+    from r1jax.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert main(["train", "tiny_text", "--out", str(blocker / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("r1jax: error:") and "not writable" in err and len(err.splitlines()) == 1
+
+
+def test_changed_config_on_resume_is_refused(reference_run):
+    with pytest.raises(ConfigError, match="different config"):
+        train.run(_cfg("optim.lr=0.5"), str(reference_run), progress=False)
