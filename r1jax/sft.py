@@ -183,10 +183,14 @@ def sft_step(
 
     zero_load = jnp.zeros((cfg.n_moe_layers, cfg.n_experts), jnp.float32) if cfg.n_moe_layers else None
     (grads, load), (losses, correct) = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), zero_load), micro)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    params = update_router_bias(params, load, router_bias_gamma)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = update_router_bias(optax.apply_updates(params, updates), load, router_bias_gamma)
+    # a non-finite loss or gradient skips the step: parameters and optimiser state stay as they were
+    finite = jnp.isfinite(jnp.sum(losses)) & jnp.isfinite(optax.tree.norm(grads))
+    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params, params)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_opt_state, opt_state)
     metrics = {
+        "skipped": 1.0 - finite.astype(jnp.float32),
         "loss": jnp.sum(losses),
         "tokens": num_tokens,
         "token_accuracy": jnp.sum(correct) / jnp.maximum(num_tokens, 1.0),

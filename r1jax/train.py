@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from r1jax.config import ModelConfig, Stage, TrainConfig
@@ -485,8 +484,6 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
 def _make_stage(cfg: TrainConfig, model_cfg: ModelConfig, tok):
     if cfg.stage == Stage.GRPO:
         return GRPOStage(cfg, model_cfg, tok)
-    from r1jax.sft_stage import SFTStage
-
     return SFTStage(cfg, model_cfg, tok)
 
 
@@ -551,5 +548,71 @@ class GRPOStage:
         return self.trainer.grpo_step(state, prompts, metas, key)
 
 
-def _as_jnp(tree):
-    return jax.tree.map(jnp.asarray, tree)
+class SFTStage:
+    """SFT / distillation: (prompt, completion) pairs packed into ``sft_batch_size`` rows of ``data.seq_len``.
+
+    The completion is the example's ``completion`` (e.g. ``r1jax sample`` traces, R1 stage 3) or its reference
+    ``solution`` (cold start on worked solutions); the prompt goes through ``data.template``.
+    """
+
+    headline = ("loss", "token_accuracy")
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok):
+        from r1jax.grpo import make_optimizer
+
+        self.cfg, self.model_cfg, self.tok = cfg, model_cfg, tok
+        self.optimizer = make_optimizer(cfg.optim)
+
+    def init(self, params):
+        return {"params": params, "opt": jax.jit(self.optimizer.init)(params)}
+
+    def abstract(self, state):
+        return jax.eval_shape(lambda: state["params"]), jax.eval_shape(lambda: {"opt": state["opt"]})
+
+    def restore(self, state, params, train):
+        return {"params": params, "opt": train["opt"]}
+
+    def to_save(self, state):
+        return state["params"], {"opt": state["opt"]}
+
+    def keep_params(self, old, new, step):
+        return new  # sft_step leaves parameters untouched when non-finite
+
+    def data(self, start: int):
+        from r1jax.data.datasets import batches
+
+        d = self.cfg.data
+        return batches(
+            dataset_for(self.cfg),
+            self.cfg.sft_batch_size,
+            self.cfg.seed,
+            start,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            tokenizer=self.tok,
+            template=d.template,
+            system=d.system,
+            max_prompt_tokens=min(d.max_prompt_tokens, d.seq_len - 1),
+        )
+
+    def step(self, state, batch, key):
+        from r1jax.sft import pack_examples, sft_step, tokenize_trace
+
+        pairs = []
+        for ex in batch:
+            completion = ex.get("completion", ex.get("solution"))
+            if completion is None:
+                raise ConfigError("SFT examples need a 'completion' (or 'solution') field")
+            pairs.append(tokenize_trace(ex["prompt_text"], completion, self.tok.encode, eos_id=self.tok.eos_id))
+        packed = pack_examples(pairs, self.cfg.data.seq_len, num_rows=len(pairs), pad_id=self.tok.eos_id or 0)
+        micro = max(1, len(pairs) // (self.cfg.micro_batch_size or len(pairs)))
+        params, opt, m = sft_step(
+            state["params"],
+            state["opt"],
+            packed,
+            cfg=self.model_cfg,
+            optimizer=self.optimizer,
+            micro_batches=micro,
+            router_bias_gamma=self.cfg.optim.router_bias_gamma,
+        )
+        return {"params": params, "opt": opt}, {k: float(v) for k, v in jax.device_get(m).items()}

@@ -168,3 +168,29 @@ def test_unwritable_output_fails_at_start(tmp_path, capsys):
 def test_changed_config_on_resume_is_refused(reference_run):
     with pytest.raises(ConfigError, match="different config"):
         train.run(_cfg("optim.lr=0.5"), str(reference_run), progress=False)
+
+
+def test_sft_stage_learns_and_loads(tmp_path):
+    """Cold-start SFT on GSM8K worked solutions (byte tokenizer, tiny model): the loss falls; the run loads."""
+    from r1jax.data.datasets import default_gsm8k_dir
+
+    if not default_gsm8k_dir().exists():
+        pytest.skip("shared/data/gsm8k is not available")
+    cfg = train.apply_overrides(
+        train.load_config("tiny_text"),
+        [
+            "stage=sft",
+            "data.name=gsm8k",
+            "data.template=plain",
+            "data.seq_len=384",
+            "sft_batch_size=4",
+            "micro_batch_size=2",
+            "steps=16",
+            "optim.lr=0.01",
+            "checkpoint.every=6",
+        ],
+    )
+    train.run(cfg, str(tmp_path / "sft"), progress=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    assert r1jax.load(str(tmp_path / "sft")).cfg.vocab_size == 320
