@@ -63,11 +63,28 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _mesh(spec: str):
+    """``"fsdp=4,tensor=2"`` -> a mesh over all devices (one clear error for impossible shapes)."""
+    from r1jax.errors import ConfigError
+    from r1jax.sharding import make_mesh
+
+    try:
+        shape = {k.strip(): int(v) for k, v in (part.split("=") for part in spec.split(","))}
+        return make_mesh(shape)
+    except ValueError as e:
+        raise ConfigError(f"--mesh {spec}: {e}") from None
+
+
 def _cmd_train(args) -> int:
     from r1jax import train
 
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # TPU pods / SLURM: coordinator and process ids are detected
     cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
-    last = train.run(cfg, args.out, progress=not args.no_progress, max_steps=args.max_steps)
+    mesh = _mesh(args.mesh) if args.mesh else None
+    last = train.run(cfg, args.out, mesh=mesh, progress=not args.no_progress, max_steps=args.max_steps)
     shown = {
         k: round(v, 4)
         for k, v in last.items()
@@ -111,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. grpo.group_size=16")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert)")
+    t.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     t.set_defaults(fn=_cmd_train)
     for register in COMMANDS:
         register(sub)
@@ -137,4 +156,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-from r1jax import commands  # noqa: E402,F401  (registers sample, eval, report)
+from r1jax import commands, demo  # noqa: E402,F401  (register sample, eval, report, demo)

@@ -366,8 +366,9 @@ def _progress(total: int, start: int, enabled: bool):
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-def run(cfg: TrainConfig, out_dir: str, *, progress: bool = True, max_steps: int | None = None) -> dict:
-    """Train (or resume) into ``out_dir``; returns the last step's metrics. ``max_steps`` stops early (for tests)."""
+def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Train (or resume) into ``out_dir``; returns the last step's metrics. ``mesh`` (the caller's) shards the
+    model and batch; ``max_steps`` stops early, resumably."""
     from r1jax.checkpoint import META, config_to_dict
 
     run_dir = Path(out_dir)
@@ -401,7 +402,7 @@ def run(cfg: TrainConfig, out_dir: str, *, progress: bool = True, max_steps: int
         for name, text in getattr(model, "tokenizer_files", ()):
             (run_dir / name).write_text(text)
 
-    stage = _make_stage(cfg, model_cfg, tok)
+    stage = _make_stage(cfg, model_cfg, tok, mesh)
     state = stage.init(params)
     ckpts = Checkpoints(run_dir, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
@@ -481,10 +482,10 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
-def _make_stage(cfg: TrainConfig, model_cfg: ModelConfig, tok):
+def _make_stage(cfg: TrainConfig, model_cfg: ModelConfig, tok, mesh=None):
     if cfg.stage == Stage.GRPO:
-        return GRPOStage(cfg, model_cfg, tok)
-    return SFTStage(cfg, model_cfg, tok)
+        return GRPOStage(cfg, model_cfg, tok, mesh)
+    return SFTStage(cfg, model_cfg, tok, mesh)
 
 
 def dataset_for(cfg: TrainConfig):
@@ -499,13 +500,15 @@ class GRPOStage:
 
     headline = ("reward/mean", "accuracy", "kl", "response/length_mean")
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok):
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok, mesh=None):
         from r1jax import grpo
 
         self.cfg, self.model_cfg, self.tok = cfg, model_cfg, tok
         stops = _stop_ids(model_cfg, tok)
         reward = grpo.text_reward(cfg, tok.decode, stops)
-        self.trainer = grpo.GRPOTrainer(cfg, model_cfg, reward, stop_ids=stops, encode=tok.encode, decode=tok.decode)
+        self.trainer = grpo.GRPOTrainer(
+            cfg, model_cfg, reward, mesh=mesh, stop_ids=stops, encode=tok.encode, decode=tok.decode
+        )
 
     def init(self, params):
         return self.trainer.init_state(params)
@@ -557,13 +560,18 @@ class SFTStage:
 
     headline = ("loss", "token_accuracy")
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok):
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok, mesh=None):
         from r1jax.grpo import make_optimizer
 
-        self.cfg, self.model_cfg, self.tok = cfg, model_cfg, tok
+        self.cfg, self.model_cfg, self.tok, self.mesh = cfg, model_cfg, tok, mesh
         self.optimizer = make_optimizer(cfg.optim)
 
     def init(self, params):
+        if self.mesh is not None:
+            from r1jax.model import param_specs
+            from r1jax.sharding import param_shardings
+
+            params = jax.device_put(params, param_shardings(param_specs(self.model_cfg), self.mesh))
         return {"params": params, "opt": jax.jit(self.optimizer.init)(params)}
 
     def abstract(self, state):

@@ -194,3 +194,32 @@ def test_sft_stage_learns_and_loads(tmp_path):
     losses = [json.loads(x)["loss"] for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     assert r1jax.load(str(tmp_path / "sft")).cfg.vocab_size == 320
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "grpo.group_sise=4"], "did you mean 'grpo.group_size'"),
+        (["--set", "steps=many"], "not a valid int"),
+        (["--mesh", "fsdp=3"], "needs 3 devices, 8 available"),
+        (["--mesh", "fsdp=2,model=4"], "unknown mesh axes"),
+        (["--set", "micro_batch_size=3"], "must divide the mini-batch"),
+    ],
+)
+def test_cli_config_errors_are_one_line(tmp_path, capsys, argv, message):
+    from r1jax.cli import main
+
+    assert main(["train", "tiny_text", "--out", str(tmp_path / "run"), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("r1jax: error:") and message in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_out_of_disk_is_refused_at_start(tmp_path, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    with pytest.raises(ConfigError, match="GiB free, checkpoints need about"):
+        train.run(_cfg(), str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
