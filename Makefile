@@ -5,7 +5,7 @@ SMOLLM2 = $$($(PY) -c "import importlib.util, os; print(os.path.join(os.path.dir
 PROMPT ?= What is the capital of France? Answer in one sentence.
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint setup
+.PHONY: demo generate test lint setup
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
+	JAX_PLATFORMS=cpu $(VENV)/bin/r1jax demo --out runs/demo
+
+generate: $(VENV)/.installed
 	$(VENV)/bin/r1jax generate --model "$(SMOLLM2)" --prompt "$(PROMPT)" --max-new-tokens 64
 
 test: $(VENV)/.installed

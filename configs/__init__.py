@@ -12,6 +12,7 @@ from collections.abc import Callable
 from r1jax.config import TrainConfig
 
 from .dapo import dapo
+from .demo import demo_distill, demo_grpo, demo_sft
 from .dr_grpo import dr_grpo
 from .r1 import r1
 from .tiny import tiny, tiny_model
@@ -23,6 +24,9 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "dr_grpo": dr_grpo,
     "tiny": tiny,
     "tiny_text": tiny_text,
+    "demo_sft": demo_sft,
+    "demo_grpo": demo_grpo,
+    "demo_distill": demo_distill,
 }
 
 
