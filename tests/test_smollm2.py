@@ -74,3 +74,12 @@ def test_greedy_generation_identical(ours, theirs):
     eos = hf_tok.eos_token_id
     assert got == (out[: out.index(eos)] if eos in out else out)
     assert "Paris" in tok.decode(got)
+
+
+def test_generate_cli(capsys):
+    from r1jax.cli import main
+
+    assert main(["generate", "--model", GGUF, "--prompt", PROMPT, "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr()
+    assert "Paris" in out.out
+    assert "12 new tokens" in out.err or "new tokens" in out.err
