@@ -303,6 +303,16 @@ def _flash(q, k, v, segment_ids, scale):
     return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=scale)
 
 
+def self_attention(q, k, v, positions: jax.Array, segment_ids, cfg: ModelConfig) -> jax.Array:
+    """Causal self-attention over the sequence (packed segments kept apart): the Pallas flash kernel when
+    ``attention_impl == pallas``, else XLA."""
+    scale = softmax_scale(cfg)
+    if cfg.attention_impl == AttentionImpl.PALLAS:
+        return _flash(q, k, v, segment_ids, scale)
+    segs = None if segment_ids is None else (segment_ids, segment_ids)
+    return attend(q, k, v, _mask(positions, positions, None, segs), scale)
+
+
 def _mask(positions_q: jax.Array, positions_k: jax.Array, valid_k: jax.Array | None, segs) -> jax.Array:
     """Causal mask bool[b, t, s] from slot indices; ``valid_k`` bool[b, s]; ``segs`` (q_seg[b,t], k_seg[b,s])."""
     m = positions_k[:, None, :] <= positions_q[:, :, None]
@@ -335,13 +345,7 @@ def mla_attention(p: Params, x: jax.Array, positions: jax.Array, segment_ids, cf
     kv = jnp.einsum("btc,chk->bthk", latent, p["kv_b"].astype(x.dtype))
     k_nope, v = kv[..., : cfg.qk_nope_dim], kv[..., cfg.qk_nope_dim :]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], cfg.qk_rope_dim))], -1)
-    q = jnp.concatenate([q_nope, q_rope], -1)
-    scale = softmax_scale(cfg)
-    if cfg.attention_impl == AttentionImpl.PALLAS:
-        out = _flash(q, k, v, segment_ids, scale)
-    else:
-        segs = None if segment_ids is None else (segment_ids, segment_ids)
-        out = attend(q, k, v, _mask(positions, positions, None, segs), scale)
+    out = self_attention(jnp.concatenate([q_nope, q_rope], -1), k, v, positions, segment_ids, cfg)
     return jnp.einsum("bthv,hvd->btd", out, p["o"].astype(x.dtype))
 
 
@@ -389,13 +393,7 @@ def _gqa_out(p: Params, out: jax.Array) -> jax.Array:
 
 def gqa_attention(p: Params, x: jax.Array, positions: jax.Array, segment_ids, cfg: ModelConfig) -> jax.Array:
     q, k, v = _gqa_qkv(p, x, positions, cfg)
-    scale = softmax_scale(cfg)
-    if cfg.attention_impl == AttentionImpl.PALLAS:
-        out = _flash(q, k, v, segment_ids, scale)
-    else:
-        segs = None if segment_ids is None else (segment_ids, segment_ids)
-        out = attend(q, k, v, _mask(positions, positions, None, segs), scale)
-    return _gqa_out(p, out)
+    return _gqa_out(p, self_attention(q, k, v, positions, segment_ids, cfg))
 
 
 def gqa_attention_cached(p: Params, x, positions, layer_cache: dict, slots, valid_k, cfg: ModelConfig):

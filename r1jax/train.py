@@ -495,6 +495,25 @@ def dataset_for(cfg: TrainConfig):
     return load_dataset(d.name, d.split, data_dir=d.data_dir, seed=cfg.seed, source=d.source)
 
 
+def training_batches(cfg: TrainConfig, tok, batch_size: int, start: int, max_prompt_tokens: int):
+    """This process's batches from step ``start`` on (a pure function of seed and step: resumes exactly)."""
+    from r1jax.data.datasets import batches
+
+    d = cfg.data
+    return batches(
+        dataset_for(cfg),
+        batch_size,
+        cfg.seed,
+        start,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        tokenizer=tok,
+        template=d.template,
+        system=d.system,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+
+
 class GRPOStage:
     """GRPO: prompts from ``cfg.data``, sampled in groups, scored by the reward functions, one policy update."""
 
@@ -529,20 +548,8 @@ class GRPOStage:
         return new  # the update itself leaves parameters untouched when non-finite (see grpo.update_minibatch)
 
     def data(self, start: int):
-        from r1jax.data.datasets import batches
-
-        d = self.cfg.data
-        return batches(
-            dataset_for(self.cfg),
-            self.cfg.grpo.prompts_per_step,
-            self.cfg.seed,
-            start,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            tokenizer=self.tok,
-            template=d.template,
-            system=d.system,
-            max_prompt_tokens=d.max_prompt_tokens,
+        return training_batches(
+            self.cfg, self.tok, self.cfg.grpo.prompts_per_step, start, self.cfg.data.max_prompt_tokens
         )
 
     def step(self, state, batch, key):
@@ -587,20 +594,9 @@ class SFTStage:
         return new  # sft_step leaves parameters untouched when non-finite
 
     def data(self, start: int):
-        from r1jax.data.datasets import batches
-
         d = self.cfg.data
-        return batches(
-            dataset_for(self.cfg),
-            self.cfg.sft_batch_size,
-            self.cfg.seed,
-            start,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            tokenizer=self.tok,
-            template=d.template,
-            system=d.system,
-            max_prompt_tokens=min(d.max_prompt_tokens, d.seq_len - 1),
+        return training_batches(
+            self.cfg, self.tok, self.cfg.sft_batch_size, start, min(d.max_prompt_tokens, d.seq_len - 1)
         )
 
     def step(self, state, batch, key):

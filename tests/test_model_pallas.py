@@ -4,33 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from r1jax.configs.tiny import tiny_model
 
 from r1jax.config import ModelConfig
 from r1jax.model import forward, init_params, token_logprobs
 
 CONFIGS = {
-    "mla": ModelConfig(
-        arch="deepseek_v3",
-        vocab_size=64,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        ffw=48,
-        q_lora_rank=16,
-        kv_lora_rank=12,
-        qk_nope_dim=8,
-        qk_rope_dim=4,
-        v_head_dim=6,
-        n_experts=4,
-        n_shared_experts=1,
-        experts_per_token=2,
-        moe_ffw=16,
-        first_k_dense=1,
-        scoring="sigmoid",
-        topk_method="noaux_tc",
-        norm_topk_prob=True,
-        rope_interleave=True,
-    ),
+    "mla": tiny_model(),
     "gqa": ModelConfig(
         arch="qwen2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffw=48, qkv_bias=True
     ),
