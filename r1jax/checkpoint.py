@@ -217,7 +217,7 @@ def convert(src: str, out_dir: str, *, dtype: str | None = None, mtp: bool = Fal
     return model
 
 
-def export_hf(model: Transformer, out_dir: str, *, dtype: str | None = None) -> None:
+def export_hf(model: Transformer, out_dir: str, *, dtype: str | None = None, shard_bytes: int = 2 << 30) -> None:
     """Write a HF directory (config.json + safetensors + tokenizer files) that transformers loads."""
     import ml_dtypes
 
@@ -228,4 +228,6 @@ def export_hf(model: Transformer, out_dir: str, *, dtype: str | None = None) -> 
     with tempfile.TemporaryDirectory() as tok_dir:
         _write_tokenizer(model, tok_dir)
         extra = {n: os.path.join(tok_dir, n) for n in os.listdir(tok_dir)}
-        hf.write_hf(params, model.cfg, out_dir, base_config=base or None, extra_files=extra, dtype=dt)
+        hf.write_hf(
+            params, model.cfg, out_dir, base_config=base or None, extra_files=extra, dtype=dt, shard_bytes=shard_bytes
+        )

@@ -90,3 +90,19 @@ def test_bfloat16_policy(tiny):
     assert got.dtype == jnp.float32
     # bf16 keeps 8 mantissa bits: a few per cent of the logit range after 3 layers
     np.testing.assert_array_less(rel_err(got, hf_tiny.hf_logits(ref, tokens)), 5e-2)
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    """A checkpoint split into several safetensors files with ``model.safetensors.index.json`` loads (r1jax and
+    transformers) and streams tensor by tensor."""
+    from transformers import AutoModelForCausalLM
+
+    ref = hf_tiny.build("deepseek_v3", str(tmp_path / "src"))
+    r1jax.export_hf(r1jax.load(str(tmp_path / "src")), str(tmp_path / "sharded"), shard_bytes=20_000)
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(files) > 3 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    tokens = np.random.RandomState(4).randint(3, 96, (1, 8))
+    want = hf_tiny.hf_logits(ref, tokens)
+    np.testing.assert_array_less(rel_err(r1jax.load(str(tmp_path / "sharded"))(tokens), want), REL)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sharded"), dtype=torch.float32).eval()
+    np.testing.assert_array_less(rel_err(hf_tiny.hf_logits(back, tokens), want), 1e-6)
