@@ -106,20 +106,29 @@ def _with_numerics(cfg: ModelConfig, dtype: str | None, attention_impl: str | No
 
 
 def _place(params: dict, cfg: ModelConfig, mesh) -> dict:
-    """Cast to the declared dtypes and put each leaf on device(s) — sharded by the rules table when ``mesh``."""
-    specs = param_specs(cfg, mtp="mtp" in params)
+    """Cast to the declared dtypes and put each leaf on device(s) — sharded by the rules table when ``mesh`` (each
+    device receives only its slice). Host arrays are released leaf by leaf, so host memory peaks at one copy of the
+    model plus one tensor."""
     from r1jax.sharding import param_shardings
 
+    specs = param_specs(cfg, mtp="mtp" in params)
     shardings = param_shardings(specs, mesh) if mesh is not None else None
-
-    def put(spec, a, sh=None):
-        a = np.asarray(a).astype(jnp.dtype(spec.dtype or cfg.param_dtype))
-        return jax.device_put(a, sh) if sh is not None else jnp.asarray(a)
-
-    is_spec = lambda x: hasattr(x, "axes")  # noqa: E731
-    if shardings is None:
-        return jax.tree.map(put, specs, params, is_leaf=is_spec)
-    return jax.tree.map(put, specs, params, shardings, is_leaf=is_spec)
+    out: dict = {}
+    for path, spec in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: hasattr(x, "axes")):
+        keys = [k.key for k in path]
+        host_parent, out_parent = params, out
+        for k in keys[:-1]:
+            host_parent, out_parent = host_parent[k], out_parent.setdefault(k, {})
+        a = np.asarray(host_parent[keys[-1]]).astype(jnp.dtype(spec.dtype or cfg.param_dtype), copy=False)
+        if shardings is None:
+            out_parent[keys[-1]] = jnp.array(a)
+        else:
+            sh = shardings
+            for k in keys:
+                sh = sh[k]
+            out_parent[keys[-1]] = jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx])
+        host_parent[keys[-1]] = None  # release the host copy now
+    return out
 
 
 def _make_model(cfg, params, mesh, hf_cfg, files) -> Transformer:
