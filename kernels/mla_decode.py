@@ -3,20 +3,24 @@
 Algorithm: DeepSeek-V2 (arXiv:2405.04434) section 2.1.3 "weight absorption" and the FlashMLA decode kernel.
 W_UK is folded into the query and W_UV into the output projection, so every query head of a sequence attends
 to the SAME compressed cache: `score[h, j] = sm_scale * (q_latent[h] . latent[j] + q_rope[h] . rope[j])`,
-`out[h] = sum_j softmax_j(score[h])[j] * latent[j]` over positions `j < length`. All heads of a sequence are one
-matrix tile, so the cache is read once per sequence, not once per head: the kernel is bandwidth bound.
+`out[h] = sum_j softmax_j(score[h])[j] * latent[j]` over positions `start <= j < length`. All heads of a
+sequence are one matrix tile, so the cache is read once per sequence, not once per head: the kernel is
+bandwidth bound.
 
 Split-KV (flash-decoding): the positions of each sequence are cut into `num_splits` contiguous ranges, each
 handled by an independent program that writes an unnormalised partial (output, log-sum-exp); a small jnp
 combine step merges them. Splits keep all cores busy when the batch is small.
 
-Masking: positions >= length are excluded with `where` on the scores AND on the latent rows before the
-probability-weighted sum, so stale or NaN cache entries past a sequence's length never reach the output (0 * NaN
-would). Blocks wholly past the length are neither computed nor (on TPU) fetched. A length of 0 gives zeros.
+Masking: positions >= length and (optional `starts`, for left-padded caches) positions < start are excluded
+with `where` on the scores AND on the latent rows before the probability-weighted sum, so stale or NaN cache
+entries outside a sequence's range never reach the output (0 * NaN would). Blocks wholly outside the range are
+neither computed nor (on TPU) fetched; a split entirely before the start contributes nothing. An empty range
+(length 0, or start >= length) gives zeros.
 
 Shapes: q_latent `[b, h, c]`, q_rope `[b, h, p]`, latent_cache `[b, s, c]`, rope_cache `[b, s, p]`,
-lengths int32 `[b]` -> `[b, h, c]` in q_latent's dtype; DeepSeek-V3: c = 512, p = 64, h = 128 / tensor-parallel
-degree. Any s (the last block may be partial). Forward only (decode is not differentiated).
+lengths int32 `[b]`, optional starts int32 `[b]` (default 0) -> `[b, h, c]` in q_latent's dtype;
+DeepSeek-V3: c = 512, p = 64, h = 128 / tensor-parallel degree. Any s (the last block
+may be partial). Forward only (decode is not differentiated).
 """
 
 from __future__ import annotations
@@ -114,14 +118,14 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _scores(ql, qr, lat, rp, k_start, length, sm_scale):
+def _scores(ql, qr, lat, rp, k_start, start, length, sm_scale):
     s = lax.dot_general(ql, lat, _NT, preferred_element_type=jnp.float32, precision=_precision(ql.dtype))
     s += lax.dot_general(qr, rp, _NT, preferred_element_type=jnp.float32, precision=_precision(qr.dtype))
     s = s * sm_scale
     cols = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    rows_valid = (k_start + lax.broadcasted_iota(jnp.int32, (lat.shape[0], 1), 0)) < length
-    lat_safe = jnp.where(rows_valid, lat, jnp.zeros_like(lat))
-    return jnp.where(cols < length, s, _NEG_INF), lat_safe
+    rows = k_start + lax.broadcasted_iota(jnp.int32, (lat.shape[0], 1), 0)
+    lat_safe = jnp.where((rows >= start) & (rows < length), lat, jnp.zeros_like(lat))
+    return jnp.where((cols >= start) & (cols < length), s, _NEG_INF), lat_safe
 
 
 def _finish(m, l, acc):
@@ -134,9 +138,11 @@ def _finish(m, l, acc):
 # ------------------------------------------------------------------------------------------------ TPU (Mosaic)
 
 
-def _tpu_kernel(lens_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, sm_scale, bk, nps):
+def _tpu_kernel(
+    lens_ref, starts_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, sm_scale, bk, nps
+):
     bi, si, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    length = lens_ref[bi]
+    length, start = lens_ref[bi], starts_ref[bi]
     k_start = (si * nps + j) * bk
 
     @pl.when(j == 0)
@@ -145,9 +151,9 @@ def _tpu_kernel(lens_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, m_sc,
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @pl.when(k_start < length)
+    @pl.when((k_start < length) & (k_start + bk > start))
     def _body():
-        s, lat_safe = _scores(ql_ref[...], qr_ref[...], lat_ref[...], rp_ref[...], k_start, length, sm_scale)
+        s, lat_safe = _scores(ql_ref[...], qr_ref[...], lat_ref[...], rp_ref[...], k_start, start, length, sm_scale)
         m, l, acc = _online_update(s, lat_safe, m_sc[...], l_sc[...], acc_sc[...])
         m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
@@ -158,7 +164,7 @@ def _tpu_kernel(lens_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, m_sc,
         lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def _tpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpret):
+def _tpu_partials(q_latent, q_rope, latent, rope, lengths, starts, sm_scale, bs, interpret):
     b, h, c = q_latent.shape
     s, p = latent.shape[1], rope.shape[-1]
     bk = min(bs.block_k, round_up(s, 8))
@@ -166,16 +172,18 @@ def _tpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpr
     ns = _num_splits(bs, b, nblocks, "tpu")
     nps = -(-nblocks // ns)
 
-    def kv_index(bi, si, j, lens_ref):
-        last = jnp.maximum((lens_ref[bi] + bk - 1) // bk - 1, 0)  # do not fetch blocks past the length
-        return bi, jnp.minimum(jnp.minimum(si * nps + j, last), nblocks - 1), 0
+    def kv_index(bi, si, j, lens_ref, starts_ref):
+        # Do not fetch blocks outside [start, length): skipped steps repeat a neighbouring block (no new DMA).
+        last = jnp.maximum((lens_ref[bi] + bk - 1) // bk - 1, 0)
+        first = jnp.minimum(starts_ref[bi] // bk, last)
+        return bi, jnp.minimum(jnp.clip(si * nps + j, first, last), nblocks - 1), 0
 
-    q_spec = lambda d: pl.BlockSpec((None, h, d), lambda bi, si, j, lens_ref: (bi, 0, 0))  # noqa: E731
-    out_spec = lambda d: pl.BlockSpec((None, None, h, d), lambda bi, si, j, lens_ref: (bi, si, 0, 0))  # noqa: E731
+    q_spec = lambda d: pl.BlockSpec((None, h, d), lambda bi, si, j, *_: (bi, 0, 0))  # noqa: E731
+    out_spec = lambda d: pl.BlockSpec((None, None, h, d), lambda bi, si, j, *_: (bi, si, 0, 0))  # noqa: E731
     from jax.experimental.pallas import tpu as pltpu
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(b, ns, nps),
         in_specs=[q_spec(c), q_spec(p), pl.BlockSpec((None, bk, c), kv_index), pl.BlockSpec((None, bk, p), kv_index)],
         out_specs=[out_spec(c), out_spec(NUM_LANES)],
@@ -202,25 +210,25 @@ def _tpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpr
             bytes_accessed=int(latent.size * latent.dtype.itemsize + rope.size * rope.dtype.itemsize),
         ),
         name="mla_decode",
-    )(lengths, q_latent, q_rope, latent, rope)
+    )(lengths, starts, q_latent, q_rope, latent, rope)
     return o, lse[..., 0]
 
 
 # ------------------------------------------------------------------------------------------------ GPU (Triton)
 
 
-def _gpu_kernel(lens_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, *, sm_scale, bk, nps):
+def _gpu_kernel(lens_ref, starts_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, *, sm_scale, bk, nps):
     si = pl.program_id(1)
-    length = lens_ref[0]
+    length, start = lens_ref[0], starts_ref[0]
     ql, qr = ql_ref[...], qr_ref[...]
     h, c = ql.shape
-    lo = si * nps
-    hi = jnp.minimum(lo + nps, (length + bk - 1) // bk)
+    lo = jnp.maximum(si * nps, start // bk)  # blocks wholly before the start are skipped
+    hi = jnp.minimum(si * nps + nps, (length + bk - 1) // bk)
 
     def body(j, carry):
         k_start = j * bk
         sl = pl.ds(pl.multiple_of(k_start, bk), bk)
-        s, lat_safe = _scores(ql, qr, lat_ref[sl, :], rp_ref[sl, :], k_start, length, sm_scale)
+        s, lat_safe = _scores(ql, qr, lat_ref[sl, :], rp_ref[sl, :], k_start, start, length, sm_scale)
         return _online_update(s, lat_safe, *carry)
 
     carry = (
@@ -234,7 +242,7 @@ def _gpu_kernel(lens_ref, ql_ref, qr_ref, lat_ref, rp_ref, o_ref, lse_ref, *, sm
     lse_ref[...] = lse[:, 0]
 
 
-def _gpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpret):
+def _gpu_partials(q_latent, q_rope, latent, rope, lengths, starts, sm_scale, bs, interpret):
     b, h, c = q_latent.shape
     s, p = latent.shape[1], rope.shape[-1]
     bk = min(bs.block_k, max(16, next_pow2(s)))
@@ -270,6 +278,7 @@ def _gpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpr
         grid=(b, ns),
         in_specs=[
             pl.BlockSpec((1,), lambda bi, si: (bi,)),
+            pl.BlockSpec((1,), lambda bi, si: (bi,)),
             pl.BlockSpec((None, hp, cp), lambda bi, si: (bi, 0, 0)),
             pl.BlockSpec((None, hp, pp), lambda bi, si: (bi, 0, 0)),
             pl.BlockSpec((None, sp, cp), lambda bi, si: (bi, 0, 0)),
@@ -286,7 +295,7 @@ def _gpu_partials(q_latent, q_rope, latent, rope, lengths, sm_scale, bs, interpr
         compiler_params=params,
         interpret=interpret,
         name="mla_decode",
-    )(lengths, ql, qr, lat, rp)
+    )(lengths, starts, ql, qr, lat, rp)
     return o[:, :, :h, :c], lse[:, :, :h]
 
 
@@ -300,17 +309,20 @@ def _combine(o, lse):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_sizes", "kind"))
-def _mla_decode(q_latent, q_rope, latent_cache, rope_cache, lengths, *, sm_scale, interpret, block_sizes, kind):
+def _mla_decode(q_latent, q_rope, latent_cache, rope_cache, lengths, starts, *, sm_scale, interpret, block_sizes, kind):
     b, h, c = q_latent.shape
     s = latent_cache.shape[1]
     if latent_cache.shape != (b, s, c) or q_rope.shape[:2] != (b, h):
         raise ValueError(f"incompatible shapes q_latent {q_latent.shape}, latent {latent_cache.shape}")
     if rope_cache.shape != (b, s, q_rope.shape[-1]) or lengths.shape != (b,):
         raise ValueError(f"incompatible shapes q_rope {q_rope.shape}, rope {rope_cache.shape}, lengths {lengths.shape}")
+    if starts is not None and starts.shape != (b,):
+        raise ValueError(f"incompatible shapes starts {starts.shape}, lengths {lengths.shape}")
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
+    starts = jnp.zeros_like(lengths) if starts is None else jnp.clip(starts.astype(jnp.int32), 0, s)
     bs = block_sizes or MLADecodeBlockSizes.default(kind)
     fn = _gpu_partials if kind == "gpu" else _tpu_partials
-    o, lse = fn(q_latent, q_rope, latent_cache, rope_cache, lengths, float(sm_scale), bs, interpret)
+    o, lse = fn(q_latent, q_rope, latent_cache, rope_cache, lengths, starts, float(sm_scale), bs, interpret)
     return _combine(o, lse).astype(q_latent.dtype)
 
 
@@ -322,11 +334,15 @@ def mla_decode(
     lengths: jax.Array,
     *,
     sm_scale: float,
+    starts: jax.Array | None = None,
     interpret: bool | None = None,
     block_sizes: MLADecodeBlockSizes | None = None,
     kind: str | None = None,
 ) -> jax.Array:
-    """Absorbed-MLA decode attention; see the module docstring. Returns `[b, h, c]` in q_latent's dtype."""
+    """Absorbed-MLA decode attention; see the module docstring. Returns `[b, h, c]` in q_latent's dtype.
+
+    Sequence b attends to cache positions `[starts[b], lengths[b])`; `starts=None` means 0.
+    """
     interp = resolve_interpret(interpret)
     return _mla_decode(
         q_latent,
@@ -334,6 +350,7 @@ def mla_decode(
         latent_cache,
         rope_cache,
         lengths,
+        starts,
         sm_scale=float(sm_scale),
         interpret=interp,
         block_sizes=block_sizes,
@@ -349,10 +366,14 @@ def mla_decode_reference(
     lengths: jax.Array,
     *,
     sm_scale: float,
+    starts: jax.Array | None = None,
 ) -> jax.Array:
-    """Plain-jnp absorbed-MLA decode with the same masking (NaN-safe past the lengths)."""
+    """Plain-jnp absorbed-MLA decode with the same masking (NaN-safe outside `[starts, lengths)`)."""
     s = latent_cache.shape[1]
-    valid = jnp.arange(s)[None, :] < lengths[:, None]  # [b, s]
+    pos = jnp.arange(s)[None, :]
+    valid = pos < lengths[:, None]  # [b, s]
+    if starts is not None:
+        valid &= pos >= starts[:, None]
     lat = jnp.where(valid[..., None], latent_cache, 0)
     rope = jnp.where(valid[..., None], rope_cache, 0)
     scores = jnp.einsum("bhc,bsc->bhs", q_latent, lat, preferred_element_type=jnp.float32)

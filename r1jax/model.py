@@ -349,6 +349,19 @@ def mla_attention(p: Params, x: jax.Array, positions: jax.Array, segment_ids, cf
     return jnp.einsum("bthv,hvd->btd", out, p["o"].astype(x.dtype))
 
 
+def _mla_decode_step(q_lat, q_rope, lat_cache, rope_cache, slots, valid_k, cfg: ModelConfig) -> jax.Array:
+    """One decode token (t == 1) with the Pallas absorbed-MLA kernel: sequence b attends to cache slots
+    ``[start[b], slots[b, 0]]``, start being its first valid slot (a row with none attends to nothing)."""
+    from r1jax.kernels import mla_decode
+
+    lengths = slots[:, 0].astype(jnp.int32) + 1
+    starts = jnp.where(valid_k.any(axis=1), jnp.argmax(valid_k, axis=1).astype(jnp.int32), lengths)
+    out = mla_decode(
+        q_lat[:, 0], q_rope[:, 0], lat_cache, rope_cache, lengths, starts=starts, sm_scale=softmax_scale(cfg)
+    )
+    return out[:, None]
+
+
 def mla_attention_cached(p: Params, x, positions, layer_cache: dict, slots, valid_k, cfg: ModelConfig):
     """Absorbed MLA against the compressed cache; writes this step's latent and rope key at ``slots[0]``."""
     q_nope, q_rope, latent, k_rope = _mla_qkv(p, x, positions, cfg)
@@ -362,14 +375,19 @@ def mla_attention_cached(p: Params, x, positions, layer_cache: dict, slots, vali
     w_uk = p["kv_b"][..., : cfg.qk_nope_dim].astype(x.dtype)  # [c, h, n]
     w_uv = p["kv_b"][..., cfg.qk_nope_dim :].astype(x.dtype)  # [c, h, v]
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)
-    scores = jnp.einsum("bthc,bsc->bhts", q_lat, lat_cache.astype(x.dtype), preferred_element_type=jnp.float32)
-    scores += jnp.einsum("bthp,bsp->bhts", q_rope, rope_cache.astype(x.dtype), preferred_element_type=jnp.float32)
-    s_idx = jnp.arange(lat_cache.shape[1])[None]
-    mask = _mask(slots, jnp.broadcast_to(s_idx, (x.shape[0], s_idx.shape[1])), valid_k, None)[:, None]
-    probs = jax.nn.softmax(jnp.where(mask, scores * softmax_scale(cfg), -jnp.inf), axis=-1)
-    probs = jnp.where(mask, probs, 0.0)
-    safe_latent = jnp.where(valid_k[..., None], lat_cache, 0).astype(jnp.float32)
-    out_lat = jnp.einsum("bhts,bsc->bthc", probs, safe_latent).astype(x.dtype)
+    if cfg.attention_impl == AttentionImpl.PALLAS and x.shape[1] == 1:
+        out_lat = _mla_decode_step(
+            q_lat, q_rope, lat_cache.astype(x.dtype), rope_cache.astype(x.dtype), slots, valid_k, cfg
+        )
+    else:
+        scores = jnp.einsum("bthc,bsc->bhts", q_lat, lat_cache.astype(x.dtype), preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthp,bsp->bhts", q_rope, rope_cache.astype(x.dtype), preferred_element_type=jnp.float32)
+        s_idx = jnp.arange(lat_cache.shape[1])[None]
+        mask = _mask(slots, jnp.broadcast_to(s_idx, (x.shape[0], s_idx.shape[1])), valid_k, None)[:, None]
+        probs = jax.nn.softmax(jnp.where(mask, scores * softmax_scale(cfg), -jnp.inf), axis=-1)
+        probs = jnp.where(mask, probs, 0.0)
+        safe_latent = jnp.where(valid_k[..., None], lat_cache, 0).astype(jnp.float32)
+        out_lat = jnp.einsum("bhts,bsc->bthc", probs, safe_latent).astype(x.dtype)
     out = jnp.einsum("bthc,chv->bthv", out_lat, w_uv)
     return jnp.einsum("bthv,hvd->btd", out, p["o"].astype(x.dtype)), {"latent": lat_cache, "rope": rope_cache}
 

@@ -209,6 +209,49 @@ def test_mla_decode_matches_reference_and_ignores_nan_past_length(kind, dtype):
     np.testing.assert_allclose(outs[3], outs[1], atol=fwd_tol, rtol=fwd_tol)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_mla_decode_starts_mask_left_padding(kind):
+    """`starts` (left-padded caches): positions before the start are masked like those past the length, NaN
+    there does not leak, start == length gives zeros; ranges off the block boundaries, splits wholly before
+    the start."""
+    ql, qr, lat, rope, _ = _decode_inputs(jnp.float32, b=5, s=50, seed=1)
+    lengths = jnp.array([50, 23, 40, 17, 9], jnp.int32)
+    starts = jnp.array([37, 5, 0, 17, 3], jnp.int32)
+    scale = 0.125
+    ref = K.mla_decode_reference(ql, qr, lat, rope, lengths, sm_scale=scale, starts=starts)
+    pos = jnp.arange(lat.shape[1])[None, :]
+    valid = ((pos >= starts[:, None]) & (pos < lengths[:, None]))[..., None]
+    lat_nan, rope_nan = jnp.where(valid, lat, jnp.nan), jnp.where(valid, rope, jnp.nan)
+    # the reference agrees with plain softmax attention restricted to the range
+    row = 1
+    sc = (ql[row] @ lat[row, 5:23].T + qr[row] @ rope[row, 5:23].T) * scale
+    want = jax.nn.softmax(sc, axis=-1) @ lat[row, 5:23]
+    np.testing.assert_allclose(_f32(ref)[row], _f32(want), atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(_f32(ref)[3], 0.0)
+    for splits in (1, 3):
+        bs = K.MLADecodeBlockSizes(block_k=16, num_splits=splits)
+        out = K.mla_decode(
+            ql,
+            qr,
+            lat_nan,
+            rope_nan,
+            lengths,
+            sm_scale=scale,
+            starts=starts,
+            block_sizes=bs,
+            interpret=INTERPRET,
+            kind=kind,
+        )
+        assert np.isfinite(_f32(out)).all()
+        np.testing.assert_array_equal(_f32(out)[3], 0.0)  # start == length -> zeros
+        np.testing.assert_allclose(_f32(out), _f32(ref), atol=2e-5, rtol=2e-5)
+    # starts=None is starts=0
+    zero = jnp.zeros_like(starts)
+    a = K.mla_decode(ql, qr, lat, rope, lengths, sm_scale=scale, starts=zero, interpret=INTERPRET, kind=kind)
+    b = K.mla_decode(ql, qr, lat, rope, lengths, sm_scale=scale, interpret=INTERPRET, kind=kind)
+    np.testing.assert_allclose(_f32(a), _f32(b), atol=1e-6, rtol=1e-6)
+
+
 def test_mla_decode_default_api():
     ql, qr, lat, rope, lengths = _decode_inputs(jnp.float32, b=2, s=20)
     out = K.mla_decode(ql, qr, lat, rope, lengths, sm_scale=0.1)
