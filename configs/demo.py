@@ -1,9 +1,9 @@
 """``make demo``: R1 in miniature on a 2-core CPU. Three stages, each a preset; ``r1jax.demo.run_demo`` chains them,
 pointing ``data.name`` at the generated JSONL directories and ``init`` at the previous stage's run directory.
 
-Task: three-digit addition (``What is 347 + 285?``) over UTF-8 bytes, answered R1-style as
-``<think>7+5=12 4+8+1=13 3+2+1=6</think> <answer>632</answer>`` (column addition, carries written out): prompts
-are 18 bytes, completions 49-56 bytes plus EOS, so sequences fit 80 slots and completions 64 tokens.
+Task: two-digit addition (``What is 47 + 85?``) over UTF-8 bytes, answered R1-style as
+``<think>7+5=12 4+8+1=13</think> <answer>132</answer>`` (column addition, carries written out): prompts are 16
+bytes, completions at most 51 bytes plus EOS, so sequences fit 72 slots and completions 56 tokens.
 
 Teacher (``demo_model``): a DeepSeek-V3-style model, d=128, 3 layers (layer 0 dense, layers 1-2 MoE), MLA with
 q-LoRA 64, kv latent 32, 4 heads x (nope 16 + rope 16) for q/k and v 32; MoE of 4 routed experts (sigmoid router,
@@ -17,13 +17,13 @@ top-2, no-aux-loss bias balancing, ffw 128) plus one shared expert.
 Student (``demo_student_model``): a dense Qwen2-style model (GQA 4 heads / 2 kv heads, q/k/v bias), d=64, 2 layers,
 ffw 192: 2 x 320 x 64 + 2 x (64 x (64 + 32 + 32) + 64 x 64 + 3 x 64 x 192) = 41 k + 2 x 53 k ~= 0.15 M.
 
-Stages (the step counts are what fits the 15-minute budget; measured times are in the README):
+Stages (step counts sized for the 15-minute budget; measured times land in runs/demo/summary.json):
 - ``demo_sft`` (cold start): 32 traces per step, lr 3e-3 with warmup and cosine decay. Deliberately short, so the
   model is right on only part of the held-out problems and RL has room to improve it.
-- ``demo_grpo``: 16 prompts x G = 8 = 128 samples per step, temperature 1.0, rewards accuracy + format_strict (equal
-  weight, as R1), clip 0.2 / 0.28, beta = 0.001, one on-policy update per step. Rewards are scored in-process
-  (``num_workers=0``): the demo's rewards are trusted numeric matches, and a worker process would compete with JAX
-  for the two cores.
+- ``demo_grpo``: 16 prompts x G = 8 = 128 samples per step, temperature 1.0, lr 1e-4, rewards accuracy +
+  format_strict (equal weight, as R1), clip 0.2 / 0.28, beta = 0.001, one on-policy update per step. Rewards are
+  scored in-process (``num_workers=0``): the demo's rewards are trusted numeric matches, and a worker process would
+  compete with JAX for the two cores.
 - ``demo_distill``: SFT of the student from scratch on the correct traces rejection-sampled from the GRPO model.
 """
 
@@ -40,8 +40,8 @@ from r1jax.config import (
     TrainConfig,
 )
 
-MAX_LEN = 64  # completion tokens (bytes + EOS)
-SEQ_LEN = 80  # SFT row: prompt (18) + completion (<= 57), one trace per row
+MAX_LEN = 56  # completion tokens (bytes + EOS)
+SEQ_LEN = 72  # SFT row: prompt (16) + completion (<= 52), one trace per row
 TEMPLATE = "{prompt}"  # the bare question: the trace format is learnt from the cold-start data
 DATA_DIR = "runs/demo/data"  # {train,test}.jsonl written by r1jax.demo
 
@@ -106,7 +106,7 @@ def _sft(model: ModelConfig | None, *, steps: int, lr: float, data: str) -> Trai
 
 
 def demo_sft() -> TrainConfig:
-    return _sft(demo_model(), steps=150, lr=3e-3, data=DATA_DIR)
+    return _sft(demo_model(), steps=250, lr=3e-3, data=DATA_DIR)
 
 
 def demo_grpo() -> TrainConfig:
@@ -126,7 +126,7 @@ def demo_grpo() -> TrainConfig:
         ),
         sampling=SamplingConfig(temperature=1.0, max_new_tokens=MAX_LEN),
         rewards=RewardConfig(functions=("accuracy", "format_strict"), weights=(1.0, 1.0), num_workers=0),
-        optim=OptimConfig(lr=1e-3, weight_decay=0.0),
+        optim=OptimConfig(lr=1e-4, weight_decay=0.0),  # 1e-3 collapses the policy (KL 1 within 4 steps)
         data=DataConfig(name=DATA_DIR, template=TEMPLATE, max_prompt_tokens=32),
         checkpoint=CheckpointConfig(every=steps, keep=1),
     )

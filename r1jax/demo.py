@@ -1,8 +1,8 @@
 """``r1jax demo``: DeepSeek-R1's pipeline in miniature, from scratch, on a CPU, with no download.
 
 1. Cold start: a tiny DeepSeek-V3-style model (MLA + MoE with a shared expert, ``configs/demo.py``) is trained by
-   SFT on generated reasoning traces for three-digit addition, written the way R1 answers
-   (``<think>7+5=12 4+8+1=13 3+2+1=6</think> <answer>632</answer>``: column addition with the carries).
+   SFT on generated reasoning traces for two-digit addition, written the way R1 answers
+   (``<think>7+5=12 4+8+1=13</think> <answer>132</answer>``: column addition with the carries).
    The SFT is deliberately short, so the model solves only part of the held-out problems.
 2. Reasoning RL: GRPO with the rule-based rewards (accuracy + strict format) on training prompts.
 3. Distillation: rejection sampling from the RL model on training prompts (kept: correct and well formed), then SFT
@@ -56,15 +56,20 @@ def addition_example(a: int, b: int) -> dict:
     return {"prompt": addition_prompt(a, b), "completion": addition_trace(a, b), "answer": str(a + b), "task": "gsm8k"}
 
 
-def make_addition_data(out: str | os.PathLike, *, n_train: int, n_test: int, seed: int = 0) -> dict[str, int]:
-    """Write ``{train,test}.jsonl`` of three-digit additions to ``out``: disjoint (``a + b`` and ``b + a`` count as
-    one problem), deterministic in ``seed``. Returns the split sizes."""
+def make_addition_data(
+    out: str | os.PathLike, *, n_train: int, n_test: int, seed: int = 0, digits: int = 3
+) -> dict[str, int]:
+    """Write ``{train,test}.jsonl`` of ``digits``-digit additions to ``out``: disjoint (``a + b`` and ``b + a`` count
+    as one problem), deterministic in ``seed``. Returns the split sizes."""
+    lo, hi = 10 ** (digits - 1), 10**digits
+    if n_train + n_test > (hi - lo) * (hi - lo + 1) // 2:
+        raise ValueError(f"only {(hi - lo) * (hi - lo + 1) // 2} distinct {digits}-digit problems")
     rng = np.random.default_rng(seed)
     seen: set[tuple[int, int]] = set()
     splits: dict[str, list[dict]] = {"test": [], "train": []}
     for split, n in (("test", n_test), ("train", n_train)):
         while len(splits[split]) < n:
-            a, b = (int(x) for x in rng.integers(100, 1000, size=2))
+            a, b = (int(x) for x in rng.integers(lo, hi, size=2))
             key = (min(a, b), max(a, b))
             if key in seen:
                 continue
@@ -89,8 +94,9 @@ class DemoPlan:
     sft_steps: int | None = None  # None: the preset's
     grpo_steps: int | None = None
     distill_steps: int | None = None
-    n_train: int = 20_000
+    n_train: int = 3_800  # of the 4,095 distinct two-digit problems
     n_test: int = 200
+    digits: int = 2  # operand length
     eval_batch: int = 100  # prompts per sampler call when evaluating (one compiled shape)
     distill_prompts: int = 512  # training prompts the RL model answers for rejection sampling
     distill_samples: int = 4  # completions per prompt
@@ -200,7 +206,7 @@ def run_demo(
         return (time.perf_counter() - t_start) / 60
 
     data = out / "data"
-    sizes = make_addition_data(data, n_train=plan.n_train, n_test=plan.n_test, seed=plan.seed)
+    sizes = make_addition_data(data, n_train=plan.n_train, n_test=plan.n_test, seed=plan.seed, digits=plan.digits)
     test = _read_jsonl(data / "test.jsonl")
     log(f"[demo] data: {sizes['train']} train / {sizes['test']} held-out test problems in {data}")
 
@@ -253,7 +259,7 @@ def run_demo(
         "minutes_budget": minutes_budget,
         "within_budget": minutes <= minutes_budget,
         "eval": {"n_problems": len(test), "k": 1, "temperature": 0.0, "metric": "greedy pass@1, accuracy reward"},
-        "task": "three-digit addition, byte-level, R1 format <think> column sums </think> <answer> N </answer>",
+        "task": f"{plan.digits}-digit addition over bytes, R1 format <think> column sums </think> <answer> N </answer>",
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},
         "stages": stages,
     }
@@ -303,7 +309,7 @@ def _write_report(out: Path, summary: dict) -> None:
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylabel("held-out pass@1 (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("R1 in miniature: three-digit addition")
+    ax.set_title("R1 in miniature: addition")
     fig.tight_layout()
     fig.savefig(out / "pass_at_1.png")
     plt.close(fig)
