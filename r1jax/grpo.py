@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from r1jax import moe, rollout
 from r1jax.config import AdvScale, GRPOConfig, LossAgg, ModelConfig, OptimConfig, RatioLevel, TrainConfig
-from r1jax.model import Params, forward, param_specs, token_logprobs
+from r1jax.model import Params, forward, logits_from_hidden, param_specs, token_logprobs
 from r1jax.sharding import batch_sharding, param_shardings
 
 Array = jax.Array
@@ -327,7 +327,7 @@ def sequence_logprobs(
     does not depend on how much padding a row has and equals what the cached sampler computed. Log-probs are of
     ``logits / temperature`` (``r1jax.rollout.logprob_temperature``): the same quantity the sampler reports. Values
     past a completion's end are finite but meaningless (mask them). aux: ``expert_load`` f32[n_moe_layers, e] or
-    None (it counts every token, padding included), and ``entropy`` f32[n, T] of the tempered next-token
+    None (real tokens only: prompt padding is left out), and ``entropy`` f32[n, T] of the tempered next-token
     distribution when ``entropy``.
     """
     n, plen = prompt_tokens.shape
@@ -335,8 +335,17 @@ def sequence_logprobs(
     slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     positions = jnp.maximum(slots - prompt_start[:, None], 0)
     segment_ids = (slots >= prompt_start[:, None]).astype(jnp.int32)
-    logits, aux = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids)
-    logits = logits[:, plen - 1 : -1].astype(jnp.float32) / temperature
+    # the output head only on the positions that predict completion tokens (the full logits are dead code to XLA)
+    _, aux = forward(
+        params,
+        tokens,
+        cfg,
+        positions=positions,
+        segment_ids=segment_ids,
+        return_hidden=True,
+        load_mask=segment_ids > 0,
+    )
+    logits = logits_from_hidden(params, aux["hidden"][:, plen - 1 : -1], cfg) / temperature
     out = {"expert_load": aux["expert_load"]}
     if entropy:
         out["entropy"] = token_entropy(logits)

@@ -439,7 +439,9 @@ def mlp(p: Params, x: jax.Array) -> jax.Array:
     return y + p["down_bias"].astype(dt) if "down_bias" in p else y
 
 
-def moe_layer(p: Params, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def moe_layer(
+    p: Params, x: jax.Array, cfg: ModelConfig, load_mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """DeepSeekMoE: routed experts (dropless) plus shared experts. Returns (y, expert load f32[e])."""
     b, t, d = x.shape
     xt = x.reshape(b * t, d)
@@ -447,21 +449,21 @@ def moe_layer(p: Params, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax
     y = expert_parallel.routed_experts(xt, weights, idx, p["experts"]).reshape(b, t, d).astype(x.dtype)
     if "shared" in p:
         y = y + mlp(p["shared"], x)
-    return y, moe.expert_load(idx, cfg.n_experts)
+    return y, moe.expert_load(idx, cfg.n_experts, None if load_mask is None else load_mask.reshape(-1))
 
 
 # --- blocks and the model --------------------------------------------------------------------------------------------
-def _ffn(p: Params, h: jax.Array, cfg: ModelConfig, moe_block: bool):
+def _ffn(p: Params, h: jax.Array, cfg: ModelConfig, moe_block: bool, load_mask=None):
     if moe_block:
-        return moe_layer(p["mlp"], h, cfg)
+        return moe_layer(p["mlp"], h, cfg, load_mask)
     return mlp(p["mlp"], h), jnp.zeros((max(cfg.n_experts, 1),), jnp.float32)
 
 
-def block(p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe_block: bool):
-    """Pre-norm residual block without a cache. Returns (x, expert load)."""
+def block(p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe_block: bool, load_mask=None):
+    """Pre-norm residual block without a cache. Returns (x, expert load over the tokens in ``load_mask``)."""
     attn = mla_attention if cfg.is_mla else gqa_attention
     x = x + attn(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, segment_ids, cfg)
-    y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block)
+    y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block, load_mask)
     return x + y, load
 
 
@@ -496,13 +498,14 @@ def forward(
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
     return_hidden: bool = False,
+    load_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Logits f32[b, t, V] for ``tokens`` int32[b, t], and aux outputs.
 
     Without ``cache``: positions default to 0..t-1; ``segment_ids`` int32[b, t] restricts attention to equal ids
     (packed sequences). With ``cache``: tokens are written at slots ``cache.index ..``; positions default to
     ``slot - cache.start``. aux: ``expert_load`` f32[n_moe_layers, e], ``cache`` (updated), ``hidden`` (pre-norm
-    last hidden state, when ``return_hidden``).
+    last hidden state, when ``return_hidden``). ``load_mask`` bool[b, t] restricts the expert load to real tokens.
     """
     b, t = tokens.shape
     dt = jnp.dtype(cfg.dtype)
@@ -514,7 +517,7 @@ def forward(
         stacks = []
         for name, is_moe in (("dense_layers", False), ("moe_layers", True)):
             if name in params:
-                fn = lambda lp, h, _, m=is_moe: block(lp, h, positions, segment_ids, cfg, m)  # noqa: E731
+                fn = lambda lp, h, _, m=is_moe: block(lp, h, positions, segment_ids, cfg, m, load_mask)  # noqa: E731
                 x, load = _scan_stack(fn, x, params[name], cfg)
                 stacks.append((name, load))
         new_cache = None

@@ -71,9 +71,11 @@ def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict) ->
     return jnp.zeros((n_tok, x.shape[-1]), y.dtype).at[token].add(y)
 
 
-def expert_load(idx: jax.Array, n_experts: int) -> jax.Array:
-    """Tokens routed to each expert, f32[e] (input to auxiliary-loss-free bias balancing)."""
-    return jnp.bincount(idx.reshape(-1), length=n_experts).astype(jnp.float32)
+def expert_load(idx: jax.Array, n_experts: int, token_mask: jax.Array | None = None) -> jax.Array:
+    """Tokens routed to each expert, f32[e] (input to auxiliary-loss-free bias balancing); ``token_mask`` [T]
+    leaves padding out."""
+    weights = None if token_mask is None else jnp.repeat(token_mask.astype(jnp.float32), idx.shape[-1])
+    return jnp.bincount(idx.reshape(-1), weights=weights, length=n_experts).astype(jnp.float32)
 
 
 def balance_bias(bias: jax.Array, load: jax.Array, gamma: float) -> jax.Array:

@@ -192,3 +192,24 @@ def first_prompt_reward(ro, metadata):
     r = np.asarray([float(f) if m["i"] == 0 else 0.0 for f, m in zip(first, metadata, strict=True)], np.float32)
     r[0], r[1] = 0.0, 1.0  # make sure the informative group really varies
     return r, {}
+
+
+def test_expert_load_ignores_prompt_padding():
+    """The router-bias update sees the same expert loads however much left padding a batch carries."""
+    from r1jax.configs.tiny import tiny_model
+
+    from r1jax.grpo import sequence_logprobs
+    from r1jax.model import init_params
+    from r1jax.sampling import left_pad
+
+    cfg = tiny_model()
+    params = init_params(cfg, jax.random.key(0), std=0.2)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    completion = jnp.asarray([[12, 13, 14], [15, 16, 17]])
+    loads = []
+    for bucket in (8, 32):
+        tokens, start = left_pad(prompts, bucket=bucket)
+        _, aux = sequence_logprobs(params, jnp.asarray(tokens), jnp.asarray(start), completion, cfg)
+        loads.append(np.asarray(aux["expert_load"]))
+    np.testing.assert_array_equal(loads[0], loads[1])
+    assert loads[0].sum() == (5 + 2 + 6) * cfg.experts_per_token * cfg.n_moe_layers
