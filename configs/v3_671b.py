@@ -1,4 +1,5 @@
-"""DeepSeek-V3 / R1 671B: GRPO policy update on a TPU v5p pod slice, v5p:8x16x16 (2048 chips, 95 GiB HBM each).
+"""DeepSeek-V3 / R1 671B: GRPO policy update on a TPU v5p pod slice, v5p:8x16x16 (2048 chips, 95 GiB HBM each),
+and (``v6e_1024``) on four v6e-256 slices over DCN (1024 chips, 32 GB each).
 
 Model: the HF ``config.json`` of deepseek-ai/DeepSeek-V3 (and R1, R1-Zero: same architecture), read through
 ``r1jax.hf.config_from_hf`` so the preset and the converter cannot disagree.
@@ -28,9 +29,21 @@ Expert-parallel dispatch buffers (dropless worst case, see r1jax.expert_parallel
     receive buffer 16 x 32768 x 7168 x 2 B = 7.5 GB per chip for one layer at a time.
 Roofline: 6 x 37 B x 1.05 M tokens = 2.33e17 FLOPs (+ attention 6 x 61 x 4096 x 128 x 192+128 ... ~ 12%) over
     2048 x 459 TFLOP/s (v5p bf16 peak) = 0.25 s at 100% MFU.
+
+v6e (``v6e_1024``): one v6e-256 slice cannot hold the state (671 B x 16 B / 256 = 42 GB > 32 GB per chip), so four
+slices over DCN: 1024 chips, mesh fsdp 32 (spans the slices) x expert 8 x tensor 4.
+    experts  653.8 B x 16 B / (expert 8 x tensor 4 x fsdp 32 = 1024)                    = 10.2 GB per chip
+    the rest ~17 B x 16 B / (fsdp 32 x tensor 4 = 128)                                  =  2.1 GB per chip
+    batch 256 sequences x 2048 tokens = 524 k tokens per step, one sequence per chip: remat residuals
+    61 x 2048 x 7168 x 2 B = 1.8 GB; dispatch buffers [8 shards, 2048 x 8, 7168] bf16 = 1.9 GB each (send, receive,
+    results, returned). 4096-token sequences double both and leave no margin under 28.8 GB (90%).
+    Roofline: 6 x 37 B x 524 k / (1024 x 918e12) = 0.12 s at 100% MFU; the fsdp all-gathers of each MoE layer's
+    experts (11.3 B / 32 x 2 B = 0.7 GB per chip per pass) are what the step waits on.
 """
 
 from __future__ import annotations
+
+import types
 
 from r1jax.config import ModelConfig
 from r1jax.hf import config_from_hf
@@ -102,3 +115,15 @@ def batch() -> dict[str, int]:
 def decode() -> dict[str, int]:
     """Sampling: 512 sequences (32 prompts x G=16) against a 32k-token compressed MLA cache, one token per step."""
     return {"batch": 512, "cache_len": 32768}
+
+
+def v6e_1024():
+    """Four v6e-256 slices (v6e:16x16 x 4 over DCN): fsdp 32 x expert 8 x tensor 4, 256 x 2048-token sequences."""
+    return types.SimpleNamespace(
+        TOPOLOGY="v6e:16x16",
+        SLICES=4,
+        model=model,
+        mesh=lambda: {"data": 1, "fsdp": 32, "tensor": 4, "expert": 8},
+        batch=lambda: {"batch": 256, "seq_len": 2048},
+        decode=lambda: {"batch": 256, "cache_len": 32768},
+    )

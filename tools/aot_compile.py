@@ -1,21 +1,31 @@
 """Prove a preset fits a TPU slice without a TPU: AOT-compile its train and decode steps for a TPU topology.
 
-    JAX_PLATFORMS=cpu python tools/aot_compile.py v3_671b --topology v5p:8x16x16 [--reduced] [--step train|decode]
+    JAX_PLATFORMS=cpu python tools/aot_compile.py v3_671b [--topology v5p:8x16x16] [--reduced] [--step train|decode]
+    JAX_PLATFORMS=cpu python tools/aot_compile.py v3_671b:v6e_1024        # a variant: a function in the module
+    python tools/aot_compile.py r1_distill_qwen_7b:h200 --estimate          # GPU: memory arithmetic, no compile
 
 ``CONFIG`` is a module in ``configs/`` (or a path to one) with ``model()``, ``mesh()``, ``batch()`` and optionally
-``decode()`` and ``TOPOLOGY``. libtpu compiles deviceless against ``jax.experimental.topologies``; nothing runs.
+``decode()``, ``TOPOLOGY``, ``SLICES`` (multi-slice over DCN) and ``MOMENT_DTYPE`` (AdamW moments, default f32);
+``CONFIG:VARIANT`` calls the module's function ``VARIANT()`` for an object with the same attributes. libtpu compiles
+deviceless against ``jax.experimental.topologies``; nothing runs.
 
 Train step: next-token cross-entropy, forward + backward + AdamW (f32 moments, sharded like the parameters), params
 and moments donated — the GRPO policy update has the same shapes (its loss differs only elementwise per token).
 Decode step: one token per sequence against the compressed (MLA) or GQA KV cache.
 
 Figures, per device: argument / output / temp / alias bytes from ``memory_analysis()``; total = argument + output +
-temp - alias; ``fits`` = total <= chip HBM. FLOPs: XLA's cost analysis counts a ``while`` (scan) body once, so the
+temp - alias; ``fits`` = total <= 90% of HBM. FLOPs: XLA's cost analysis counts a ``while`` (scan) body once, so the
 compiled figure is completed with (layers - 1) x the FLOPs of one layer compiled alone, per stack (said in the
 output as ``flops_method``). ``--reduced`` compiles one layer per stack and extrapolates memory linearly (state bytes
 per layer from the shardings, plus the per-layer saved residual), for presets whose full compile takes too long.
-Roofline step time = max(FLOPs / peak, bytes accessed / HBM bandwidth); MFU = model FLOPs (6 x active params x tokens
-for training, 2 x for decode) / (chips x peak x roofline time) — an upper bound, communication is not modelled.
+Roofline step time = max(FLOPs / peak, bytes accessed / HBM bandwidth). Communication: the bytes of every collective's
+result in the compiled HLO (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute; scan bodies
+completed per layer like FLOPs) over the chip's ICI bandwidth, ``comm_s``. Step estimate = max(roofline, comm_s)
+(collectives fully overlapped with compute: optimistic; DCN between slices is not modelled separately).
+MFU = model FLOPs (6 x active params x tokens for training, 2 x for decode) / (chips x peak x step estimate).
+
+``--estimate`` (any device, e.g. ``h200``): no compile; per-device state from the shardings, plus remat residuals,
+logits (bf16, f32 log-softmax and its gradient), one layer's attention scores and MLP intermediates.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from functools import partial
@@ -41,22 +52,32 @@ from r1jax.model import ParamSpec, block, block_cached, forward, param_specs, to
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# per chip: HBM bytes, bf16 peak FLOP/s, HBM bytes/s (public spec sheets)
+# per chip: HBM bytes, bf16 peak FLOP/s, HBM bytes/s, ICI bytes/s (public spec sheets; ICI: all links, one way)
 CHIPS = {
-    "v4": (32e9, 275e12, 1.2e12),
-    "v5e": (16e9, 197e12, 0.82e12),
-    "v5p": (95e9, 459e12, 2.765e12),
-    "v6e": (32e9, 918e12, 1.64e12),
+    "v4": (32e9, 275e12, 1.2e12, 300e9),
+    "v5e": (16e9, 197e12, 0.82e12, 200e9),
+    "v5p": (95e9, 459e12, 2.765e12, 600e9),
+    "v6e": (32e9, 918e12, 1.64e12, 448e9),
+    "h200": (141e9, 989e12, 4.8e12, 450e9),  # dense bf16; NVLink 900 GB/s both ways
 }
+FIT_FRACTION = 0.9  # a config fits when its bytes per chip are at most this fraction of HBM
 
 
 def load_preset(name: str):
-    """A config module by name (``configs/NAME.py``) or path."""
+    """A config module by name (``configs/NAME.py``) or path; ``NAME:VARIANT`` calls the module's ``VARIANT()``."""
+    name, _, variant = name.partition(":")
     path = name if name.endswith(".py") else os.path.join(ROOT, "configs", f"{name}.py")
+    if not os.path.exists(path):
+        known = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+        raise SystemExit(f"no config {name!r}; known: {known}")
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod
+    if not variant:
+        return mod
+    if not callable(getattr(mod, variant, None)):
+        raise SystemExit(f"config {name!r} has no variant {variant!r}")
+    return getattr(mod, variant)()
 
 
 def _is_spec(x) -> bool:
@@ -84,12 +105,12 @@ def train_step(params, mu, nu, step, tokens, *, cfg, lr=3e-6, b1=0.9, b2=0.95, e
     step = step + 1
     c1, c2 = 1 - b1**step, 1 - b2**step
 
-    def update(p, g, m, v):
+    def update(p, g, m0, v0):
         g = g.astype(jnp.float32)
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
+        m = b1 * m0.astype(jnp.float32) + (1 - b1) * g
+        v = b2 * v0.astype(jnp.float32) + (1 - b2) * g * g
         new = p.astype(jnp.float32) - lr * ((m / c1) / (jnp.sqrt(v / c2) + eps) + wd * p.astype(jnp.float32))
-        return new.astype(p.dtype), m, v
+        return new.astype(p.dtype), m.astype(m0.dtype), v.astype(v0.dtype)
 
     out = jax.tree.map(update, params, grads, mu, nu)
     pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple))  # noqa: E731
@@ -107,11 +128,11 @@ def _layer_specs(cfg: ModelConfig, stack: str):
 
 
 # --- compiles --------------------------------------------------------------------------------------------------------
-def compile_train(cfg: ModelConfig, mesh, batch: int, seq: int):
+def compile_train(cfg: ModelConfig, mesh, batch: int, seq: int, moment_dtype: str = "float32"):
     specs = param_specs(cfg)
     psh = sharding.param_shardings(specs, mesh)
     params = _abstract(specs, cfg, psh)
-    moments = _abstract(specs, cfg, psh, dtype="float32")
+    moments = _abstract(specs, cfg, psh, dtype=moment_dtype)
     scalar = NamedSharding(mesh, PartitionSpec())
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding.batch_sharding(mesh, (batch, seq)))
@@ -150,8 +171,28 @@ def compile_decode(cfg: ModelConfig, mesh, batch: int, cache_len: int):
         return jax.jit(partial(decode_step, cfg=cfg), donate_argnums=(1,)).lower(params, cache, tokens).compile()
 
 
-def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq: int) -> float:
-    """FLOPs of one layer of ``stack`` (train: forward + backward as the scan runs it; decode: one cached step)."""
+_COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64|f8e4m3fn|f8e5m2)\[([0-9,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2}
+
+
+def collective_bytes(hlo_text: str) -> float:
+    """Bytes of the results of the collectives in a compiled module's HLO (the largest array of an async tuple)."""
+    total = 0.0
+    for m in _COLLECTIVE.finditer(hlo_text):
+        sizes = [
+            _ITEMSIZE.get(dt, 4 if dt[-2:] == "32" else 8) * float(np.prod([int(x) for x in dims.split(",") if x]))
+            for dt, dims in _ARRAY.findall(m.group(1))
+        ]
+        total += max(sizes, default=0.0)
+    return total
+
+
+def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq: int) -> tuple[float, float]:
+    """FLOPs and collective bytes of one layer of ``stack`` (train: forward + backward as the scan runs it; decode:
+    one cached step)."""
     moe_block = stack == "moe_layers"
     specs = _layer_specs(cfg, stack)
     psh = sharding.param_shardings(specs, mesh)
@@ -190,7 +231,8 @@ def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq:
 
         args = (params, x, pos, lc, valid)
     with jax.set_mesh(mesh):
-        return float(jax.jit(f).lower(*args).compile().cost_analysis().get("flops", 0.0))
+        exe = jax.jit(f).lower(*args).compile()
+    return float((exe.cost_analysis() or {}).get("flops", 0.0)), collective_bytes(exe.as_text())
 
 
 def _stacks(cfg: ModelConfig) -> dict[str, int]:
@@ -219,26 +261,64 @@ def active_params(cfg: ModelConfig) -> float:
     return total
 
 
-def _state_bytes_per_layer(cfg: ModelConfig, mesh, stack: str, kind: str) -> float:
-    specs = _layer_specs(cfg, stack)
+def _state_bytes(specs, cfg: ModelConfig, mesh, kind: str, moment_dtype: str = "float32") -> float:
+    """Per-device bytes of a ``param_specs`` (sub)tree: train = params, grads and two moments; decode = params."""
     out = 0.0
     for s in jax.tree.leaves(specs, is_leaf=_is_spec):
         spec = sharding.logical_to_spec(s.axes, s.shape, mesh)
         n = float(np.prod(s.shape)) / sharding.shard_count(spec, mesh)
-        if kind == "train":  # params, grads, two f32 moments
-            out += n * (2 * jnp.dtype(s.dtype or cfg.param_dtype).itemsize + 8)
+        if kind == "train":
+            out += n * (2 * jnp.dtype(s.dtype or cfg.param_dtype).itemsize + 2 * jnp.dtype(moment_dtype).itemsize)
         else:
             out += n * jnp.dtype(cfg.dtype).itemsize
     return out
 
 
-def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: bool) -> dict:
-    hbm, peak, bw = CHIPS[chip]
+def _state_bytes_per_layer(cfg: ModelConfig, mesh, stack: str, kind: str, moment_dtype: str = "float32") -> float:
+    return _state_bytes(_layer_specs(cfg, stack), cfg, mesh, kind, moment_dtype)
+
+
+def _local(mesh, n: int) -> int:
+    """Rows of a batch of ``n`` one device holds."""
+    return n // sharding.shard_count(sharding.batch_sharding(mesh, (n,)).spec, mesh)
+
+
+def estimate(cfg: ModelConfig, mesh, chip: str, shape: dict, moment_dtype: str = "float32") -> dict:
+    """Training bytes per device without compiling (see the module docstring); for devices libtpu cannot target."""
+    hbm = CHIPS[chip][0]
+    b, t = _local(mesh, shape["batch"]), shape["seq_len"]
+    ax = dict(mesh.shape)
+    tp = ax.get("tensor", 1)
+    act = jnp.dtype(cfg.dtype).itemsize
+    parts = {
+        "state": _state_bytes(param_specs(cfg), cfg, mesh, "train", moment_dtype),
+        "remat_residuals": cfg.n_layers * b * t * cfg.d_model * act,
+        "logits": b * t * (cfg.vocab_size // tp) * (act + 4 + 4),
+        "attention_scores": b * max(cfg.n_heads // tp, 1) * t * t * 4 * 2,
+        "mlp": b * t * (max(cfg.ffw, cfg.moe_ffw * cfg.experts_per_token) // tp) * act * 4,
+    }
+    total = sum(parts.values())
+    return {
+        "step": "train",
+        "shape": shape,
+        "memory_method": "arithmetic (no compile)",
+        "parts_bytes": {k: int(v) for k, v in parts.items()},
+        "total_bytes": int(total),
+        "hbm_bytes": int(hbm),
+        "hbm_fraction": total / hbm,
+        "fits": bool(total <= FIT_FRACTION * hbm),
+        "model_flops": 6 * active_params(cfg) * shape["batch"] * t,
+        "ideal_step_s": 6 * active_params(cfg) * shape["batch"] * t / (mesh.size * CHIPS[chip][1]),
+    }
+
+
+def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: bool, moment_dtype="float32") -> dict:
+    hbm, peak, bw, ici = CHIPS[chip]
     n_chips = mesh.size
     compiled_cfg = reduced_config(cfg) if reduced else cfg
     t0 = time.time()
     if kind == "train":
-        exe = compile_train(compiled_cfg, mesh, shape["batch"], shape["seq_len"])
+        exe = compile_train(compiled_cfg, mesh, shape["batch"], shape["seq_len"], moment_dtype)
         b, t = shape["batch"], shape["seq_len"]
     else:
         exe = compile_decode(compiled_cfg, mesh, shape["batch"], shape["cache_len"])
@@ -255,27 +335,31 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
     total = arg + out + temp - alias
     flops = float(cost.get("flops", 0.0))
     flops_compiled = flops
+    comm = collective_bytes(exe.as_text())
     extra_bytes = 0.0
     for stack, n_full in _stacks(cfg).items():
         n_compiled = _stacks(compiled_cfg)[stack]
-        flops += (n_full - 1) * _block_flops(compiled_cfg, mesh, stack, kind, b, t if kind == "train" else t)
+        layer_flops, layer_comm = _block_flops(compiled_cfg, mesh, stack, kind, b, t)
+        flops += (n_full - 1) * layer_flops
+        comm += (n_full - 1) * layer_comm
         if reduced and n_full > n_compiled:
-            per_layer = _state_bytes_per_layer(cfg, mesh, stack, kind)
+            per_layer = _state_bytes_per_layer(cfg, mesh, stack, kind, moment_dtype)
             if kind == "train":  # saved residual per layer (remat) in the compute dtype
-                b_local = b // sharding.shard_count(sharding.batch_sharding(mesh, (b,)).spec, mesh)
-                per_layer += b_local * t * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
+                per_layer += _local(mesh, b) * t * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
             else:  # the layer's KV cache
-                b_local = b // sharding.shard_count(sharding.batch_sharding(mesh, (b,)).spec, mesh)
-                per_layer += b_local * t * sum(np.prod(s[2:]) for s in layer_shapes(cfg, 1, 1).values()) * 2
+                per_layer += _local(mesh, b) * t * sum(np.prod(s[2:]) for s in layer_shapes(cfg, 1, 1).values()) * 2
             extra_bytes += (n_full - n_compiled) * per_layer
     total += extra_bytes
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
     step_s = max(flops / peak, bytes_accessed / bw)
+    comm_s = comm / ici
     tokens = b * (t if kind == "train" else 1)
     model_flops = (6 if kind == "train" else 2) * active_params(cfg) * tokens
+    est_s = max(step_s, comm_s)
     return {
         "step": kind,
         "shape": shape,
+        "moment_dtype": moment_dtype if kind == "train" else None,
         "layers_compiled": compiled_cfg.n_layers,
         "layers": cfg.n_layers,
         "memory_method": "extrapolated linearly from one layer per stack" if reduced else "exact (full compile)",
@@ -285,34 +369,58 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
         "alias_bytes": alias,
         "total_bytes": int(total),
         "hbm_bytes": int(hbm),
-        "fits": bool(total <= hbm),
+        "hbm_fraction": total / hbm,
+        "fits": bool(total <= FIT_FRACTION * hbm),
         "flops_per_device": flops,
         "flops_compiled_raw": flops_compiled,
         "flops_method": "compiled + (layers-1) x one layer compiled alone, per stack (scan bodies count once)",
         "bytes_accessed_per_device": bytes_accessed,
+        "collective_bytes_per_device": comm,
         "roofline_step_s": step_s,
+        "comm_s": comm_s,
+        "step_estimate_s": est_s,
         "model_flops": model_flops,
-        "mfu_estimate": model_flops / (n_chips * peak * step_s) if step_s else None,
+        "mfu_roofline": model_flops / (n_chips * peak * step_s) if step_s else None,
+        "mfu_estimate": model_flops / (n_chips * peak * est_s) if est_s else None,
         "compile_s": round(compile_s, 1),
     }
 
 
-def run(preset, topology: str | None = None, step: str = "both", reduced: bool = False, name: str = "") -> dict:
-    """Compile ``preset`` (a module or namespace with model/mesh/batch[/decode/TOPOLOGY]) for ``topology``."""
+def run(
+    preset,
+    topology: str | None = None,
+    step: str = "both",
+    reduced: bool = False,
+    name: str = "",
+    slices: int | None = None,
+    only_estimate: bool = False,
+) -> dict:
+    """Compile ``preset`` (a module or namespace with model/mesh/batch[/decode/TOPOLOGY/SLICES/MOMENT_DTYPE]) for
+    ``topology`` (``slices`` copies of it over DCN), or with ``only_estimate`` just do the memory arithmetic."""
+    topology = topology or preset.TOPOLOGY
+    slices = slices or getattr(preset, "SLICES", 1)
+    moment_dtype = getattr(preset, "MOMENT_DTYPE", "float32")
+    chip = topology.split(":")[0]
+    cfg = preset.model()
+    if only_estimate or chip not in ("v4", "v5e", "v5p", "v6e"):
+        mesh = sharding.abstract_mesh(preset.mesh())
+        result = {"config": name, "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape)}
+        result["params"] = float(sum(np.prod(s.shape) for s in jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec)))
+        result["active_params"] = active_params(cfg)
+        result["steps"] = [estimate(cfg, mesh, chip, preset.batch(), moment_dtype)]
+        return result
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless: other processes may hold libtpu too
     from jax.experimental import topologies
 
-    topology = topology or preset.TOPOLOGY
-    devices = topologies.get_topology_desc(topology, platform="tpu").devices
+    kw = {"num_slices": slices} if slices > 1 else {}
+    devices = topologies.get_topology_desc(topology, platform="tpu", **kw).devices
     mesh = sharding.make_mesh(preset.mesh(), devices=devices)
-    chip = topology.split(":")[0]
-    cfg = preset.model()
-    result = {"config": name, "topology": topology, "chips": len(devices), "mesh": dict(mesh.shape)}
+    result = {"config": name, "topology": topology, "slices": slices, "chips": len(devices), "mesh": dict(mesh.shape)}
     result["params"] = float(sum(np.prod(s.shape) for s in jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec)))
     result["active_params"] = active_params(cfg)
     steps = []
     if step in ("train", "both"):
-        steps.append(analyse("train", cfg, mesh, chip, preset.batch(), reduced))
+        steps.append(analyse("train", cfg, mesh, chip, preset.batch(), reduced, moment_dtype))
     if step in ("decode", "both") and hasattr(preset, "decode"):
         decode_cfg = cfg.replace(remat=False, param_dtype=cfg.dtype)
         steps.append(analyse("decode", decode_cfg, mesh, chip, preset.decode(), reduced))
@@ -326,8 +434,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--topology", default=None, help="e.g. v5p:8x16x16 (default: the preset's TOPOLOGY)")
     ap.add_argument("--step", choices=("train", "decode", "both"), default="both")
     ap.add_argument("--reduced", action="store_true", help="one layer per stack, memory extrapolated")
+    ap.add_argument("--slices", type=int, default=None, help="copies of the topology over DCN (default: SLICES or 1)")
+    ap.add_argument("--estimate", action="store_true", help="memory arithmetic only, no compile (GPUs)")
     args = ap.parse_args(argv)
-    result = run(load_preset(args.config), args.topology, args.step, args.reduced, name=args.config)
+    result = run(
+        load_preset(args.config),
+        args.topology,
+        args.step,
+        args.reduced,
+        name=args.config,
+        slices=args.slices,
+        only_estimate=args.estimate,
+    )
     print(json.dumps(result))
     return result
 
