@@ -29,6 +29,10 @@ Expert-parallel dispatch buffers (dropless worst case, see r1jax.expert_parallel
     receive buffer 16 x 32768 x 7168 x 2 B = 7.5 GB per chip for one layer at a time.
 Roofline: 6 x 37 B x 1.05 M tokens = 2.33e17 FLOPs (+ attention 6 x 61 x 4096 x 128 x 192+128 ... ~ 12%) over
     2048 x 459 TFLOP/s (v5p bf16 peak) = 0.25 s at 100% MFU.
+Compiled (``tools/aot_compile.py v3_671b --step train --reduced``: 2 of 61 layers, extrapolated): 65.7 GB per chip
+    (69% of HBM), dominated by one MoE layer's padded dispatch working set. XLA counts the grouped matmuls and the
+    all-to-alls over the whole padded buffer (16x the rows a chip receives on average): 6.1e15 FLOPs and 2.2 TB of
+    collectives per chip per step, 1.8% estimated MFU. Sending only filled rows (ragged all-to-all) is the fix.
 
 v6e (``v6e_1024``): one v6e-256 slice cannot hold the state (671 B x 16 B / 256 = 42 GB > 32 GB per chip), so four
 slices over DCN: 1024 chips, mesh fsdp 32 (spans the slices) x expert 8 x tensor 4.
