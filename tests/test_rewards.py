@@ -358,3 +358,23 @@ def test_generated_hostile_strings(scorer, completions):
 def test_sanitize():
     assert sanitize("a\ud800b") == "a?b"
     assert sanitize(5) == "5"
+
+
+def _random_hostile(rng: np.random.Generator) -> str:
+    fragments = ["<think>", "</think>", "<answer>", "</answer>", r"\boxed{", "{", "}", "9^{9^{9^{9}}}", "9**9**9**9",
+                 "(", ")", r"\frac{", "####", "4", "16", "3+5", "*", "/", " ", "\n", "\ud800", "我", "=", "$",
+                 r"\sqrt", "1e999999", "10^{10^{10}}", "((3+5)*2)"]  # fmt: skip
+    if rng.random() < 0.2:
+        return fragments[rng.integers(len(fragments))] * int(rng.integers(1, 5000))
+    return "".join(fragments[i] for i in rng.integers(0, len(fragments), int(rng.integers(0, 80))))
+
+
+def test_two_thousand_adversarial_completions(scorer):
+    """2,000 generated adversarial completions through every reward function: all finite, within the composite
+    bounds, and the batch finishes in bounded time (per-completion timeouts, replaced workers)."""
+    rng = np.random.default_rng(0)
+    completions = [_random_hostile(rng) for _ in range(2000)]
+    t0 = time.monotonic()
+    rewards, metrics = _check(scorer, completions)
+    assert time.monotonic() - t0 < 600
+    assert rewards.shape == (2000,)

@@ -223,3 +223,12 @@ def test_out_of_disk_is_refused_at_start(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="GiB free, checkpoints need about"):
         train.run(_cfg(), str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_tokenizer_model_vocab_mismatch_is_refused(tmp_path):
+    from tests import hf_tiny
+
+    hf_tiny.build("qwen2", str(tmp_path / "m"))  # vocab 96 and no tokenizer files: the byte tokenizer has 259
+    cfg = train.apply_overrides(_cfg(), [f"init={tmp_path / 'm'}"])
+    with pytest.raises(ConfigError, match="tokenizer has 259 tokens but the model's vocabulary is 96"):
+        train.run(cfg, str(tmp_path / "run"), progress=False)
