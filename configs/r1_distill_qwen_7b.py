@@ -20,7 +20,7 @@ Activations per sequence of T tokens on the chip that holds it (XLA attention, r
 v6e-8 (v6e:2x4, 8 x 32 GB; ``model``/``mesh``/``batch``): fsdp 8, one sequence of 4096 tokens per chip (~11 GB),
     8 sequences x 4096 = 32.8 k tokens per update step. With f32 moments (state 121.8 / 8 = 15.2 GB) the compiled
     step needs 28.8 GB per chip, 90.0% of HBM: over the line. bf16 moments (f32 master weights and gradients):
-    91.4 / 8 = 11.4 GB of state, ~25 GB per chip (78%).
+    91.4 / 8 = 11.4 GB of state; compiled: 20.0 GB per chip (63%).
 v5e-8 (``v5e_8``, 8 x 16 GB): f32 state alone is 15.2 GB per chip: no fit. bf16 params, grads and moments
     (60.9 / 8 = 7.6 GB) + one sequence of 2048 tokens (3.1 + 0.9 + 0.4 GB) ~= 12 GB. bf16 master weights lose
     updates smaller than 2^-8 of a weight (lr 1e-6 GRPO steps): use stochastic rounding, or a v5e-16/v6e-8 slice.
