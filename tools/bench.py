@@ -516,10 +516,10 @@ class Driver:
         (v_o, r_o), (v_t, r_t) = ours, theirs
         ratio = v_o / v_t if higher_better else v_t / v_o
         row = {"bench": name, "metric": metric, "r1jax": round(v_o, 4), "peer": round(v_t, 4), "ratio": round(ratio, 2)}
-        if flops is not None:
-            sec_o, sec_t = (flops / v_o, flops / v_t) if higher_better else (v_o, v_t)
-            row["mfu_r1jax"] = round(flops / sec_o / self.peak, 3)
-            row["mfu_peer"] = round(flops / sec_t / self.peak, 3)
+        if flops is not None:  # FLOPs per call (value in seconds) or per unit of the value (a rate)
+            rate_o, rate_t = (flops * v_o, flops * v_t) if higher_better else (flops / v_o, flops / v_t)
+            row["mfu_r1jax"] = round(rate_o / self.peak, 3)
+            row["mfu_peer"] = round(rate_t / self.peak, 3)
         row["rss_mb_r1jax"], row["rss_mb_peer"] = round(r_o["peak_rss_mb"]), round(r_t["peak_rss_mb"])
         row.update(extra)
         self.emit(row)
@@ -595,8 +595,8 @@ class Driver:
         t = spawn(self.args, "sft", "torch")
         st = self._smollm2_stats()
         b, tl = (2, 64) if self.args.small else (8, 256)
-        flops = 3 * fwd_flops(st, b, tl)
         tok = o["tokens"]
+        flops = 3 * fwd_flops(st, b, tl) / tok  # per token
         self.compare(
             "sft/smollm2",
             "tokens/s",
