@@ -14,7 +14,7 @@ def __getattr__(name):
 
         return getattr(checkpoint, name)
     if name == "generate":
-        from r1jax.sampling import generate
+        from r1jax.rollout import generate
 
         return generate
     raise AttributeError(f"module 'r1jax' has no attribute {name!r}")

@@ -32,7 +32,7 @@ def _cmd_export(args) -> int:
 def _cmd_generate(args) -> int:
     from r1jax.checkpoint import load
     from r1jax.data.tokenizer import Tokenizer
-    from r1jax.sampling import generate
+    from r1jax.rollout import generate
 
     model = load(args.model, dtype=args.dtype)
     files = dict(getattr(model, "tokenizer_files", ()))

@@ -292,3 +292,74 @@ def completion_texts(
                 text = text[: pos + len(s)] if include_stop_str else text[:pos]
         out.append(text)
     return out
+
+
+def generate_tokens(
+    params: Params,
+    prompts: Array,
+    start: Array,
+    stop_ids: Array,
+    key: Array,
+    *,
+    cfg: ModelConfig,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> tuple[Array, Array, Array]:
+    """``sample_groups`` with one sample per prompt and no stop sequences -> (tokens int32[b, N], log-probs f32[b, N]
+    of the tempered distribution, lengths int32[b]). A sequence ends after its first token in ``stop_ids`` (included
+    in its length); positions past a sequence's length hold ``stop_ids[0]`` (or 0) and log-prob 0."""
+    ro = sample_groups(
+        params,
+        prompts,
+        start,
+        stop_ids,
+        jnp.zeros((0, 1), jnp.int32),
+        key,
+        cfg=cfg,
+        group_size=1,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+    )
+    return ro.tokens, ro.logp, ro.lengths
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_ids: list[int] | None = None,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` for each prompt; returns the new tokens, without the stop token.
+
+    ``stop_ids`` default to the model's EOS ids. Greedy at ``temperature=0``.
+    """
+    cfg: ModelConfig = model.cfg
+    stops = list(cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
+    tokens, start = left_pad(prompts, pad_id=cfg.pad_token_id or 0)
+    toks, _, lengths = generate_tokens(
+        model.param_dict(),
+        jnp.asarray(tokens),
+        jnp.asarray(start),
+        jnp.asarray(stops, jnp.int32),
+        jax.random.key(seed),
+        cfg=cfg,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+    )
+    toks, lengths = np.asarray(toks), np.asarray(lengths)
+    out = []
+    for row, n in zip(toks, lengths, strict=True):
+        seq = row[:n].tolist()
+        out.append(seq[:-1] if seq and seq[-1] in stops else seq)
+    return out

@@ -431,7 +431,6 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
                 ):
                     counters["skipped_steps"] += 1
                     counters["consecutive_skips"] += 1
-                    new_state = stage.keep_params(state, new_state, step)
                 else:
                     counters["consecutive_skips"] = 0
                 state = new_state
@@ -544,9 +543,6 @@ class GRPOStage:
     def to_save(self, state):
         return state.params, {"opt": state.opt_state, "ref": state.ref_params or {}}
 
-    def keep_params(self, old, new, step):
-        return new  # the update itself leaves parameters untouched when non-finite (see grpo.update_minibatch)
-
     def data(self, start: int):
         return training_batches(
             self.cfg, self.tok, self.cfg.grpo.prompts_per_step, start, self.cfg.data.max_prompt_tokens
@@ -589,9 +585,6 @@ class SFTStage:
 
     def to_save(self, state):
         return state["params"], {"opt": state["opt"]}
-
-    def keep_params(self, old, new, step):
-        return new  # sft_step leaves parameters untouched when non-finite
 
     def data(self, start: int):
         d = self.cfg.data

@@ -7,7 +7,8 @@ import torch
 
 import r1jax
 from r1jax.model import forward
-from r1jax.sampling import generate_tokens, left_pad
+from r1jax.rollout import generate_tokens
+from r1jax.sampling import left_pad
 from tests import hf_tiny
 
 CASES = ["deepseek_v3", "deepseek_v2_group_limited", "qwen2", "llama"]

@@ -41,7 +41,8 @@ def test_pallas_attention_matches_xla(name):
 
 def test_pallas_decode_matches_xla_generate():
     """Sampler decode steps run the absorbed-MLA decode kernel (left-padded cache) and match XLA token for token."""
-    from r1jax.sampling import generate_tokens, left_pad
+    from r1jax.rollout import generate_tokens
+    from r1jax.sampling import left_pad
 
     cfg = CONFIGS["mla"]
     params = init_params(cfg, jax.random.key(1), std=0.2)
