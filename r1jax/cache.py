@@ -22,13 +22,15 @@ from r1jax.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Cache:
-    layers: dict  # stack name -> {"latent", "rope"} (MLA) or {"k", "v"} (GQA), each [L, b, S, ...]
+    layers: dict  # stack name -> {"latent", "rope"} (MLA) or {"k", "v"} (GQA), each [L, b, S, ...]; or a tuple of
+    # per-layer dicts of [b, S, ...] (``r1jax.model.unstack_layers``)
     index: jax.Array  # int32[]: next slot to write
     start: jax.Array  # int32[b]: first valid slot of each sequence (left padding)
 
     @property
     def max_len(self) -> int:
-        return next(iter(jax.tree.leaves(self.layers))).shape[2]
+        stack = next(iter(self.layers.values()))  # {"k": [L, b, S, ...]} or, unstacked, ({"k": [b, S, ...]}, ...)
+        return jax.tree.leaves(stack)[0].shape[1 if isinstance(stack, tuple) else 2]
 
 
 def layer_shapes(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:

@@ -4,7 +4,8 @@ Design choices
 - Parameters are declared once, in ``param_specs``: shape, logical axes, initializer, dtype. The Flax NNX module
   ``Transformer`` only holds them; all math lives in pure functions over plain arrays (``forward`` and friends).
 - Identical layers are stacked on a leading ``layers`` axis and run with ``jax.lax.scan``: the dense prefix and the MoE
-  stack are two scans.
+  stack are two scans. Decoding on CPU runs them unstacked, as a Python loop over per-layer buffers
+  (``unstack_layers``).
 - dtype policy: parameters in ``param_dtype``, matmuls in ``dtype``; norms, softmax, router scores and logits in f32.
 - MLA without a cache (training, scoring) expands the latent into per-head keys and values. With a cache, attention
   is *absorbed*: the cache holds only the normed kv latent and the rotated shared rope key (c + p values per token per
@@ -36,6 +37,7 @@ from r1jax.cache import Cache
 from r1jax.config import AttentionImpl, ModelConfig, RopeConfig, RopeType
 
 Params = dict[str, Any]
+LAYER_STACKS = {"dense_layers": False, "moe_layers": True}  # stack name -> MoE blocks; run in this order
 
 
 # --- parameter declarations ------------------------------------------------------------------------------------------
@@ -285,10 +287,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Arra
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """Grouped-query attention: q[b,t,h,k], k[b,s,g,k], v[b,s,g,v], mask bool[b,t,s] -> [b,t,h,v].
 
-    Softmax in f32; rows with no visible key (padding) give zeros, not NaN.
+    Softmax in f32; rows with no visible key (padding) give zeros, not NaN. One query per row (decode) is a
+    multiply-reduce over the cache as laid out, not a batched matmul that first transposes it to [b, g, s, k].
     """
     b, t, h, _ = q.shape
     g = k.shape[2]
+    if t == 1:
+        qg = q.reshape(b, 1, g, h // g, q.shape[-1])  # [b, 1, g, r, k] against k[b, s, g, 1, k]
+        scores = jnp.sum(qg.astype(jnp.float32) * k[:, :, :, None].astype(jnp.float32), -1) * scale  # [b, s, g, r]
+        m = mask[:, 0, :, None, None]
+        probs = jax.nn.softmax(jnp.where(m, scores, -jnp.inf), axis=1)
+        probs = jnp.where(m, probs, 0.0)
+        out = jnp.sum(probs[..., None] * v[:, :, :, None].astype(jnp.float32), axis=1)  # [b, g, r, v]
+        return out.reshape(b, 1, h, v.shape[-1]).astype(q.dtype)
     qg = q.reshape(b, t, g, h // g, q.shape[-1])
     scores = jnp.einsum("btgrk,bsgk->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
     m = mask[:, None, None]
@@ -420,10 +431,9 @@ def gqa_attention_cached(p: Params, x, positions, layer_cache: dict, slots, vali
     k_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), start, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, axis=1)
     s_idx = jnp.broadcast_to(jnp.arange(k_cache.shape[1])[None], (x.shape[0], k_cache.shape[1]))
-    safe_v = jnp.where(valid_k[..., None, None], v_cache, 0)
-    out = attend(
-        q, k_cache.astype(x.dtype), safe_v.astype(x.dtype), _mask(slots, s_idx, valid_k, None), softmax_scale(cfg)
-    )
+    # no NaN can sit in the cache: it starts zeroed and ``attend`` writes zeros, not NaN, for fully masked rows
+    mask = _mask(slots, s_idx, valid_k, None)
+    out = attend(q, k_cache.astype(x.dtype), v_cache.astype(x.dtype), mask, softmax_scale(cfg))
     return _gqa_out(p, out), {"k": k_cache, "v": v_cache}
 
 
@@ -477,9 +487,33 @@ def block_cached(p: Params, x, positions, layer_cache, slots, valid_k, cfg: Mode
     return x + y, load, layer_cache
 
 
+def unstack_layers(tree: dict) -> dict:
+    """``params`` or ``cache.layers`` with each layer stack split into a tuple of per-layer trees.
+
+    Decoding on CPU runs the layers of an unstacked tree as a Python loop: XLA:CPU copies every weight slice a
+    ``scan`` reads (the whole model, once per token), while separate per-layer buffers feed the matmuls directly.
+    """
+    return {
+        name: tuple(jax.tree.map(lambda a, i=i: a[i], v) for i in range(jax.tree.leaves(v)[0].shape[0]))
+        if name in LAYER_STACKS
+        else v
+        for name, v in tree.items()
+    }
+
+
 def _scan_stack(fn: Callable, x: jax.Array, stacked: Params, cfg: ModelConfig, xs_extra=None):
-    """Run ``fn(layer_params, x, extra) -> (x, ys)`` over the leading layer axis with ``lax.scan``."""
+    """Run ``fn(layer_params, x, extra) -> (x, ys)`` over the leading layer axis with ``lax.scan``; over a tuple of
+    per-layer trees (``unstack_layers``) as a Python loop, returning the per-layer ys as a tuple."""
     body = jax.checkpoint(fn) if cfg.remat else fn
+    if isinstance(stacked, tuple):
+        extras = xs_extra if xs_extra is not None else (None,) * len(stacked)
+        ys = []
+        for lp, extra in zip(stacked, extras, strict=True):
+            x, y = body(lp, x, extra)
+            ys.append(y)
+        loads, rest = zip(*ys, strict=True) if isinstance(ys[0], tuple) else (ys, None)
+        load = jnp.stack(loads)
+        return x, load if rest is None else (load, tuple(rest))
 
     def step(carry, xs):
         lp, extra = xs
@@ -515,7 +549,7 @@ def forward(
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         stacks = []
-        for name, is_moe in (("dense_layers", False), ("moe_layers", True)):
+        for name, is_moe in LAYER_STACKS.items():
             if name in params:
                 fn = lambda lp, h, _, m=is_moe: block(lp, h, positions, segment_ids, cfg, m, load_mask)  # noqa: E731
                 x, load = _scan_stack(fn, x, params[name], cfg)
@@ -528,7 +562,7 @@ def forward(
         s_idx = jnp.arange(cache.max_len, dtype=jnp.int32)[None]
         valid_k = (s_idx >= cache.start[:, None]) & (s_idx < cache.index + t)
         stacks, layers = [], {}
-        for name, is_moe in (("dense_layers", False), ("moe_layers", True)):
+        for name, is_moe in LAYER_STACKS.items():
             if name in params:
                 fn = lambda lp, h, lc, m=is_moe: _cached_step(lp, h, lc, positions, slots, valid_k, cfg, m)  # noqa: E731
                 x, (load, layers[name]) = _scan_stack(fn, x, params[name], cfg, cache.layers[name])

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from r1jax.cache import Cache, init_cache
 from r1jax.config import ModelConfig, SamplingConfig
-from r1jax.model import Params, forward
+from r1jax.model import Params, forward, unstack_layers
 from r1jax.sampling import left_pad, sample_logits
 from r1jax.sharding import logical_to_spec
 
@@ -97,7 +97,8 @@ def _stop_seq_hit(window: Array, stop_seqs: Array) -> Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "group_size", "max_new_tokens", "temperature", "top_p", "top_k", "mesh")
+    jax.jit,
+    static_argnames=("cfg", "group_size", "max_new_tokens", "temperature", "top_p", "top_k", "mesh", "unroll_layers"),
 )
 def sample_groups(
     params: Params,
@@ -114,6 +115,7 @@ def sample_groups(
     top_p: float = 1.0,
     top_k: int = 0,
     mesh: Mesh | None = None,
+    unroll_layers: bool | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions for each left-padded prompt.
 
@@ -123,6 +125,7 @@ def sample_groups(
       stop_seqs: int32[k, L] token sequences that end a row, right-aligned, left-padded with -1; may be [0, 1].
       key: PRNG key; row i of every step gets its own draw, so the G rows of a group differ.
       mesh: shard the rows over the mesh's batch axes (data parallel sampling); None = as the inputs are placed.
+      unroll_layers: decode with unstacked layers (``r1jax.model.unstack_layers``); None = on the CPU backend only.
     """
     b, plen = prompts.shape
     n, T = b * group_size, max_new_tokens
@@ -133,6 +136,9 @@ def sample_groups(
     cache = init_cache(cfg, b, plen, start)
     logits, aux = forward(params, prompts, cfg, cache=cache)
     cache = _repeat_cache(aux["cache"], group_size, T, mesh)
+    if jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers:
+        params = unstack_layers(params)
+        cache = dataclasses.replace(cache, layers=unstack_layers(cache.layers))
     last = constrain_batch(jnp.repeat(logits[:, -1], group_size, axis=0), mesh)
 
     def cond(state):
