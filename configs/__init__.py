@@ -2,7 +2,7 @@
 
 ``r1``: DeepSeek-R1's reasoning RL. ``dapo``: DAPO (clip-higher, token mean, dynamic sampling, overlong handling,
 no KL). ``dr_grpo``: Dr. GRPO (no std division, constant normaliser). ``tiny``: a CPU-sized model and run for tests
-and demos.
+and demos. ``smollm2_*``: GRPO on the real SmolLM2-135M-Instruct on a CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .dapo import dapo
 from .demo import demo_distill, demo_grpo, demo_sft
 from .dr_grpo import dr_grpo
 from .r1 import r1
+from .smollm2 import smollm2_arith, smollm2_gsm8k
 from .tiny import tiny, tiny_model
 from .tiny_text import tiny_text
 
@@ -27,6 +28,8 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "demo_sft": demo_sft,
     "demo_grpo": demo_grpo,
     "demo_distill": demo_distill,
+    "smollm2_arith": smollm2_arith,
+    "smollm2_gsm8k": smollm2_gsm8k,
 }
 
 

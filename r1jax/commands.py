@@ -35,30 +35,37 @@ def _add_model_data_args(p, default_template: str = "r1_zero") -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sampler call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--options", default="", help="generated datasets' options, e.g. min_digits=1,max_digits=2")
+    p.add_argument("--last-number", action="store_true", help="GSM8K-style answers: accept the last number when "
+                   "there are no answer tags, \\boxed{} or ####")  # fmt: skip
 
 
 def _load(args):
     import r1jax
+    from r1jax.config import DataConfig
     from r1jax.data.datasets import load_dataset
     from r1jax.evaluate import tokenizer_of
 
+    try:
+        options = DataConfig(options=args.options).option_dict()
+    except ValueError as e:
+        raise R1jaxError(f"--options: {e}") from None
     model = r1jax.load(args.model, dtype=args.dtype)
-    data = load_dataset(args.data, args.split, data_dir=args.data_dir)
+    data = load_dataset(args.data, args.split, data_dir=args.data_dir, seed=args.seed, **options)
     n = len(data) if args.limit is None else min(args.limit, len(data))
     return model, tokenizer_of(model), [data[i] for i in range(n)]
 
 
-def _reward_config(names: str, weights: str | None):
+def _reward_config(names: str, weights: str | None, last_number: bool = False):
     from r1jax.config import RewardConfig
-
-    functions = tuple(s.strip() for s in names.split(",") if s.strip())
     from r1jax.rewards.registry import get
 
+    functions = tuple(s.strip() for s in names.split(",") if s.strip())
     try:
         w = tuple(float(x) for x in weights.split(",")) if weights else (1.0,) * len(functions)
         for name in functions:
             get(name)
-        return RewardConfig(functions=functions, weights=w)
+        return RewardConfig(functions=functions, weights=w, gsm8k_last_number=last_number)
     except ValueError as e:
         raise R1jaxError(f"--rewards/--reward-weights: {e}") from None
 
@@ -95,8 +102,8 @@ def trace_records(
             yield rec
 
 
-def write_jsonl_atomic(path: str, records: Iterable[Mapping[str, Any]]) -> int:
-    """Write ``records`` as JSON lines to a temporary file beside ``path``, fsync, rename; returns the count."""
+def _write_atomic(path: str, chunks: Iterable[str]) -> int:
+    """Write ``chunks`` to a temporary file beside ``path``, fsync, rename; returns the number of chunks."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise R1jaxError(f"{path}: directory {parent} does not exist")
@@ -104,8 +111,8 @@ def write_jsonl_atomic(path: str, records: Iterable[Mapping[str, Any]]) -> int:
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            for chunk in chunks:
+                f.write(chunk)
                 n += 1
             f.flush()
             os.fsync(f.fileno())
@@ -115,6 +122,15 @@ def write_jsonl_atomic(path: str, records: Iterable[Mapping[str, Any]]) -> int:
             os.unlink(tmp)
         raise
     return n
+
+
+def write_jsonl_atomic(path: str, records: Iterable[Mapping[str, Any]]) -> int:
+    """Write ``records`` as JSON lines, atomically (nothing half-written on failure); returns the count."""
+    return _write_atomic(path, (json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    _write_atomic(path, [text])
 
 
 def _sampling(args, temperature: float):
@@ -129,7 +145,7 @@ def _sampling(args, temperature: float):
 def _cmd_sample(args) -> int:
     from r1jax.evaluate import max_total_reward, sample_completions, score_samples
 
-    rewards = _reward_config(args.rewards, args.reward_weights)
+    rewards = _reward_config(args.rewards, args.reward_weights, args.last_number)
     sampling = _sampling(args, args.temperature)
     model, tok, examples = _load(args)
     t0 = time.time()
@@ -156,17 +172,26 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from r1jax.evaluate import evaluate
+    from r1jax.evaluate import evaluate, metrics_markdown
 
     _sampling(args, args.temperature)
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out)) or "."):
+        raise R1jaxError(f"--out {args.out}: its parent directory does not exist")
     model, tok, examples = _load(args)
     try:
         metrics = evaluate(
             model, tok, examples, k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             template=args.template, system=args.system, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+            rewards=_reward_config("accuracy", None, args.last_number),
         )  # fmt: skip
     except ValueError as e:
         raise R1jaxError(str(e)) from None
+    if args.out:
+        title = f"{args.model} on {args.data} ({args.split})"
+        settings = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
+        os.makedirs(args.out, exist_ok=True)
+        write_text_atomic(os.path.join(args.out, "eval.json"), json.dumps({**metrics, **settings}, indent=2) + "\n")
+        write_text_atomic(os.path.join(args.out, "eval.md"), metrics_markdown(metrics, title, settings))
     print(json.dumps(metrics))
     return 0
 
@@ -194,6 +219,7 @@ def register(sub) -> None:
     e.set_defaults(split="test", top_p=0.95)
     e.add_argument("--k", type=int, default=4, help="samples per problem")
     e.add_argument("--temperature", type=float, default=0.6)
+    e.add_argument("--out", default=None, help="directory for eval.json and eval.md (a markdown table)")
     e.set_defaults(fn=_cmd_eval)
 
     r = sub.add_parser("report", help="plots and summary.md from RUN_DIR/metrics.jsonl into RUN_DIR/report/")

@@ -431,10 +431,44 @@ class DataConfig:
     system: str | None = None
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted
     seq_len: int = 512  # SFT: packed row length
+    options: str = ""  # generated datasets' options, e.g. "min_digits=1,max_digits=2,ops=+-" (arithmetic)
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens < 1 or self.seq_len < 2:
             raise ValueError("max_prompt_tokens must be >= 1 and seq_len >= 2")
+        self.option_dict()
+
+    def option_dict(self) -> dict[str, int | str]:
+        """``options`` as keyword arguments: integers where the value is one."""
+        out: dict[str, int | str] = {}
+        for item in filter(None, (x.strip() for x in self.options.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"data.options: expected key=value pairs separated by commas, got {item!r}")
+            value = value.strip()
+            out[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation during training (``r1jax.evaluate``): every ``every`` steps, at the start and at the
+    last step, on the first ``limit`` problems of ``data.name``'s ``split``; logged as ``eval/*`` metrics."""
+
+    every: int = 0  # steps between evaluations; 0 = never
+    split: str = "test"
+    limit: int = 64  # problems
+    k: int = 1  # samples per problem (pass@1 is their mean, maj@k their vote)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 0  # 0 = the sampling length of the run
+    batch_size: int = 16  # prompts per sampler call
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.limit < 1 or self.k < 1 or self.batch_size < 1 or self.max_new_tokens < 0:
+            raise ValueError("eval: every, max_new_tokens >= 0 and limit, k, batch_size >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("eval: temperature must be >= 0 and top_p in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,6 +503,7 @@ class TrainConfig:
     init: str | None = None  # checkpoint to start from (HF dir, .gguf, r1jax checkpoint or run dir); None: random
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
     sft_batch_size: int = 8  # SFT: packed rows per optimiser step
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
 

@@ -99,6 +99,25 @@ def answer_key(completion: str, meta: Mapping[str, Any], think_prefilled: bool =
     return "".join(answer.split()) or None
 
 
+def metrics_markdown(metrics: Mapping[str, Any], title: str, settings: Mapping[str, Any] | None = None) -> str:
+    """A markdown summary of ``evaluate``'s metrics: one table row per metric, then the sampling settings."""
+    k = metrics["k"]
+    rows = [
+        ("pass@1", "mean correctness over the k samples", metrics["pass@1"]),
+        (f"maj@{k}", "majority answer correct", metrics[f"maj@{k}"]),
+        (f"pass@{k}", "any of k samples correct (unbiased estimator)", metrics[f"pass@{k}"]),
+        ("answered", "samples with an extractable answer", metrics["answered_frac"]),
+        ("truncated", "samples cut at the token limit", metrics["truncated_frac"]),
+    ]
+    lines = [f"# {title}", "", f"{metrics['n_problems']} problems, k = {k} samples each.", ""]
+    lines += ["| metric | meaning | value |", "|---|---|---|"]
+    lines += [f"| {name} | {meaning} | {100 * value:.1f}% |" for name, meaning, value in rows]
+    lines.append(f"| length | mean completion tokens | {metrics['length_mean']:.1f} |")
+    if settings:
+        lines += ["", "Sampling: " + ", ".join(f"{key} = {value}" for key, value in settings.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 # --- sampling shared by eval and rejection sampling -----------------------------------------------------------------
 def tokenizer_of(model: Any):
     """The ``r1jax.data.tokenizer.Tokenizer`` stored with a loaded model (``R1jaxError`` when it has none)."""

@@ -415,6 +415,9 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
     log = MetricsLog(run_dir, start, enabled=is_main)
     data = stage.data(start)
     total = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+    evaluator = Evaluator(cfg, model_cfg, tok) if cfg.eval.every else None
+    if evaluator is not None and start == 0:
+        log.write({"step": 0, **evaluator(stage.params(state))})
     bar = _progress(cfg.steps, start, progress and is_main)
     last: dict = {}
     step = start
@@ -441,6 +444,8 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
                     "skipped_steps": counters["skipped_steps"],
                     "data/skipped_prompts": data.skipped,
                 }
+                if evaluator is not None and evaluator.due(step, cfg.steps):
+                    metrics.update(evaluator(stage.params(state)))
                 log.write(metrics)
                 last = metrics
                 if counters["consecutive_skips"] >= cfg.max_consecutive_skips:
@@ -481,17 +486,55 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Policy:
+    """The current parameters in the shape ``r1jax.evaluate`` takes a model."""
+
+    cfg: ModelConfig
+    params: Any
+
+    def param_dict(self):
+        return self.params
+
+
+class Evaluator:
+    """``cfg.eval``: accuracy of the current policy on held-out problems, as ``eval/*`` metrics."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok):
+        self.cfg, self.model_cfg, self.tok = cfg, model_cfg, tok
+        self.dataset = dataset_for(cfg, cfg.eval.split)
+        self.rewards = dataclasses.replace(cfg.rewards, functions=("accuracy",), weights=(1.0,))
+
+    def due(self, step: int, total: int) -> bool:
+        return bool(self.cfg.eval.every) and (step % self.cfg.eval.every == 0 or step == total)
+
+    def __call__(self, params) -> dict[str, float]:
+        from r1jax.evaluate import evaluate
+
+        e, t0 = self.cfg.eval, time.perf_counter()
+        m = evaluate(
+            _Policy(self.model_cfg, params), self.tok, self.dataset, k=e.k, temperature=e.temperature,
+            top_p=e.top_p, max_new_tokens=e.max_new_tokens or self.cfg.sampling.max_new_tokens,
+            template=self.cfg.data.template, system=self.cfg.data.system,
+            stop_strings=self.cfg.sampling.stop_strings, limit=e.limit, batch_size=e.batch_size, seed=self.cfg.seed,
+            rewards=self.rewards,
+        )  # fmt: skip
+        out = {f"eval/{k}": float(v) for k, v in m.items() if k not in ("n_problems", "k")}
+        return {**out, "time/eval_s": time.perf_counter() - t0}
+
+
 def _make_stage(cfg: TrainConfig, model_cfg: ModelConfig, tok, mesh=None):
     if cfg.stage == Stage.GRPO:
         return GRPOStage(cfg, model_cfg, tok, mesh)
     return SFTStage(cfg, model_cfg, tok, mesh)
 
 
-def dataset_for(cfg: TrainConfig):
+def dataset_for(cfg: TrainConfig, split: str | None = None):
     from r1jax.data.datasets import load_dataset
 
     d = cfg.data
-    return load_dataset(d.name, d.split, data_dir=d.data_dir, seed=cfg.seed, source=d.source)
+    split = split or d.split
+    return load_dataset(d.name, split, data_dir=d.data_dir, seed=cfg.seed, source=d.source, **d.option_dict())
 
 
 def training_batches(cfg: TrainConfig, tok, batch_size: int, start: int, max_prompt_tokens: int):
@@ -543,6 +586,9 @@ class GRPOStage:
     def to_save(self, state):
         return state.params, {"opt": state.opt_state, "ref": state.ref_params or {}}
 
+    def params(self, state):
+        return state.params
+
     def data(self, start: int):
         return training_batches(
             self.cfg, self.tok, self.cfg.grpo.prompts_per_step, start, self.cfg.data.max_prompt_tokens
@@ -585,6 +631,9 @@ class SFTStage:
 
     def to_save(self, state):
         return state["params"], {"opt": state["opt"]}
+
+    def params(self, state):
+        return state["params"]
 
     def data(self, start: int):
         d = self.cfg.data

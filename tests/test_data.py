@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from r1jax.config import RewardConfig
+from r1jax.config import DataConfig, RewardConfig
 from r1jax.data.builders import ArithmeticConfig, CountdownConfig, generate_arithmetic, generate_countdown
 from r1jax.data.builders.generated import split_of
 from r1jax.data.datasets import DataError, batches, default_gsm8k_dir, load_dataset
@@ -132,6 +132,12 @@ def test_arithmetic_deterministic_correct_disjoint(data_dir):
     assert len(got) == 5 and got[0]["task"] == "gsm8k"
     with pytest.raises(DataError, match="unknown options"):
         load_dataset("arithmetic", "test", data_dir=data_dir, digits=3)
+    opts = DataConfig(options="min_digits=1, max_digits=1,ops=+,train_size=20,test_size=3").option_dict()
+    assert opts == {"min_digits": 1, "max_digits": 1, "ops": "+", "train_size": 20, "test_size": 3}
+    small = load_dataset("arithmetic", "train", data_dir=data_dir, **opts)
+    assert len(small) == 20 and all(int(ex["answer"]) <= 18 and "+" in ex["prompt"] for ex in small)
+    with pytest.raises(ValueError, match="key=value"):
+        DataConfig(options="min_digits")
 
 
 def test_math_jsonl_builder(tmp_path, data_dir):

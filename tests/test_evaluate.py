@@ -97,3 +97,16 @@ def test_max_total_reward():
     assert ev.max_total_reward(RewardConfig()) == 2.0  # accuracy + strict format
     assert ev.max_total_reward(RewardConfig(functions=("accuracy", "overlong"), weights=(1.0, 1.0))) == 1.0
     assert ev.max_total_reward(RewardConfig(functions=("accuracy", "overlong"), weights=(2.0, -1.0))) == 3.0
+
+
+def test_metrics_markdown_table():
+    metrics = {"pass@1": 0.375, "maj@4": 0.5, "pass@4": 0.75, "n_problems": 2, "k": 4, "length_mean": 3.5,
+               "truncated_frac": 0.25, "answered_frac": 0.875}  # fmt: skip
+    md = ev.metrics_markdown(metrics, "m on d (test)", {"temperature": 0.6})
+    lines = md.splitlines()
+    assert lines[0] == "# m on d (test)" and "2 problems, k = 4 samples each." in lines
+    assert "| pass@1 | mean correctness over the k samples | 37.5% |" in lines
+    assert "| maj@4 | majority answer correct | 50.0% |" in lines
+    assert "| pass@4 | any of k samples correct (unbiased estimator) | 75.0% |" in lines
+    assert "| truncated | samples cut at the token limit | 25.0% |" in lines
+    assert "| length | mean completion tokens | 3.5 |" in lines and lines[-1] == "Sampling: temperature = 0.6."

@@ -86,6 +86,14 @@ def test_keep_correct_and_eval(run, capsys):
     assert {"pass@1", "maj@2", "pass@2", "length_mean", "truncated_frac"} <= set(metrics)
     assert 0.0 <= metrics["pass@1"] <= metrics["pass@2"] <= 1.0
     assert 1 <= metrics["length_mean"] <= 8
+    report = run / "report"
+    assert cli.main([*argv, "--out", str(report)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics  # same seed, same numbers
+    saved = json.loads((report / "eval.json").read_text())
+    assert saved["pass@1"] == metrics["pass@1"] and saved["temperature"] == 1.0
+    md = (report / "eval.md").read_text()
+    assert f"| pass@1 | mean correctness over the k samples | {100 * metrics['pass@1']:.1f}% |" in md
+    assert "2 problems, k = 2 samples each." in md and "| maj@2 |" in md
 
 
 def test_bad_input_is_one_line(run, capsys):

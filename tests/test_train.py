@@ -61,6 +61,22 @@ def test_run_dir_layout_and_metrics(reference_run):
     assert model.cfg.vocab_size == 320
 
 
+def test_eval_during_training(tmp_path):
+    """``eval.every``: held-out metrics at step 0, every N steps and at the end, computed on the parameters of
+    that step (re-evaluating the saved final checkpoint gives the logged numbers)."""
+    cfg = _cfg("eval.every=3", "eval.limit=3", "eval.batch_size=2", "eval.max_new_tokens=8")
+    out = tmp_path / "run"
+    train.run(cfg, str(out), progress=False)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {m["step"]: m for m in lines if "eval/pass@1" in m}
+    assert sorted(evals) == [0, 3, 4] and [m["step"] for m in lines] == [0, 1, 2, 3, 4]
+    model = r1jax.load(str(out))
+    again = train.Evaluator(cfg, model.cfg, train._tokenizer_for(model, model.cfg))(model.param_dict())
+    for key in ("eval/pass@1", "eval/length_mean", "eval/truncated_frac", "eval/answered_frac"):
+        assert again[key] == evals[4][key], key
+    assert 1 <= evals[4]["eval/length_mean"] <= 8
+
+
 def test_resume_is_exact(reference_run, tmp_path):
     out = tmp_path / "run"
     train.run(_cfg(), str(out), progress=False, max_steps=2)
