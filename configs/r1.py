@@ -17,7 +17,9 @@ Simplified / not stated:
 
 from __future__ import annotations
 
-from r1jax.config import GRPOConfig, OptimConfig, RewardConfig, SamplingConfig, TrainConfig
+import dataclasses
+
+from r1jax.config import DataConfig, GRPOConfig, ModelConfig, OptimConfig, RewardConfig, SamplingConfig, TrainConfig
 
 MAX_LEN = 32768  # tokens per completion
 
@@ -44,4 +46,40 @@ def r1() -> TrainConfig:
         model=None,  # the checkpoint's config (DeepSeek-V3 base for R1-Zero)
         micro_batch_size=8,  # 32 per mini-batch / 8 = 4 accumulation steps
         steps=10_000,
+    )
+
+
+def r1_on(
+    model: ModelConfig,
+    mesh: dict[str, int],
+    batch: dict[str, int],
+    *,
+    template: str = "chat",
+    moment_dtype: str = "float32",
+) -> TrainConfig:
+    """R1's recipe at the shapes one slice holds (the ``configs/`` TPU and GPU modules): ``batch["batch"]``
+    sequences of ``batch["seq_len"]`` tokens per micro-batch, prompts of up to min(512, seq_len / 4) tokens and
+    completions filling the rest. 512 samples per step as R1, in mini-batches of max(32, micro-batch) sequences
+    (R1: 16 of 32; a slice that holds more sequences at once takes fewer, larger ones). Data: GSM8K through the
+    model's chat template (R1-Distill's ``<think>`` prefill is detected) or ``template="r1_zero"`` for a base model;
+    set ``init`` to the HF checkpoint and ``data`` to the task."""
+    base = r1()
+    prompt = min(512, batch["seq_len"] // 4)
+    completion = batch["seq_len"] - prompt
+    minibatch = max(32, batch["batch"])
+    samples = base.grpo.samples_per_step
+    return dataclasses.replace(
+        base,
+        grpo=dataclasses.replace(
+            base.grpo,
+            max_completion_len=completion,
+            num_minibatches=max(1, samples // minibatch),
+            prompts_per_step=max(samples, minibatch) // base.grpo.group_size,
+        ),
+        sampling=dataclasses.replace(base.sampling, max_new_tokens=completion),
+        optim=dataclasses.replace(base.optim, moment_dtype=moment_dtype),
+        model=model,
+        micro_batch_size=batch["batch"],
+        data=DataConfig(name="gsm8k", template=template, max_prompt_tokens=prompt),
+        mesh=",".join(f"{axis}={n}" for axis, n in mesh.items()),
     )

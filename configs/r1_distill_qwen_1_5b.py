@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import types
 
-from r1jax.config import ModelConfig
+from r1jax.config import ModelConfig, TrainConfig
 from r1jax.hf import config_from_hf
+
+from .r1 import r1_on
 
 TOPOLOGY = "v5e:2x4"
 
@@ -104,3 +106,9 @@ def h200():
         mesh=lambda: {"fsdp": 1},
         batch=lambda: {"batch": 8, "seq_len": 4096},
     )
+
+
+def train() -> TrainConfig:
+    """GRPO of the distilled model on this slice (chat template, ``<think>`` prefill): ``configs.r1.r1_on`` at
+    ``mesh()`` / ``batch()``. ``r1jax train r1_distill_qwen_1_5b --out RUN --set init=HF_DIR``."""
+    return r1_on(model(), mesh(), batch())

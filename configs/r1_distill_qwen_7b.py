@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import types
 
-from r1jax.config import ModelConfig
+from r1jax.config import ModelConfig, TrainConfig
 from r1jax.hf import config_from_hf
+
+from .r1 import r1_on
 
 TOPOLOGY = "v6e:2x4"
 MOMENT_DTYPE = "bfloat16"  # AdamW mu and nu; parameters and gradients stay f32
@@ -100,3 +102,9 @@ def h200():
         mesh=lambda: {"fsdp": 1},
         batch=lambda: {"batch": 2, "seq_len": 4096},
     )
+
+
+def train() -> TrainConfig:
+    """GRPO of the distilled model on this slice (chat template, ``<think>`` prefill): ``configs.r1.r1_on`` at
+    ``mesh()`` / ``batch()``. ``r1jax train r1_distill_qwen_7b --out RUN --set init=HF_DIR``."""
+    return r1_on(model(), mesh(), batch())

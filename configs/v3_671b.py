@@ -49,8 +49,10 @@ from __future__ import annotations
 
 import types
 
-from r1jax.config import ModelConfig
+from r1jax.config import ModelConfig, TrainConfig
 from r1jax.hf import config_from_hf
+
+from .r1 import r1_on
 
 TOPOLOGY = "v5p:8x16x16"
 
@@ -131,3 +133,9 @@ def v6e_1024():
         batch=lambda: {"batch": 256, "seq_len": 2048},
         decode=lambda: {"batch": 256, "cache_len": 32768},
     )
+
+
+def train() -> TrainConfig:
+    """R1-Zero on this slice, GRPO from the base model with the R1-Zero template: ``configs.r1.r1_on`` at
+    ``mesh()`` / ``batch()``. ``r1jax train v3_671b --out RUN --set init=HF_DIR``."""
+    return r1_on(model(), mesh(), batch(), template="r1_zero")

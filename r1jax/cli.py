@@ -83,7 +83,8 @@ def _cmd_train(args) -> int:
 
         jax.distributed.initialize()  # TPU pods / SLURM: coordinator and process ids are detected
     cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
-    mesh = _mesh(args.mesh) if args.mesh else None
+    mesh_spec = args.mesh or cfg.mesh
+    mesh = _mesh(mesh_spec) if mesh_spec else None
     last = train.run(cfg, args.out, mesh=mesh, progress=not args.no_progress, max_steps=args.max_steps)
     shown = {
         k: round(v, 4)
@@ -128,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. grpo.group_size=16")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert)")
+    t.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert); default: the config's mesh",
+    )
     t.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     t.set_defaults(fn=_cmd_train)
     for register in COMMANDS:

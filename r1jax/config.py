@@ -400,8 +400,11 @@ class OptimConfig:
     weight_decay: float = 0.1  # decoupled; matrices only (not norms, biases or the router bias)
     max_grad_norm: float = 1.0  # global-norm clip; 0 disables
     router_bias_gamma: float = 0.001  # 0 disables the bias update
+    moment_dtype: str = "float32"  # AdamW mu and nu storage (bfloat16 halves the optimiser state; math in f32)
 
     def __post_init__(self) -> None:
+        if self.moment_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"moment_dtype must be float32 or bfloat16, got {self.moment_dtype!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.decay_steps < 0:
@@ -506,6 +509,7 @@ class TrainConfig:
     eval: EvalConfig = EvalConfig()
     sft_batch_size: int = 8  # SFT: packed rows per optimiser step
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
+    mesh: str = ""  # device mesh when ``r1jax train`` gets no --mesh, e.g. "fsdp=8" or "fsdp=16,tensor=8,expert=16"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage", _enum(Stage, self.stage))

@@ -400,6 +400,29 @@ def is_router_bias(path) -> bool:
     return "router_bias" in _path_names(path)
 
 
+def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's bias-corrected m / (sqrt(v) + eps) computed in f32, with both moments stored in ``dtype`` (optax's
+    ``mu_dtype`` covers only the first)."""
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, dtype)  # noqa: E731
+        return optax.ScaleByAdamState(
+            jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
+        )
+
+    def update(grads, state, params=None):
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), grads, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), grads, state.nu)
+        count = optax.safe_int32_increment(state.count)
+        c1, c2 = 1 - b1 ** f32(count), 1 - b2 ** f32(count)
+        updates = jax.tree.map(lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), mu, nu, grads)
+        store = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)  # noqa: E731
+        return updates, optax.ScaleByAdamState(count, store(mu), store(nu))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
     """Global-norm clipping + AdamW (decay on matrices only); the router bias is frozen (its updates are zero: it is
     moved by ``moe.balance_bias`` after each step instead)."""
@@ -414,7 +437,14 @@ def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
 
         return jax.tree_util.tree_map_with_path(decays, params)
 
-    adamw = optax.adamw(lr_schedule(opt), opt.b1, opt.b2, opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
+    if opt.moment_dtype == "float32":
+        adamw = optax.adamw(lr_schedule(opt), opt.b1, opt.b2, opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
+    else:
+        adamw = optax.chain(
+            scale_by_adam_stored_as(jnp.dtype(opt.moment_dtype), opt.b1, opt.b2, opt.eps),
+            optax.add_decayed_weights(opt.weight_decay, decay_mask),
+            optax.scale_by_learning_rate(lr_schedule(opt)),
+        )
     train = optax.chain(optax.clip_by_global_norm(opt.max_grad_norm), adamw) if opt.max_grad_norm else adamw
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 

@@ -218,6 +218,7 @@ def test_sft_stage_learns_and_loads(tmp_path):
         (["--set", "grpo.group_sise=4"], "did you mean 'grpo.group_size'"),
         (["--set", "steps=many"], "not a valid int"),
         (["--mesh", "fsdp=3"], "needs 3 devices, 8 available"),
+        (["--set", "mesh=fsdp=3"], "needs 3 devices, 8 available"),  # the config's own mesh
         (["--mesh", "fsdp=2,model=4"], "unknown mesh axes"),
         (["--set", "micro_batch_size=3"], "must divide the mini-batch"),
     ],

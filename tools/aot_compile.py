@@ -9,8 +9,10 @@
 ``CONFIG:VARIANT`` calls the module's function ``VARIANT()`` for an object with the same attributes. libtpu compiles
 deviceless against ``jax.experimental.topologies``; nothing runs.
 
-Train step: next-token cross-entropy, forward + backward + AdamW (f32 moments, sharded like the parameters), params
-and moments donated — the GRPO policy update has the same shapes (its loss differs only elementwise per token).
+Train step: the GRPO policy update the trainer runs (``r1jax.grpo.update_minibatch``: clipped surrogate + k3 KL
+over teacher-forced log-probs, gradient accumulation over micro-batches, clipping, AdamW, router-bias update), with
+params and optimiser state donated. The run is the preset's ``train()`` (a ``TrainConfig``) or, for a variant without
+one, R1's recipe at the variant's shapes (``configs.r1.r1_on``): ``batch()`` sequences per micro-batch.
 Decode step: one token per sequence against the compressed (MLA) or GQA KV cache.
 
 Figures, per device: argument / output / temp / alias bytes from ``memory_analysis()``; total = argument + output +
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import importlib.util
 import json
 import os
@@ -47,8 +50,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from r1jax import sharding
 from r1jax.cache import Cache, layer_shapes
-from r1jax.config import ModelConfig
-from r1jax.model import ParamSpec, block, block_cached, forward, param_specs, token_logprobs
+from r1jax.config import ModelConfig, TrainConfig
+from r1jax.grpo import TrainBatch, _opt_shardings, make_optimizer, update_minibatch
+from r1jax.model import ParamSpec, block, block_cached, forward, param_specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,9 +74,12 @@ def load_preset(name: str):
     if not os.path.exists(path):
         known = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
         raise SystemExit(f"no config {name!r}; known: {known}")
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    if name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    else:  # a shipped config: imported as part of its package (they share helpers)
+        mod = importlib.import_module(f"r1jax.configs.{name}")
     if not variant:
         return mod
     if not callable(getattr(mod, variant, None)):
@@ -94,27 +101,26 @@ def _abstract(specs, cfg: ModelConfig, shardings, dtype=None):
 
 
 # --- steps -----------------------------------------------------------------------------------------------------------
-def next_token_loss(params, tokens, cfg: ModelConfig):
-    logits, _ = forward(params, tokens, cfg)
-    return -token_logprobs(logits[:, :-1], tokens[:, 1:]).mean()
+def train_config(preset, cfg: ModelConfig) -> TrainConfig:
+    """The preset's GRPO run (its ``train()``), else R1's recipe at its shapes (``configs.r1.r1_on``)."""
+    if hasattr(preset, "train"):
+        return preset.train()
+    from r1jax.configs.r1 import r1_on
+
+    return r1_on(cfg, preset.mesh(), preset.batch(), moment_dtype=getattr(preset, "MOMENT_DTYPE", "float32"))
 
 
-def train_step(params, mu, nu, step, tokens, *, cfg, lr=3e-6, b1=0.9, b2=0.95, eps=1e-8, wd=0.1):
-    """One AdamW update on the next-token loss; returns (params, mu, nu, step, loss)."""
-    loss, grads = jax.value_and_grad(next_token_loss)(params, tokens, cfg)
-    step = step + 1
-    c1, c2 = 1 - b1**step, 1 - b2**step
-
-    def update(p, g, m0, v0):
-        g = g.astype(jnp.float32)
-        m = b1 * m0.astype(jnp.float32) + (1 - b1) * g
-        v = b2 * v0.astype(jnp.float32) + (1 - b2) * g * g
-        new = p.astype(jnp.float32) - lr * ((m / c1) / (jnp.sqrt(v / c2) + eps) + wd * p.astype(jnp.float32))
-        return new.astype(p.dtype), m.astype(m0.dtype), v.astype(v0.dtype)
-
-    out = jax.tree.map(update, params, grads, mu, nu)
-    pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple))  # noqa: E731
-    return pick(0), pick(1), pick(2), step, loss
+def train_shape(tc: TrainConfig) -> dict[str, int]:
+    """The policy update's input: a mini-batch of prompts + completions, accumulated over micro-batches."""
+    prompt, completion = tc.data.max_prompt_tokens, tc.grpo.max_completion_len
+    return {
+        "batch": tc.micro_batch,
+        "seq_len": prompt + completion,
+        "minibatch": tc.grpo.minibatch_size,
+        "prompt_len": prompt,
+        "completion_len": completion,
+        "accum": tc.grad_accum_steps,
+    }
 
 
 def decode_step(params, cache, tokens, *, cfg):
@@ -128,19 +134,37 @@ def _layer_specs(cfg: ModelConfig, stack: str):
 
 
 # --- compiles --------------------------------------------------------------------------------------------------------
-def compile_train(cfg: ModelConfig, mesh, batch: int, seq: int, moment_dtype: str = "float32"):
+def compile_train(cfg: ModelConfig, mesh, tc: TrainConfig):
+    """``r1jax.grpo.update_minibatch`` — the GRPO policy update the trainer runs: a mini-batch of
+    ``tc.grpo.minibatch_size`` rows in micro-batches of ``tc.micro_batch``, clipped surrogate + k3 KL, the optimiser
+    of ``tc.optim`` (AdamW, moments in ``moment_dtype``), router-bias update; params and optimiser state donated."""
     specs = param_specs(cfg)
     psh = sharding.param_shardings(specs, mesh)
     params = _abstract(specs, cfg, psh)
-    moments = _abstract(specs, cfg, psh, dtype=moment_dtype)
-    scalar = NamedSharding(mesh, PartitionSpec())
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar)
-    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding.batch_sharding(mesh, (batch, seq)))
-    fn = jax.jit(
-        partial(train_step, cfg=cfg), out_shardings=(psh, psh, psh, scalar, scalar), donate_argnums=(0, 1, 2, 3)
+    tx = make_optimizer(tc.optim)
+    opt = jax.eval_shape(tx.init, params)
+    osh = _opt_shardings(opt, params, cfg, mesh)
+    opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt, osh)
+    shape = train_shape(tc)
+    n, p, t = shape["minibatch"], shape["prompt_len"], shape["completion_len"]
+
+    def rows(*dims, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct((n, *dims), dtype, sharding=sharding.batch_sharding(mesh, (n, *dims)))
+
+    g = tc.grpo
+    batch = TrainBatch(
+        prompt_tokens=rows(p, dtype=jnp.int32),
+        prompt_start=rows(dtype=jnp.int32),
+        tokens=rows(t, dtype=jnp.int32),
+        mask=rows(t),
+        advantages=rows(),
+        sampler_logp=rows(t),
+        old_logp=rows(t) if g.num_iterations > 1 or g.num_minibatches > 1 else None,
+        ref_logp=rows(t) if g.kl_coef > 0 else None,
     )
+    fn = partial(update_minibatch, cfg=tc, model_cfg=cfg, micro_batch=tc.micro_batch, mesh=mesh)
     with jax.set_mesh(mesh):
-        return fn.lower(params, moments, moments, step, tokens).compile()
+        return jax.jit(fn, out_shardings=(psh, osh, None), donate_argnums=(0, 1)).lower(params, opt, batch).compile()
 
 
 def _cache_abstract(cfg: ModelConfig, mesh, batch: int, cache_len: int):
@@ -312,14 +336,18 @@ def estimate(cfg: ModelConfig, mesh, chip: str, shape: dict, moment_dtype: str =
     }
 
 
-def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: bool, moment_dtype="float32") -> dict:
+def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: bool, tc: TrainConfig | None = None):
+    """Compile one step and read its memory, FLOPs and collectives (see the module docstring). ``tc``: the GRPO run
+    whose policy update is compiled (``kind == "train"``)."""
     hbm, peak, bw, ici = CHIPS[chip]
     n_chips = mesh.size
     compiled_cfg = reduced_config(cfg) if reduced else cfg
+    moment_dtype = tc.optim.moment_dtype if tc is not None else "float32"
+    accum = 1
     t0 = time.time()
     if kind == "train":
-        exe = compile_train(compiled_cfg, mesh, shape["batch"], shape["seq_len"], moment_dtype)
-        b, t = shape["batch"], shape["seq_len"]
+        exe = compile_train(compiled_cfg, mesh, tc)
+        b, t, accum = shape["batch"], shape["seq_len"], shape["accum"]
     else:
         exe = compile_decode(compiled_cfg, mesh, shape["batch"], shape["cache_len"])
         b, t = shape["batch"], shape["cache_len"]
@@ -351,9 +379,11 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
             extra_bytes += (n_full - n_compiled) * per_layer
     total += extra_bytes
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    # the micro-batch loop is a scan too: its body (forward + backward of one micro-batch) runs ``accum`` times
+    flops, comm, bytes_accessed = accum * flops, accum * comm, accum * bytes_accessed
     step_s = max(flops / peak, bytes_accessed / bw)
     comm_s = comm / ici
-    tokens = b * (t if kind == "train" else 1)
+    tokens = b * accum * (t if kind == "train" else 1)
     model_flops = (6 if kind == "train" else 2) * active_params(cfg) * tokens
     est_s = max(step_s, comm_s)
     return {
@@ -373,7 +403,8 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
         "fits": bool(total <= FIT_FRACTION * hbm),
         "flops_per_device": flops,
         "flops_compiled_raw": flops_compiled,
-        "flops_method": "compiled + (layers-1) x one layer compiled alone, per stack (scan bodies count once)",
+        "flops_method": "(compiled + (layers-1) x one layer compiled alone, per stack) x micro-batches "
+        "(scan bodies count once)",
         "bytes_accessed_per_device": bytes_accessed,
         "collective_bytes_per_device": comm,
         "roofline_step_s": step_s,
@@ -420,7 +451,8 @@ def run(
     result["active_params"] = active_params(cfg)
     steps = []
     if step in ("train", "both"):
-        steps.append(analyse("train", cfg, mesh, chip, preset.batch(), reduced, moment_dtype))
+        tc = train_config(preset, cfg)
+        steps.append(analyse("train", cfg, mesh, chip, train_shape(tc), reduced, tc))
     if step in ("decode", "both") and hasattr(preset, "decode"):
         decode_cfg = cfg.replace(remat=False, param_dtype=cfg.dtype)
         steps.append(analyse("decode", decode_cfg, mesh, chip, preset.decode(), reduced))
