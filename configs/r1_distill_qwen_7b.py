@@ -107,4 +107,4 @@ def h200():
 def train() -> TrainConfig:
     """GRPO of the distilled model on this slice (chat template, ``<think>`` prefill): ``configs.r1.r1_on`` at
     ``mesh()`` / ``batch()``. ``r1jax train r1_distill_qwen_7b --out RUN --set init=HF_DIR``."""
-    return r1_on(model(), mesh(), batch())
+    return r1_on(model(), mesh(), batch(), moment_dtype=MOMENT_DTYPE)

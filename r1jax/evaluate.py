@@ -27,7 +27,8 @@ import numpy as np
 
 from r1jax.config import RewardConfig, SamplingConfig
 from r1jax.data.templates import build_prompt, chat_messages
-from r1jax.rewards.extract import extract_answer, find_boxed, gsm8k_gold, parse_number, split_reasoning
+from r1jax.rewards.accuracy import gsm8k_prediction
+from r1jax.rewards.extract import extract_answer
 
 CORRECT_AT = 1.0 - 1e-6  # a reward at least this is "correct" (countdown gives 0.1 for a well-formed miss)
 
@@ -77,23 +78,19 @@ def maj_at_k(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequence
     return float(np.mean([majority_vote(a, c) for a, c in zip(answers, correct, strict=True)]))
 
 
-def answer_key(completion: str, meta: Mapping[str, Any], think_prefilled: bool = False) -> str | None:
+def answer_key(
+    completion: str, meta: Mapping[str, Any], think_prefilled: bool = False, last_number: bool = False
+) -> str | None:
     """The answer a completion gives, normalised for voting, by the task's extraction rules; None if it has none.
 
-    gsm8k: the exact number (``<answer>`` / ``\\boxed`` / ``####``) as a reduced fraction string; math: the
-    extracted answer with whitespace removed; countdown and others: the extracted ``<answer>`` / boxed text with
-    whitespace removed.
+    gsm8k: the number the ``accuracy`` reward reads (``gsm8k_prediction``: ``<answer>`` / ``\\boxed`` / ``####``,
+    and the last number with ``last_number``) as a reduced fraction string; math: the extracted answer with
+    whitespace removed; countdown and others: the extracted ``<answer>`` / boxed text with whitespace removed.
     """
-    task = meta.get("task", "math")
-    answer, _ = extract_answer(completion, think_prefilled)
-    if task == "gsm8k":
-        if answer is None:
-            _, region = split_reasoning(completion, think_prefilled)
-            if region is None or "<answer>" in region or find_boxed(region) or "####" not in region:
-                return None
-            answer = gsm8k_gold(region).split("\n", 1)[0]
-        value = parse_number(answer)
+    if meta.get("task", "math") == "gsm8k":
+        value = gsm8k_prediction(completion, think_prefilled, last_number)
         return None if value is None else str(value)
+    answer, _ = extract_answer(completion, think_prefilled)
     if answer is None:
         return None
     return "".join(answer.split()) or None
@@ -280,7 +277,7 @@ def evaluate(
     _, comps = score_samples(samples, examples, rewards)
     correct = [list(c[:, acc] >= CORRECT_AT) for c in comps]
     answers = [
-        [answer_key(t, ex, s["think_prefilled"]) for t in s["completions"]]
+        [answer_key(t, ex, s["think_prefilled"], rewards.gsm8k_last_number) for t in s["completions"]]
         for s, ex in zip(samples, examples, strict=True)
     ]
     lengths = np.concatenate([s["lengths"] for s in samples])

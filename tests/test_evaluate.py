@@ -54,6 +54,8 @@ def test_answer_keys_follow_the_reward_extraction():
     assert ev.answer_key("<think>unclosed 72", g) is None
     assert ev.answer_key("<answer>1</answer><answer>2</answer>", g) is None  # hedging
     assert ev.answer_key("reasoning 72</think><answer>72</answer>", g, think_prefilled=True) == "72"
+    assert ev.answer_key("4 + 68 = 72", g) is None  # a bare number counts only with the last-number fallback
+    assert ev.answer_key("4 + 68 = 72.", g, last_number=True) == "72"
     m = {"task": "math", "answer": "\\frac{1}{2}"}
     assert ev.answer_key("\\boxed{\\frac{1}{2}}", m) == ev.answer_key("\\boxed{ \\frac{1}{2} }", m)
     c = {"task": "countdown", "target": 6, "numbers": [1, 2, 3]}

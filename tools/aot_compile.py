@@ -24,7 +24,8 @@ Roofline step time = max(FLOPs / peak, bytes accessed / HBM bandwidth). Communic
 result in the compiled HLO (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute; scan bodies
 completed per layer like FLOPs) over the chip's ICI bandwidth, ``comm_s``. Step estimate = max(roofline, comm_s)
 (collectives fully overlapped with compute: optimistic; DCN between slices is not modelled separately).
-MFU = model FLOPs (6 x active params x tokens for training, 2 x for decode) / (chips x peak x step estimate).
+MFU = model FLOPs (6 x active params x tokens for training, the output head counted on completion tokens only, as
+the update computes it; 2 x active params per token for decode) / (chips x peak x step estimate).
 
 ``--estimate`` (any device, e.g. ``h200``): no compile; per-device state from the shardings, plus remat residuals,
 logits (bf16, f32 log-softmax and its gradient), one layer's attention scores and MLP intermediates.
@@ -385,6 +386,10 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
     comm_s = comm / ici
     tokens = b * accum * (t if kind == "train" else 1)
     model_flops = (6 if kind == "train" else 2) * active_params(cfg) * tokens
+    if kind == "train":  # the policy update applies the output head to completion positions only
+        head = cfg.d_model * cfg.vocab_size
+        body = active_params(cfg) - (0 if cfg.tie_embeddings else head)
+        model_flops = 6 * (body * tokens + head * b * accum * shape["completion_len"])
     est_s = max(step_s, comm_s)
     return {
         "step": kind,

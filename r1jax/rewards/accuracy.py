@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Any
 
 from r1jax.config import RewardConfig
@@ -58,30 +59,34 @@ def math_accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardConfig) -
     return 0.0
 
 
-def gsm8k_accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardConfig) -> float:
-    """1.0 if the extracted number equals ``meta["answer"]`` exactly (as fractions: "1,234" == "1234", "$72" ==
-    "72", "72.0" == "72"), else 0.0.
+def gsm8k_prediction(completion: str, think_prefilled: bool = False, last_number: bool = False) -> Fraction | None:
+    """The number a completion answers with under the GSM8K rules, or None.
 
     Extraction: ``<answer>`` block or ``\\boxed{}`` (rules of ``extract_answer``), else the text after the last
-    ``####`` in the answer region, else (only with ``cfg.gsm8k_last_number``) the last number of the answer region.
-    Inside the extracted span the span itself must be a number, else its last number counts.
+    ``####`` in the answer region, else (only with ``last_number``) the last number of the answer region. Inside the
+    extracted span the span itself must be a number, else its last number counts.
     """
+    answer, _ = extract_answer(completion, think_prefilled)
+    if answer is None:
+        _, region = split_reasoning(completion, think_prefilled)
+        if region is None or "<answer>" in region or "</answer>" in region or find_boxed(region):
+            return None  # a malformed answer block or hedged boxes do not fall through to looser rules
+        if "####" in region:
+            answer = region[region.rfind("####") + 4 :].strip().split("\n", 1)[0]
+        elif last_number:
+            answer = region
+        else:
+            return None
+    return parse_number(answer)
+
+
+def gsm8k_accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardConfig) -> float:
+    """1.0 if the extracted number (``gsm8k_prediction``; the last-number fallback with ``cfg.gsm8k_last_number``)
+    equals ``meta["answer"]`` exactly (as fractions: "1,234" == "1234", "$72" == "72", "72.0" == "72"), else 0.0."""
     gold = parse_number(gsm8k_gold(str(meta["answer"])))
     if gold is None:
         return 0.0
-    answer, _ = extract_answer(completion, cfg.think_prefilled)
-    if answer is None:
-        _, region = split_reasoning(completion, cfg.think_prefilled)
-        if region is None or "<answer>" in region or "</answer>" in region or find_boxed(region):
-            return 0.0  # a malformed answer block or hedged boxes do not fall through to looser rules
-        if "####" in region:
-            line = region[region.rfind("####") + 4 :].strip().split("\n", 1)[0]
-            answer = line
-        elif cfg.gsm8k_last_number:
-            answer = region
-        else:
-            return 0.0
-    pred = parse_number(answer)
+    pred = gsm8k_prediction(completion, cfg.think_prefilled, cfg.gsm8k_last_number)
     return 1.0 if pred is not None and pred == gold else 0.0
 
 
