@@ -1,4 +1,4 @@
-"""DeepSeek-R1-Distill-Qwen-7B: GRPO policy update on TPU v6e-8 (default), v5e-8 and one H200.
+"""DeepSeek-R1-Distill-Qwen-7B: GRPO policy update on TPU v6e-8 (default) and one H200.
 
 Model: the HF ``config.json`` of deepseek-ai/DeepSeek-R1-Distill-Qwen-7B (Qwen2: q/k/v bias, untied head), read
 through ``r1jax.hf.config_from_hf``.
@@ -17,17 +17,17 @@ Activations per sequence of T tokens on the chip that holds it (XLA attention, r
     attention scores + probabilities of one layer, 28 heads, f32   = T^2 x 224 B  (3.8 GB at 4096)
     remat residuals 28 x T x 3584 x 2 B                            = T x 0.2 MB   (0.8 GB at 4096)
 
-v6e-8 (v6e:2x4, 8 x 32 GB; ``model``/``mesh``/``batch``): fsdp 8, one sequence of 4096 tokens per chip (~11 GB),
-    8 sequences x 4096 = 32.8 k tokens per update step. With f32 moments (state 121.8 / 8 = 15.2 GB) the compiled
-    step needs 28.8 GB per chip, 90.0% of HBM: over the line. bf16 moments (f32 master weights and gradients):
-    91.4 / 8 = 11.4 GB of state; compiled: 20.0 GB per chip (63%).
-v5e-8 (``v5e_8``, 8 x 16 GB): f32 state alone is 15.2 GB per chip: no fit. bf16 params, grads and moments
-    (60.9 / 8 = 7.6 GB) + one sequence of 2048 tokens (3.1 + 0.9 + 0.4 GB) ~= 12 GB. bf16 master weights lose
-    updates smaller than 2^-8 of a weight (lr 1e-6 GRPO steps): use stochastic rounding, or a v5e-16/v6e-8 slice.
+v6e-8 (v6e:2x4, 8 x 32 GB; ``model``/``mesh``/``batch``): fsdp 8, one sequence per chip, 8 sequences per
+    micro-batch, 4 micro-batches per 32-sequence GRPO mini-batch. State with bf16 moments (f32 master weights and
+    gradients): 91.4 / 8 = 11.4 GB per chip; the gradient accumulator adds 3.8 GB. The compiled policy update
+    (``tools/aot_compile.py r1_distill_qwen_7b``: ``grpo.update_minibatch``) needs 27.1 GB per chip (85% of HBM) at
+    3072 tokens (512 prompt + 2560 completion); at 4096 tokens 29.2 GB (91%): over the 90% line.
+v5e-8 (8 x 16 GB) does not hold the 7B update: even with bf16 parameters, gradients and moments the compiled update
+    needs 14.8-16.1 GB per chip (92-100%) for 1-2k-token sequences. Use v6e-8, v5p-8 or a v5e-16.
 H200 (``h200``, 141 GB, one GPU, memory arithmetic only: ``tools/aot_compile.py r1_distill_qwen_7b:h200``):
     f32 params and grads + bf16 moments 91.4 GB + 2 sequences x 4096 x ~11 GB ~= 113 GB (80%). f32 moments
     (121.8 GB) leave no room for a sequence. GPU mesh on n H200s: ``{"fsdp": n}``, f32 moments from n = 2.
-Roofline (model FLOPs 6 x 7.07 B x tokens): v6e-8, 32.8 k tokens -> 1.39e15 / (8 x 918e12) = 0.19 s at 100% MFU.
+Roofline (model FLOPs 6 x 7.07 B x tokens): v6e-8, 4 x 24.6 k tokens -> 4.2e15 / (8 x 918e12) = 0.57 s at 100% MFU.
 """
 
 from __future__ import annotations
@@ -72,25 +72,13 @@ def mesh() -> dict[str, int]:
 
 
 def batch() -> dict[str, int]:
-    """One sequence of 4096 tokens per v6e chip."""
-    return {"batch": 8, "seq_len": 4096}
+    """One sequence of 3072 tokens per v6e chip (4096 compiles to 91% of HBM, see the docstring)."""
+    return {"batch": 8, "seq_len": 3072}
 
 
 def decode() -> dict[str, int]:
     """Sampling: 64 sequences against an 8k-token GQA cache (28 x 2 x 4 x 128 x 2 B = 57 kB per token)."""
     return {"batch": 64, "cache_len": 8192}
-
-
-def v5e_8():
-    """v5e-8: bf16 parameters and moments, one 2048-token sequence per 16 GB chip (see the docstring)."""
-    return types.SimpleNamespace(
-        TOPOLOGY="v5e:2x4",
-        MOMENT_DTYPE="bfloat16",
-        model=lambda **kw: model(**{"param_dtype": "bfloat16", **kw}),
-        mesh=mesh,
-        batch=lambda: {"batch": 8, "seq_len": 2048},
-        decode=lambda: {"batch": 32, "cache_len": 8192},
-    )
 
 
 def h200():

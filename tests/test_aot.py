@@ -52,7 +52,6 @@ TPU_CONFIGS = [
     "r1_distill_qwen_1_5b:v6e_8",
     "r1_distill_qwen_1_5b:v5p_8",
     "r1_distill_qwen_7b",
-    "r1_distill_qwen_7b:v5e_8",
 ]
 
 
