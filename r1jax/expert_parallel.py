@@ -8,7 +8,7 @@ is that function; under ``jax.set_mesh`` with ``expert > 1`` it runs inside ``ja
 2. **dispatch**: an ``all_to_all`` over ``expert`` sends each destination its assignments (token rows + local expert
    ids) in a padded chunk of C rows;
 3. the receiving device sorts what it got by local expert and runs the SwiGLU experts as grouped matmuls
-   (``jax.lax.ragged_dot``), padding rows last and outside every group (ragged_dot leaves them zero);
+   (``moe.grouped_matmul``), padding rows last and outside every group (they come out zero);
 4. **combine**: the reverse ``all_to_all`` returns each result row to the device and slot it came from, which
    weights it by its gate and scatter-adds it into its token; with ``expert_ffw`` split over ``tensor`` the partial
    sums are ``psum``-ed over ``tensor`` once, on the [T_l, d] output.
@@ -104,9 +104,9 @@ def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, n_exp: int,
     by_expert = jnp.argsort(ids, stable=True)
     sizes = jnp.bincount(ids, length=e_local + 1)[:e_local].astype(jnp.int32)
     xs = rows[by_expert]
-    gate = jax.lax.ragged_dot(xs, w_gate.astype(dt), sizes)
-    up = jax.lax.ragged_dot(xs, w_up.astype(dt), sizes)
-    ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dt), sizes)
+    gate = moe.grouped_matmul(xs, w_gate.astype(dt), sizes)
+    up = moe.grouped_matmul(xs, w_up.astype(dt), sizes)
+    ys = moe.grouped_matmul(jax.nn.silu(gate) * up, w_down.astype(dt), sizes)
     y = jnp.zeros_like(ys).at[by_expert].set(ys).reshape(n_ep, cap, -1)
 
     # 4. combine: results go back to where they came from, weighted by their gates, summed per token

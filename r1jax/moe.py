@@ -10,8 +10,9 @@ Routers (all scores in float32):
   best biased scores; dropped groups get -inf; gate weights are the *unbiased* sigmoid scores of the chosen experts.
 Then optionally ``w /= sum(w)`` (norm_topk_prob) and ``w *= routed_scaling_factor``.
 
-Experts are dropless: assignments are sorted by expert and run through ``jax.lax.ragged_dot`` (a grouped matmul), so
-no token is ever dropped and no capacity factor exists. Expert loads are returned for auxiliary-loss-free balancing.
+Experts are dropless: assignments are sorted by expert and run through a grouped matmul (``grouped_matmul``:
+``jax.lax.ragged_dot``, tiled on CPU), so no token is ever dropped and no capacity factor exists. Expert loads are
+returned for auxiliary-loss-free balancing.
 """
 
 from __future__ import annotations
@@ -52,6 +53,42 @@ def _group_mask(group_score: jax.Array, topk_group: int, grouped: tuple[int, int
     return jnp.broadcast_to(kept[:, :, None], grouped).reshape(grouped[0], -1)
 
 
+def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
+    """``ragged_dot`` as tiles: each group's rows are moved to start at a tile boundary, every tile is multiplied by
+    its group's matrix (a batched matmul over tiles), and the rows are moved back. Work: at most ``m + g x tile``
+    rows instead of the g x m of a dense fallback."""
+    m, k = x.shape
+    g = w.shape[0]
+    n_tiles = -(-m // tile) + g  # each group wastes less than one tile
+    ends = jnp.cumsum(group_sizes)
+    tiles = -(-group_sizes // tile)
+    tile_ends = jnp.cumsum(tiles)
+    rows = jnp.arange(m)
+    group = jnp.searchsorted(ends, rows, side="right")  # g for rows past the last group (padding)
+    valid = group < g
+    group = jnp.minimum(group, g - 1)
+    dest = (tile_ends - tiles)[group] * tile + rows - (ends - group_sizes)[group]
+    dest = jnp.where(valid, dest, n_tiles * tile)  # out of range: dropped on the way in, zero on the way out
+    buf = jnp.zeros((n_tiles * tile, k), x.dtype).at[dest].set(x, mode="drop").reshape(n_tiles, tile, k)
+    tile_group = jnp.minimum(jnp.searchsorted(tile_ends, jnp.arange(n_tiles), side="right"), g - 1)
+    out = jnp.einsum("tik,tkn->tin", buf, w[tile_group], preferred_element_type=jnp.float32).astype(x.dtype)
+    return out.reshape(n_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int = 64) -> jax.Array:
+    """``jax.lax.ragged_dot(x[m, k], w[g, k, n], group_sizes[g])``: rows sorted by group, rows past
+    ``sum(group_sizes)`` give zeros. TPU and GPU lower ``ragged_dot`` natively; on CPU it is computed densely over
+    every group (g x the work), so the CPU lowering uses ``_tiled_grouped_matmul``. The choice is made per lowering
+    platform, so a TPU program compiled on a CPU host still gets ``ragged_dot``."""
+    return jax.lax.platform_dependent(
+        x,
+        w,
+        group_sizes,
+        cpu=lambda *a: _tiled_grouped_matmul(*a, tile=tile),
+        default=lambda a, b, c: jax.lax.ragged_dot(a, b, c),
+    )
+
+
 def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict) -> jax.Array:
     """Dropless SwiGLU experts: ``x[T, d]`` routed by ``idx[T, k]`` with gate ``weights[T, k]`` -> [T, d].
 
@@ -64,9 +101,9 @@ def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict) ->
     token = order // k
     group_sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
     xs = x[token]
-    gate = jax.lax.ragged_dot(xs, p["gate"].astype(x.dtype), group_sizes)
-    up = jax.lax.ragged_dot(xs, p["up"].astype(x.dtype), group_sizes)
-    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, p["down"].astype(x.dtype), group_sizes)
+    gate = grouped_matmul(xs, p["gate"].astype(x.dtype), group_sizes)
+    up = grouped_matmul(xs, p["up"].astype(x.dtype), group_sizes)
+    y = grouped_matmul(jax.nn.silu(gate) * up, p["down"].astype(x.dtype), group_sizes)
     y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
     return jnp.zeros((n_tok, x.shape[-1]), y.dtype).at[token].add(y)
 

@@ -1,6 +1,6 @@
 """Sharded equals unsharded: logits, loss and gradients of tiny V3 (MLA + MoE) and Qwen2 models on 8 CPU devices."""
 
-import importlib.util
+import importlib
 import os
 from functools import partial
 
@@ -95,10 +95,7 @@ def test_expert_weights_split_over_expert_axis():
 
 
 def _load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"r1jax.configs.{name}")
 
 
 def test_v3_671b_shapes_on_abstract_256_device_mesh():
