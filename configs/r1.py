@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 from r1jax.config import DataConfig, GRPOConfig, ModelConfig, OptimConfig, RewardConfig, SamplingConfig, TrainConfig
+from r1jax.hf import config_from_hf
 
 MAX_LEN = 32768  # tokens per completion
 
@@ -46,6 +47,13 @@ def r1() -> TrainConfig:
         model=None,  # the checkpoint's config (DeepSeek-V3 base for R1-Zero)
         micro_batch_size=8,  # 32 per mini-batch / 8 = 4 accumulation steps
         steps=10_000,
+    )
+
+
+def training_model(hf_config: dict, **overrides) -> ModelConfig:
+    """A HF ``config.json`` in training precision: f32 parameters, bf16 matmuls, remat per layer."""
+    return config_from_hf(hf_config).replace(
+        **{"dtype": "bfloat16", "param_dtype": "float32", "remat": True, **overrides}
     )
 
 

@@ -35,9 +35,8 @@ from __future__ import annotations
 import types
 
 from r1jax.config import ModelConfig, TrainConfig
-from r1jax.hf import config_from_hf
 
-from .r1 import r1_on
+from .r1 import r1_on, training_model
 
 TOPOLOGY = "v6e:2x4"
 MOMENT_DTYPE = "bfloat16"  # AdamW mu and nu; parameters and gradients stay f32
@@ -62,9 +61,7 @@ HF_CONFIG = {
 
 def model(**overrides) -> ModelConfig:
     """Training precision: f32 parameters, bf16 matmuls, remat per layer."""
-    return config_from_hf(HF_CONFIG).replace(
-        **{"dtype": "bfloat16", "param_dtype": "float32", "remat": True, **overrides}
-    )
+    return training_model(HF_CONFIG, **overrides)
 
 
 def mesh() -> dict[str, int]:

@@ -50,9 +50,8 @@ from __future__ import annotations
 import types
 
 from r1jax.config import ModelConfig, TrainConfig
-from r1jax.hf import config_from_hf
 
-from .r1 import r1_on
+from .r1 import r1_on, training_model
 
 TOPOLOGY = "v5p:8x16x16"
 
@@ -103,9 +102,7 @@ HF_CONFIG = {
 
 def model(**overrides) -> ModelConfig:
     """The 671B model in training precision: f32 parameters, bf16 matmuls, remat per layer."""
-    return config_from_hf(HF_CONFIG).replace(
-        **{"dtype": "bfloat16", "param_dtype": "float32", "remat": True, **overrides}
-    )
+    return training_model(HF_CONFIG, **overrides)
 
 
 def mesh() -> dict[str, int]:

@@ -175,7 +175,7 @@ def _cmd_eval(args) -> int:
     from r1jax.evaluate import evaluate, metrics_markdown
 
     _sampling(args, args.temperature)
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out)) or "."):
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise R1jaxError(f"--out {args.out}: its parent directory does not exist")
     model, tok, examples = _load(args)
     try:

@@ -467,7 +467,7 @@ def _param_shardings(params: Params, cfg: ModelConfig, mesh: Mesh):
     return param_shardings(param_specs(cfg, mtp="mtp" in params), mesh)
 
 
-def _opt_shardings(opt_state: Any, params: Params, cfg: ModelConfig, mesh: Mesh):
+def opt_shardings(opt_state: Any, params: Params, cfg: ModelConfig, mesh: Mesh):
     """Optimiser-state shardings: moments like their parameters (matched by dict-key path and shape), everything else
     (step counts) replicated. Fixed shardings keep the update from recompiling when XLA would pick equivalent but
     differently spelled ones."""
@@ -585,7 +585,7 @@ def update_minibatch(
         metrics["moe/load_max_over_mean"] = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
         metrics["moe/bias_abs_mean"] = jnp.mean(jnp.abs(params["moe_layers"]["mlp"]["router_bias"]))
     if mesh is not None:
-        opt_state = jax.lax.with_sharding_constraint(opt_state, _opt_shardings(opt_state, params, model_cfg, mesh))
+        opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings(opt_state, params, model_cfg, mesh))
         params = jax.lax.with_sharding_constraint(params, _param_shardings(params, model_cfg, mesh))
     return params, opt_state, metrics
 
@@ -663,7 +663,7 @@ class GRPOTrainer:
             opt_state = jax.jit(self.optimizer.init)(params)
         else:
             shapes = jax.eval_shape(self.optimizer.init, params)
-            out = _opt_shardings(shapes, params, self.model_cfg, self.mesh)
+            out = opt_shardings(shapes, params, self.model_cfg, self.mesh)
             opt_state = jax.jit(self.optimizer.init, out_shardings=out)(params)
         return GRPOState(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref, opt_state=opt_state)
 

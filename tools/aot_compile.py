@@ -52,7 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from r1jax import sharding
 from r1jax.cache import Cache, layer_shapes
 from r1jax.config import ModelConfig, TrainConfig
-from r1jax.grpo import TrainBatch, _opt_shardings, make_optimizer, update_minibatch
+from r1jax.grpo import TrainBatch, make_optimizer, opt_shardings, update_minibatch
 from r1jax.model import ParamSpec, block, block_cached, forward, param_specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +144,7 @@ def compile_train(cfg: ModelConfig, mesh, tc: TrainConfig):
     params = _abstract(specs, cfg, psh)
     tx = make_optimizer(tc.optim)
     opt = jax.eval_shape(tx.init, params)
-    osh = _opt_shardings(opt, params, cfg, mesh)
+    osh = opt_shardings(opt, params, cfg, mesh)
     opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt, osh)
     shape = train_shape(tc)
     n, p, t = shape["minibatch"], shape["prompt_len"], shape["completion_len"]
@@ -385,11 +385,12 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
     step_s = max(flops / peak, bytes_accessed / bw)
     comm_s = comm / ici
     tokens = b * accum * (t if kind == "train" else 1)
-    model_flops = (6 if kind == "train" else 2) * active_params(cfg) * tokens
     if kind == "train":  # the policy update applies the output head to completion positions only
         head = cfg.d_model * cfg.vocab_size
         body = active_params(cfg) - (0 if cfg.tie_embeddings else head)
         model_flops = 6 * (body * tokens + head * b * accum * shape["completion_len"])
+    else:
+        model_flops = 2 * active_params(cfg) * tokens
     est_s = max(step_s, comm_s)
     return {
         "step": kind,
