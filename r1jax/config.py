@@ -128,6 +128,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: AttentionImpl = AttentionImpl.XLA
     remat: bool = False
+    # expert-parallel dispatch rounds carry dispatch_slack x the mean rows per destination (expert_parallel.chunk_rows)
+    dispatch_slack: float = 1.25
 
     def __post_init__(self):
         for name, cls in (
@@ -143,6 +145,8 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffw"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dispatch_slack <= 0:
+            raise ValueError(f"dispatch_slack must be positive, got {self.dispatch_slack}")
         if self.n_heads % self.num_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.num_kv_heads})")
         if self.is_moe:

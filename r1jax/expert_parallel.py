@@ -1,30 +1,43 @@
-"""Expert parallelism: routed experts split over the ``expert`` mesh axis, tokens moved to them by all-to-all.
+"""Expert parallelism: routed experts split over the ``expert`` mesh axis, tokens moved to them by all-to-all in rounds.
 
 ``routed_experts`` is a drop-in for ``r1jax.moe.routed_experts``. Without a mesh (or with ``expert`` of size 1) it
 is that function; under ``jax.set_mesh`` with ``expert > 1`` it runs inside ``jax.shard_map`` over the whole mesh:
 
 1. every device routes its own tokens (batch is split over ``data``/``fsdp``/``expert``) and sorts its T_l * k
    assignments by expert, hence by destination shard (expert // experts_per_shard);
-2. **dispatch**: an ``all_to_all`` over ``expert`` sends each destination its assignments (token rows + local expert
-   ids) in a padded chunk of C rows;
+2. **dispatch in rounds** of C = ``chunk_rows`` = ceil(T_l * k / n_shards x slack) rows per destination: round r
+   sends each destination its assignments [r C, (r + 1) C) (token rows + local expert ids; rows past the
+   destination's count are padding with the sentinel local expert id) in one ``all_to_all`` of [n_shards, C, d];
 3. the receiving device sorts what it got by local expert and runs the SwiGLU experts as grouped matmuls
    (``moe.grouped_matmul``), padding rows last and outside every group (they come out zero);
-4. **combine**: the reverse ``all_to_all`` returns each result row to the device and slot it came from, which
-   weights it by its gate and scatter-adds it into its token; with ``expert_ffw`` split over ``tensor`` the partial
-   sums are ``psum``-ed over ``tensor`` once, on the [T_l, d] output.
+4. **combine**: the reverse ``all_to_all`` returns each result row to the device and list position it came from;
+   after the last round each row is weighted by its gate and added into its token; with ``expert_ffw`` split over
+   ``tensor`` the partial sums are ``psum``-ed over ``tensor`` once, on the [T_l, d] output.
 
-Dropless, with no capacity factor: a token's k experts are distinct, so one device sends at most
-``C = T_l * min(k, experts_per_shard)`` rows to one destination, and the buffers are [n_expert_shards, C, d] — the
-worst case, never a guess. Rows past a chunk's fill are padding. ``jax.lax.ragged_all_to_all`` would send only the
-filled rows, but XLA:CPU (jax 0.10.2) does not implement it ("HLO opcode ragged-all-to-all is not supported"), so the
-tested path here is the padded one; its cost is n_expert_shards x the routed activations in the dispatch buffers
-(see ``configs/v3_671b.py`` for what that means at scale).
+Dropless, capacity-free: rounds continue until every assignment is sent. The round count R is the most any
+(source, destination) pair needs, ``dispatch_rounds`` = max ceil(count / C), made equal on every device by a
+``pmax`` over the mesh (the collectives in the loop must match). Under balanced routing — what DeepSeek-V3's
+auxiliary-loss-free bias balancing steers towards — R is 1 (``slack`` covers the spread of the busiest pair); a skewed
+batch costs more rounds, never dropped tokens. The buffers of a round are [n_shards, C, d], n_shards x C ~= T_l x k x
+slack rows, where one all-to-all of the worst case, ``dispatch_capacity`` = T_l x min(k, experts_per_shard) rows per
+destination, is n_shards x T_l x min(k, experts_per_shard): 16 x larger for V3 on 16 expert shards.
+``jax.lax.ragged_all_to_all`` would send only the filled rows, but XLA:CPU (jax 0.10.2) does not implement it
+("HLO opcode ragged-all-to-all is not supported"), so the tested path is this padded one.
+
+The rounds are a ``while_loop`` with a data-dependent trip count, which reverse-mode cannot differentiate:
+``sum_over_rounds`` gives it a custom VJP whose backward is a second loop over the same rounds, recomputing each
+under ``jax.vjp`` (the all-to-alls transpose to all-to-alls). XLA counts a loop body once in its cost analysis, so a
+compiled program's FLOPs and collective bytes hold one round (``tools/aot_compile.py`` scales them by an expected R).
 
 Expert weights enter the shard_map split over ``expert`` (and ``tensor`` on expert_ffw) but whole along ``embed``:
 XLA all-gathers their fsdp shards before the layer and reduce-scatters their gradients after it, as FSDP does.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +58,11 @@ def enabled(n_experts: int) -> bool:
     return n_ep > 1 and n_experts % n_ep == 0
 
 
-def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict) -> jax.Array:
+def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict, slack: float = 1.25) -> jax.Array:
     """Dropless SwiGLU experts for ``x[T, d]`` routed by ``idx[T, k]`` with gates ``weights[T, k]`` -> [T, d].
 
-    Same contract as ``moe.routed_experts``; expert-parallel all-to-all dispatch when ``enabled``.
+    Same contract as ``moe.routed_experts``; expert-parallel all-to-all dispatch in rounds of ``chunk_rows(...,
+    slack)`` rows per destination when ``enabled``.
     """
     n_exp = p["gate"].shape[0]
     if not enabled(n_exp):
@@ -61,56 +75,157 @@ def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict) ->
         return moe.routed_experts(x, weights, idx, p)
     gate_spec = sharding.logical_to_spec(("experts", None, "expert_ffw"), (n_exp, d, f), mesh)
     down_spec = PartitionSpec(gate_spec[0], gate_spec[2], None)
-    tensor_split = TENSOR_AXIS in sharding.spec_axes(gate_spec)
+    body = partial(
+        _dispatch_compute_combine,
+        n_exp=n_exp,
+        tensor_split=TENSOR_AXIS in sharding.spec_axes(gate_spec),
+        slack=slack,
+        axes=tuple(mesh.axis_names),
+    )
     fn = jax.shard_map(
-        lambda xl, wl, il, g, u, dn: _dispatch_compute_combine(xl, wl, il, g, u, dn, n_exp, tensor_split),
-        in_specs=(tok_spec, tok_spec, tok_spec, gate_spec, gate_spec, down_spec),
-        out_specs=tok_spec,
+        body, in_specs=(tok_spec, tok_spec, tok_spec, gate_spec, gate_spec, down_spec), out_specs=tok_spec
     )
     return fn(x, weights, idx, p["gate"], p["up"], p["down"])
 
 
 def dispatch_capacity(tokens_per_shard: int, k: int, experts_per_shard: int) -> int:
-    """Rows one device may send to one expert shard: each token's k experts are distinct (dropless worst case)."""
+    """Most rows one device can send to one expert shard: each token's k experts are distinct."""
     return tokens_per_shard * min(k, experts_per_shard)
 
 
-def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, n_exp: int, tensor_split: bool):
+def chunk_rows(tokens_per_shard: int, k: int, n_shards: int, experts_per_shard: int, slack: float) -> int:
+    """Rows per destination per round, C = ceil(T_l * k / n_shards * slack): ``slack`` x the mean a device sends to
+    one expert shard, at least 1 and at most ``dispatch_capacity`` (where one round always suffices)."""
+    mean = tokens_per_shard * k / n_shards
+    return max(1, min(math.ceil(mean * slack), dispatch_capacity(tokens_per_shard, k, experts_per_shard)))
+
+
+def dispatch_rounds(dest_counts, chunk: int):
+    """Rounds one device needs to send ``dest_counts[n_shards]`` rows in chunks of ``chunk`` rows per destination."""
+    return jnp.max(-(-jnp.asarray(dest_counts) // chunk))
+
+
+def _zeros(aval) -> jax.Array:
+    """Zeros of ``aval``'s shape and dtype, varying over the same manual mesh axes (a loop carry keeps its type)."""
+    z = jnp.zeros(aval.shape, aval.dtype)
+    missing = _vma(aval) - _vma(jax.typeof(z))
+    return jax.lax.pcast(z, tuple(sorted(missing)), to="varying") if missing else z
+
+
+def _vma(aval) -> frozenset:
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def _rounds_forward(round_fn, n_rounds, consts, args):
+    def body(state):
+        r, acc = state
+        return r + 1, acc + round_fn(r, consts, *args)
+
+    init = _zeros(jax.eval_shape(round_fn, jnp.int32(0), consts, *args))
+    return jax.lax.while_loop(lambda s: s[0] < n_rounds, body, (jnp.int32(0), init))[1]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def sum_over_rounds(round_fn: Callable, n_rounds: jax.Array, consts, *args: jax.Array) -> jax.Array:
+    """``sum(round_fn(r, consts, *args) for r in range(n_rounds))`` for a traced ``n_rounds``, differentiable in
+    ``args`` (float arrays; ``consts`` is a pytree of integer arrays and gets no cotangent).
+
+    The forward is a ``while_loop``, which reverse-mode cannot differentiate, hence the custom VJP: the backward is a
+    second ``while_loop`` over the same rounds that recomputes each round under ``jax.vjp`` and accumulates its
+    cotangents (in float32), so the residuals are the inputs, never per-round buffers. Collectives inside
+    ``round_fn`` must see the same ``n_rounds`` on every device they connect.
+    """
+    return _rounds_forward(round_fn, n_rounds, consts, args)
+
+
+def _sum_over_rounds_fwd(round_fn, n_rounds, consts, *args):
+    return _rounds_forward(round_fn, n_rounds, consts, args), (n_rounds, consts, args)
+
+
+def _sum_over_rounds_bwd(round_fn, res, ct):
+    n_rounds, consts, args = res
+
+    def body(state):
+        r, acc = state
+        _, vjp = jax.vjp(lambda *a: round_fn(r, consts, *a), *args)
+        return r + 1, tuple(s + c.astype(s.dtype) for s, c in zip(acc, vjp(ct), strict=True))
+
+    init = tuple(jnp.zeros_like(a, jnp.promote_types(a.dtype, jnp.float32)) for a in args)
+    acc = jax.lax.while_loop(lambda s: s[0] < n_rounds, body, (jnp.int32(0), init))[1]
+    return (None, None, *(c.astype(a.dtype) for c, a in zip(acc, args, strict=True)))
+
+
+sum_over_rounds.defvjp(_sum_over_rounds_fwd, _sum_over_rounds_bwd)
+
+
+def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, *, n_exp, tensor_split, slack, axes):
     """Per-device body: x[T_l, d], idx/weights [T_l, k]; experts [E_l, d, f_l] for this device's expert shard."""
     n_tok, k = idx.shape
     n_ep = jax.lax.axis_size(EXPERT_AXIS)
     e_local = n_exp // n_ep
-    cap = dispatch_capacity(n_tok, k, e_local)
+    chunk = chunk_rows(n_tok, k, n_ep, e_local, slack)
     dt = x.dtype
 
-    # 1. sort assignments by expert (so by destination shard); slot of each within its destination's chunk
+    # 1. sort assignments by expert, hence by destination shard; every device runs the most rounds any device needs
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     expert = flat[order]
-    token = order // k
     dest = expert // e_local
-    counts = jnp.bincount(dest, length=n_ep)
-    slot = jnp.arange(flat.shape[0]) - (jnp.cumsum(counts) - counts)[dest]
+    counts = jnp.bincount(dest, length=n_ep).astype(jnp.int32)
+    n_rounds = jax.lax.pmax(dispatch_rounds(counts, chunk), axes)
+    plan = (order // k, (expert % e_local).astype(jnp.int32), counts, jnp.cumsum(counts) - counts)
 
-    # 2. dispatch: padded chunks [n_ep, cap, d]; padding rows carry the sentinel local expert id e_local
-    send = jnp.zeros((n_ep, cap, x.shape[1]), dt).at[dest, slot].set(x[token])
-    send_ids = jnp.full((n_ep, cap), e_local, jnp.int32).at[dest, slot].set(expert % e_local)
-    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True)
-    recv_ids = jax.lax.all_to_all(send_ids, EXPERT_AXIS, 0, 0, tiled=True)
+    # 2-4. rounds of dispatch, grouped matmuls and combine. The inputs are made varying over all the axes any of them
+    # varies over first, so that the per-round cotangents stay per device and the psums that sharing a weight (over
+    # fsdp) or a token (over tensor) implies run once, after the rounds, not in every round's backward
+    vary = partial(_varying, axes=tuple(sorted(_vma(jax.typeof(x)) | _vma(jax.typeof(w_gate)))))
+    rows = sum_over_rounds(
+        partial(_round, n_ep=n_ep, chunk=chunk, e_local=e_local),
+        n_rounds,
+        plan,
+        vary(x),
+        vary(w_gate.astype(dt)),
+        vary(w_up.astype(dt)),
+        vary(w_down.astype(dt)),
+    )  # [T_l * k, d], the result of each assignment in sorted order
 
-    # 3. grouped matmuls over this shard's experts, padding rows last
-    rows = recv.reshape(n_ep * cap, -1)
-    ids = recv_ids.reshape(-1)
-    by_expert = jnp.argsort(ids, stable=True)
-    sizes = jnp.bincount(ids, length=e_local + 1)[:e_local].astype(jnp.int32)
-    xs = rows[by_expert]
-    gate = moe.grouped_matmul(xs, w_gate.astype(dt), sizes)
-    up = moe.grouped_matmul(xs, w_up.astype(dt), sizes)
-    ys = moe.grouped_matmul(jax.nn.silu(gate) * up, w_down.astype(dt), sizes)
-    y = jnp.zeros_like(ys).at[by_expert].set(ys).reshape(n_ep, cap, -1)
-
-    # 4. combine: results go back to where they came from, weighted by their gates, summed per token
-    back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0, tiled=True)
+    # 5. gates and the sum over each token's k experts
     gates = weights.reshape(-1)[order].astype(dt)
-    out = jnp.zeros((n_tok, x.shape[1]), dt).at[token].add(back[dest, slot] * gates[:, None])
+    out = jnp.zeros((n_tok, x.shape[1]), dt).at[plan[0]].add(rows * gates[:, None])
     return jax.lax.psum(out, TENSOR_AXIS) if tensor_split else out
+
+
+def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    missing = tuple(a for a in axes if a not in _vma(jax.typeof(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e_local: int) -> jax.Array:
+    """Round ``r``: each destination gets its assignments [r * chunk, (r + 1) * chunk); returns their result rows at
+    their positions in the sorted assignment list [T_l * k, d], zero elsewhere."""
+    token, local, counts, starts = plan
+    n_assign, d = token.shape[0], x.shape[1]
+    rank = r * chunk + jnp.arange(chunk, dtype=jnp.int32)  # position within the destination's list
+    valid = rank[None, :] < counts[:, None]  # [n_ep, chunk]
+    pos = jnp.where(valid, starts[:, None] + rank[None, :], n_assign)  # n_assign: padding
+    safe = jnp.minimum(pos, n_assign - 1)
+
+    # dispatch [n_ep, chunk, d]; padding rows are zero and carry the sentinel local expert id e_local
+    send = jnp.where(valid[..., None], x[token[safe]], 0)
+    send_ids = jnp.where(valid, local[safe], e_local)
+    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True).reshape(n_ep * chunk, d)
+    recv_ids = jax.lax.all_to_all(send_ids, EXPERT_AXIS, 0, 0, tiled=True).reshape(-1)
+
+    # grouped matmuls over this shard's experts, padding rows last (outside every group: they come out zero)
+    by_expert = jnp.argsort(recv_ids, stable=True)
+    sizes = jnp.bincount(recv_ids, length=e_local + 1)[:e_local].astype(jnp.int32)
+    xs = recv[by_expert]
+    gate = moe.grouped_matmul(xs, w_gate, sizes)
+    up = moe.grouped_matmul(xs, w_up, sizes)
+    ys = moe.grouped_matmul(jax.nn.silu(gate) * up, w_down, sizes)
+    y = jnp.zeros_like(ys).at[by_expert].set(ys).reshape(n_ep, chunk, d)
+
+    # combine: results go back to the device and list position they came from
+    back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0, tiled=True)
+    return jnp.zeros((n_assign, d), back.dtype).at[pos.reshape(-1)].set(back.reshape(-1, d), mode="drop")

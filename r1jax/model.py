@@ -456,7 +456,8 @@ def moe_layer(
     b, t, d = x.shape
     xt = x.reshape(b * t, d)
     weights, idx = moe.route(xt, p["router"], p["router_bias"], cfg)
-    y = expert_parallel.routed_experts(xt, weights, idx, p["experts"]).reshape(b, t, d).astype(x.dtype)
+    y = expert_parallel.routed_experts(xt, weights, idx, p["experts"], cfg.dispatch_slack)
+    y = y.reshape(b, t, d).astype(x.dtype)
     if "shared" in p:
         y = y + mlp(p["shared"], x)
     return y, moe.expert_load(idx, cfg.n_experts, None if load_mask is None else load_mask.reshape(-1))

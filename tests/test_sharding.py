@@ -23,7 +23,7 @@ V3 = ModelConfig(
     rope_interleave=True,
 )  # fmt: skip
 QWEN2 = ModelConfig(arch="qwen2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffw=48, qkv_bias=True)
-MODELS = {"v3": V3, "qwen2": QWEN2}
+MODELS = {"v3": V3, "v3_remat": V3.replace(remat=True), "qwen2": QWEN2}
 MESHES = {
     "data8": {"data": 8},
     "fsdp8": {"fsdp": 8},
@@ -31,7 +31,7 @@ MESHES = {
     "e4f2": {"expert": 4, "fsdp": 2},
     "t2f4": {"tensor": 2, "fsdp": 4},
 }
-CASES = [("v3", m) for m in MESHES] + [("qwen2", "fsdp8"), ("qwen2", "d2f2t2"), ("qwen2", "t2f4")]
+CASES = [("v3", m) for m in MESHES] + [("v3_remat", "e4f2"), ("qwen2", "fsdp8"), ("qwen2", "d2f2t2"), ("qwen2", "t2f4")]
 
 
 def next_token_loss(params, tokens, cfg):
@@ -148,16 +148,37 @@ def test_constrain_is_identity_without_mesh():
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("fsdp", None, None)), 3)
 
 
-@pytest.mark.parametrize("mesh_shape", [{"expert": 4, "tensor": 2}, {"expert": 8}, {"expert": 2, "fsdp": 2, "data": 2}])
-def test_expert_parallel_dispatch_equals_dropless_reference(mesh_shape):
+EP_CASES = {  # mesh, routing, slack -> the dispatch rounds the busiest device needs
+    "e4f2": ({"expert": 4, "fsdp": 2}, "uniform", 2.0, 1),
+    "e4t2": ({"expert": 4, "tensor": 2}, "skewed", 1.25, 3),
+    "e8": ({"expert": 8}, "skewed", 1.25, 2),
+    "e2f2d2": ({"expert": 2, "fsdp": 2, "data": 2}, "skewed", 1.25, 2),
+    "e4f2_rounds": ({"expert": 4, "fsdp": 2}, "uniform", 0.3, 5),
+    "e2t2f2_rounds": ({"expert": 2, "tensor": 2, "fsdp": 2}, "uniform", 0.3, 4),
+    "e4f2_one_expert": ({"expert": 4, "fsdp": 2}, "one_expert", 0.5, 4),
+    "e8_one_expert": ({"expert": 8}, "one_expert", 0.25, 8),
+}
+
+
+def _routing(kind, key, n_tok, e, k):
+    logits = jax.random.normal(key, (n_tok, e))
+    if kind == "skewed":  # most tokens pick experts 0..2 (one or two shards), so chunks fill unevenly
+        logits += jnp.where(jnp.arange(e) < 3, 3.0, 0.0)
+    elif kind == "one_expert":  # (nearly) every token picks expert 0
+        logits += jnp.where(jnp.arange(e) == 0, 8.0, 0.0)
+    w, idx = jax.lax.top_k(jax.nn.softmax(logits), k)
+    return w, idx.astype(jnp.int32)
+
+
+@pytest.mark.parametrize("case", list(EP_CASES))
+def test_expert_parallel_dispatch_equals_dropless_reference(case):
     from r1jax import expert_parallel, moe
 
-    n_tok, d, f, e, k = 32, 16, 8, 8, 3
+    mesh_shape, routing, slack, rounds = EP_CASES[case]
+    n_tok, d, f, e, k = 64, 16, 8, 8, 3
     keys = jax.random.split(jax.random.key(3), 5)
     x = jax.random.normal(keys[0], (n_tok, d))
-    # skewed routing: most tokens pick experts 0..2 (one shard), so chunks fill unevenly
-    logits = jax.random.normal(keys[1], (n_tok, e)) + jnp.where(jnp.arange(e) < 3, 3.0, 0.0)
-    w, idx = jax.lax.top_k(jax.nn.softmax(logits), k)
+    w, idx = _routing(routing, keys[1], n_tok, e, k)
     p = {
         "gate": jax.random.normal(keys[2], (e, d, f)) * 0.3,
         "up": jax.random.normal(keys[3], (e, d, f)) * 0.3,
@@ -165,20 +186,63 @@ def test_expert_parallel_dispatch_equals_dropless_reference(mesh_shape):
     }
 
     def loss(fn, x, w, p):
-        y = fn(x, w, idx.astype(jnp.int32), p)
+        y = fn(x, w, idx, p)
         return jnp.sum(jnp.sin(y)), y
 
     grad = jax.jit(jax.value_and_grad(partial(loss, moe.routed_experts), argnums=(0, 1, 2), has_aux=True))
     (_, y0), g0 = grad(x, w, p)
     mesh = sharding.make_mesh(mesh_shape)
+    ep = jax.checkpoint(partial(expert_parallel.routed_experts, slack=slack))  # the model remats each layer
     with jax.set_mesh(mesh):
         assert expert_parallel.enabled(e)
-        ep_grad = jax.jit(
-            jax.value_and_grad(partial(loss, expert_parallel.routed_experts), argnums=(0, 1, 2), has_aux=True)
-        )
-        assert "all_to_all" in str(ep_grad.trace(x, w, p).jaxpr)
+        ep_grad = jax.jit(jax.value_and_grad(partial(loss, ep), argnums=(0, 1, 2), has_aux=True))
+        jaxpr = str(ep_grad.trace(x, w, p).jaxpr)
+        assert "all_to_all" in jaxpr and "while" in jaxpr
         (_, y), g = ep_grad(x, w, p)
     np.testing.assert_allclose(y, y0, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # the rounds every device ran: one when slack covers the busiest destination, several when it does not
+    n_shards = sharding.shard_count(sharding.batch_sharding(mesh, (n_tok,)).spec, mesh)
+    n_ep, t_l = mesh.shape["expert"], n_tok // n_shards
+    chunk = expert_parallel.chunk_rows(t_l, k, n_ep, e // n_ep, slack)
+    dest = idx.reshape(n_shards, t_l * k) // (e // n_ep)
+    ran = max(int(expert_parallel.dispatch_rounds(jnp.bincount(row, length=n_ep), chunk)) for row in dest)
+    assert ran == rounds, ran
+
+
+def test_dispatch_chunks_and_rounds():
+    from r1jax import expert_parallel
+
     assert expert_parallel.dispatch_capacity(4, 3, 1) == 4 and expert_parallel.dispatch_capacity(4, 3, 8) == 12
+    # V3 on v5p-2048: 4096 tokens x 8 experts to 16 shards, 2048 rows on average, 25% slack
+    assert expert_parallel.chunk_rows(4096, 8, 16, 16, 1.25) == 2560
+    assert expert_parallel.chunk_rows(4, 3, 8, 1, 0.1) == 1  # at least one row
+    assert expert_parallel.chunk_rows(4, 3, 2, 4, 10.0) == 12  # at most the worst case: one round always suffices
+    assert int(expert_parallel.dispatch_rounds(jnp.array([0, 5, 10, 11]), 5)) == 3
+    assert int(expert_parallel.dispatch_rounds(jnp.array([0, 0]), 5)) == 0
+
+
+def test_sum_over_rounds_value_and_gradient_match_a_python_loop():
+    from r1jax import expert_parallel
+
+    def round_fn(r, consts, a, b):  # round r touches row consts[r] only
+        row = consts[r]
+        return jnp.zeros_like(a).at[row].set(jnp.sin(a[row] * b) * (r + 1))
+
+    a = jax.random.normal(jax.random.key(0), (5, 3))
+    b = jnp.array(0.7)
+    rows = jnp.array([4, 0, 2, 1, 3], jnp.int32)
+
+    def rounds(a, b, n):
+        return jnp.sum(expert_parallel.sum_over_rounds(round_fn, n, rows, a, b) ** 2)
+
+    def loop(a, b, n):
+        return jnp.sum(sum((round_fn(r, rows, a, b) for r in range(n)), jnp.zeros_like(a)) ** 2)
+
+    for n in (0, 1, 3):
+        v, g = jax.jit(jax.value_and_grad(rounds, argnums=(0, 1)))(a, b, jnp.int32(n))
+        v0, g0 = jax.value_and_grad(loop, argnums=(0, 1))(a, b, n)
+        np.testing.assert_allclose(v, v0, rtol=1e-6)
+        for x, y in zip(g, g0, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
