@@ -478,13 +478,15 @@ def block(p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe
     return x + y, load
 
 
-def block_cached(p: Params, x, positions, layer_cache, slots, valid_k, cfg: ModelConfig, moe_block: bool):
+def block_cached(
+    p: Params, x, positions, layer_cache, slots, valid_k, cfg: ModelConfig, moe_block: bool, load_mask=None
+):
     attn = mla_attention_cached if cfg.is_mla else gqa_attention_cached
     a, layer_cache = attn(
         p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, layer_cache, slots, valid_k, cfg
     )
     x = x + a
-    y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block)
+    y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block, load_mask)
     return x + y, load, layer_cache
 
 
@@ -565,7 +567,9 @@ def forward(
         stacks, layers = [], {}
         for name, is_moe in LAYER_STACKS.items():
             if name in params:
-                fn = lambda lp, h, lc, m=is_moe: _cached_step(lp, h, lc, positions, slots, valid_k, cfg, m)  # noqa: E731
+                fn = lambda lp, h, lc, m=is_moe: _cached_step(  # noqa: E731
+                    lp, h, lc, positions, slots, valid_k, cfg, m, load_mask
+                )
                 x, (load, layers[name]) = _scan_stack(fn, x, params[name], cfg, cache.layers[name])
                 stacks.append((name, load))
         new_cache = dataclasses.replace(cache, layers=layers, index=cache.index + t)
@@ -576,8 +580,8 @@ def forward(
     return logits_from_hidden(params, x, cfg), aux
 
 
-def _cached_step(lp, h, lc, positions, slots, valid_k, cfg, is_moe):
-    h, load, lc = block_cached(lp, h, positions, lc, slots, valid_k, cfg, is_moe)
+def _cached_step(lp, h, lc, positions, slots, valid_k, cfg, is_moe, load_mask):
+    h, load, lc = block_cached(lp, h, positions, lc, slots, valid_k, cfg, is_moe, load_mask)
     return h, (load, lc)
 
 

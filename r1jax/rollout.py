@@ -73,7 +73,7 @@ def constrain_batch(x: Array, mesh: Mesh | None, axis: int = 0) -> Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
 
 
-def _repeat_cache(cache: Cache, group_size: int, extra: int, mesh: Mesh | None) -> Cache:
+def repeat_cache(cache: Cache, group_size: int, extra: int, mesh: Mesh | None) -> Cache:
     """Repeat a prefilled cache G times along batch (rows of a group adjacent) and add ``extra`` empty slots."""
 
     def grow(x):  # [L, b, S, ...]
@@ -135,7 +135,7 @@ def sample_groups(
 
     cache = init_cache(cfg, b, plen, start)
     logits, aux = forward(params, prompts, cfg, cache=cache)
-    cache = _repeat_cache(aux["cache"], group_size, T, mesh)
+    cache = repeat_cache(aux["cache"], group_size, T, mesh)
     if jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers:
         params = unstack_layers(params)
         cache = dataclasses.replace(cache, layers=unstack_layers(cache.layers))

@@ -245,3 +245,93 @@ def test_adam_with_bf16_moments():
     for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-2)
     assert np.abs(p16["w"] - params["w"]).max() > 0.1  # the comparison is not between unmoved parameters
+
+
+def _grouped_batch(mcfg, n_prompts, G, T, seed=0):
+    """Left-padded prompts of different lengths, each repeated over its G rows; random completions and masks."""
+    from r1jax.grpo import TrainBatch
+
+    rng = np.random.default_rng(seed)
+    n, P = n_prompts * G, 12
+    start = np.repeat(rng.integers(0, P - 1, n_prompts), G)
+    prompts = np.repeat(rng.integers(2, mcfg.vocab_size, (n_prompts, P)), G, axis=0)
+    mask = np.arange(T)[None] < rng.integers(1, T + 1, n)[:, None]
+    return TrainBatch(
+        prompt_tokens=jnp.asarray(np.where(np.arange(P)[None] >= start[:, None], prompts, 0), jnp.int32),
+        prompt_start=jnp.asarray(start, jnp.int32),
+        tokens=jnp.asarray(rng.integers(2, mcfg.vocab_size, (n, T)), jnp.int32),
+        mask=jnp.asarray(mask, jnp.float32),
+        advantages=jnp.asarray(rng.normal(size=n), jnp.float32),
+        sampler_logp=jnp.zeros((n, T), jnp.float32),
+        old_logp=None,
+        ref_logp=jnp.asarray(np.where(mask, rng.normal(-4.2, 0.3, (n, T)), 0.0), jnp.float32),
+    )
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
+def test_shared_prompt_equals_one_forward_per_row(arch):
+    """Each group's prompt run once with its rows attending to the repeated KV cache gives the log-probs, expert
+    loads and parameter gradients of running every row's prompt (MLA + MoE, and GQA with biases)."""
+    from r1jax.configs.tiny import tiny_model
+
+    from r1jax.grpo import sequence_logprobs
+
+    mcfg = tiny_model() if arch == "deepseek_v3" else dataclasses.replace(DENSE, qkv_bias=True)
+    params = init_params(mcfg, jax.random.key(0), std=0.2)
+    batch = _grouped_batch(mcfg, n_prompts=3, G=4, T=6)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=batch.tokens.shape), jnp.float32)
+
+    def run(group):
+        def f(p):
+            lp, aux = sequence_logprobs(
+                p, batch.prompt_tokens, batch.prompt_start, batch.tokens, mcfg, temperature=0.7, prompt_group=group
+            )
+            return jnp.sum(lp * w), (lp, aux["expert_load"])
+
+        (_, (lp, load)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return jax.device_get((lp, load, grads))
+
+    (lp1, load1, g1), (lp4, load4, g4) = run(1), run(4)
+    np.testing.assert_allclose(lp4, lp1, rtol=1e-5, atol=1e-5)
+    if load1 is not None:
+        np.testing.assert_array_equal(load4, load1)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g4), strict=True):
+        # entries near zero are sums that cancel: compared on the scale of their tensor (summation order differs)
+        atol = 1e-5 * float(np.abs(a).max())
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def test_shared_prompt_update_with_micro_batches_equals_unshared():
+    """The policy update with ``prompt_group``: 2 strided micro-batches keep runs of G / 2 rows per prompt; the loss,
+    KL, gradient norm and new parameters equal the unshared update's."""
+    from r1jax.grpo import update_minibatch
+
+    cfg = _tiny()
+    mcfg = cfg.model
+    G = cfg.grpo.group_size
+    batch = _grouped_batch(mcfg, cfg.grpo.prompts_per_step, G, cfg.grpo.max_completion_len)
+    params = _init(mcfg)
+    tx = make_optimizer(cfg.optim)
+    outs = []
+    for group in (1, G):
+        p = jax.tree.map(jnp.copy, params)
+        new, _, m = update_minibatch(
+            p, tx.init(p), batch, cfg=cfg, model_cfg=mcfg, micro_batch=cfg.micro_batch, prompt_group=group
+        )
+        outs.append(jax.device_get((new, m)))
+    (p1, m1), (pg, mg) = outs
+    assert cfg.grad_accum_steps == 2
+    for key in ("loss", "grad_norm", "kl", "entropy"):
+        np.testing.assert_allclose(mg[key], m1[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(pg), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=_update_atol(cfg, steps=1))
+
+
+def test_trainer_with_shared_prompt_matches_the_plain_step():
+    """``GRPOConfig.shared_prompt`` end to end: the same samples give the same loss, KL and gradient norm."""
+    cfg = _tiny()
+    shared = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, shared_prompt=True))
+    (_, [a]), (_, [b]) = _run(cfg, 1), _run(shared, 1)
+    assert a["reward/mean"] == b["reward/mean"]
+    for key in ("loss", "grad_norm", "kl", "entropy"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-7, err_msg=key)

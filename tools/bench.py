@@ -315,7 +315,9 @@ def side_grpo(args, impl: str) -> dict:
         files = dict(model.tokenizer_files)
         tok = Tokenizer(files["tokenizer.json"], _json.loads(files["tokenizer_config.json"]))
         cfg = TrainConfig(
-            grpo=GRPOConfig(group_size=G, prompts_per_step=n_prompts, max_completion_len=T, kl_coef=0.04),
+            grpo=GRPOConfig(
+                group_size=G, prompts_per_step=n_prompts, max_completion_len=T, kl_coef=0.04, shared_prompt=True
+            ),
             sampling=SamplingConfig(temperature=1.0, max_new_tokens=T),
             rewards=RewardConfig(num_workers=0),
             optim=OptimConfig(lr=1e-6, weight_decay=0.0, b2=0.999),
