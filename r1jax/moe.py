@@ -53,12 +53,10 @@ def _group_mask(group_score: jax.Array, topk_group: int, grouped: tuple[int, int
     return jnp.broadcast_to(kept[:, :, None], grouped).reshape(grouped[0], -1)
 
 
-def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
-    """``ragged_dot`` as tiles: each group's rows are moved to start at a tile boundary, every tile is multiplied by
-    its group's matrix (a batched matmul over tiles), and the rows are moved back. Work: at most ``m + g x tile``
-    rows instead of the g x m of a dense fallback."""
-    m, k = x.shape
-    g = w.shape[0]
+def _tile_layout(group_sizes: jax.Array, m: int, tile: int):
+    """Rows sorted by group, laid out so that each group starts at a tile boundary: (destination row of each of the
+    ``m`` rows, out of range for rows past the last group; number of tiles; the group of each tile)."""
+    g = group_sizes.shape[0]
     n_tiles = -(-m // tile) + g  # each group wastes less than one tile
     ends = jnp.cumsum(group_sizes)
     tiles = -(-group_sizes // tile)
@@ -69,23 +67,70 @@ def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, ti
     group = jnp.minimum(group, g - 1)
     dest = (tile_ends - tiles)[group] * tile + rows - (ends - group_sizes)[group]
     dest = jnp.where(valid, dest, n_tiles * tile)  # out of range: dropped on the way in, zero on the way out
-    buf = jnp.zeros((n_tiles * tile, k), x.dtype).at[dest].set(x, mode="drop").reshape(n_tiles, tile, k)
     tile_group = jnp.minimum(jnp.searchsorted(tile_ends, jnp.arange(n_tiles), side="right"), g - 1)
+    return dest, n_tiles, tile_group
+
+
+def _to_tiles(x: jax.Array, dest: jax.Array, n_tiles: int, tile: int) -> jax.Array:
+    return jnp.zeros((n_tiles * tile, x.shape[1]), x.dtype).at[dest].set(x, mode="drop").reshape(n_tiles, tile, -1)
+
+
+def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
+    """``ragged_dot`` as tiles: each group's rows are moved to start at a tile boundary, every tile is multiplied by
+    its group's matrix (a batched matmul over tiles), and the rows are moved back. Work: at most ``m + g x tile``
+    rows instead of the g x m of a dense fallback."""
+    dest, n_tiles, tile_group = _tile_layout(group_sizes, x.shape[0], tile)
+    buf = _to_tiles(x, dest, n_tiles, tile)
     out = jnp.einsum("tik,tkn->tin", buf, w[tile_group], preferred_element_type=jnp.float32).astype(x.dtype)
     return out.reshape(n_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
 
 
+def _tiled_group_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
+    """Per-group ``x_g^T dy_g`` -> [g, k, n] (the weight gradient of a grouped matmul) as tiles: a batched matmul
+    over tiles, summed into their groups. Work: at most ``m + g x tile`` rows (a ragged contraction is lowered
+    densely over every group by XLA:TPU, g x the work); memory: one [k, n] float32 block per tile."""
+    dest, n_tiles, tile_group = _tile_layout(group_sizes, x.shape[0], tile)
+    xs, dys = _to_tiles(x, dest, n_tiles, tile), _to_tiles(dy, dest, n_tiles, tile)
+    per_tile = jnp.einsum("tik,tin->tkn", xs, dys, preferred_element_type=jnp.float32)
+    return jnp.zeros((group_sizes.shape[0], *per_tile.shape[1:]), jnp.float32).at[tile_group].add(per_tile)
+
+
+WEIGHT_GRAD_TILE = 512  # rows per tile of the weight gradient: < 512 padding rows per group, [k, n] f32 per tile
+
+
+@jax.custom_vjp
+def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``jax.lax.ragged_dot`` whose weight gradient is ``_tiled_group_outer``; the input gradient is a ragged_dot."""
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def _ragged_dot_fwd(x, w, group_sizes):
+    return jax.lax.ragged_dot(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _ragged_dot_bwd(res, dy):
+    x, w, group_sizes = res
+    dx = jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
+    dw = _tiled_group_outer(x, dy, group_sizes, WEIGHT_GRAD_TILE).astype(w.dtype)
+    return dx.astype(x.dtype), dw, None
+
+
+_ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
+
+
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int = 64) -> jax.Array:
     """``jax.lax.ragged_dot(x[m, k], w[g, k, n], group_sizes[g])``: rows sorted by group, rows past
-    ``sum(group_sizes)`` give zeros. TPU and GPU lower ``ragged_dot`` natively; on CPU it is computed densely over
-    every group (g x the work), so the CPU lowering uses ``_tiled_grouped_matmul``. The choice is made per lowering
-    platform, so a TPU program compiled on a CPU host still gets ``ragged_dot``."""
+    ``sum(group_sizes)`` give zeros. TPU and GPU lower ``ragged_dot`` natively, but its weight gradient (a ragged
+    contraction) densely over every group, so that gradient is computed by tiles (``_ragged_dot``); on CPU
+    ``ragged_dot`` is computed densely over every group (g x the work), so the CPU lowering uses
+    ``_tiled_grouped_matmul``. The choice is made per lowering platform, so a TPU program compiled on a CPU host
+    still gets ``ragged_dot``."""
     return jax.lax.platform_dependent(
         x,
         w,
         group_sizes,
         cpu=lambda *a: _tiled_grouped_matmul(*a, tile=tile),
-        default=lambda a, b, c: jax.lax.ragged_dot(a, b, c),
+        default=_ragged_dot,
     )
 
 

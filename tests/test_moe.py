@@ -1,11 +1,13 @@
 """The CPU grouped matmul (tiles per group) against a per-group numpy reference and jax.lax.ragged_dot: values and
-gradients, empty groups, groups larger than a tile, padding rows past the groups."""
+gradients, empty groups, groups larger than a tile, padding rows past the groups; the TPU/GPU ragged_dot with its
+tiled weight gradient against ragged_dot's own."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from r1jax import moe
 from r1jax.moe import _tiled_grouped_matmul, grouped_matmul
 
 
@@ -20,7 +22,7 @@ def _reference(x, w, sizes):
 
 @pytest.mark.parametrize("sizes", [[5, 0, 17, 3], [0, 0, 40, 0], [1, 1, 1, 1], [9, 12, 0, 6]])
 @pytest.mark.parametrize("tile", [4, 8])
-def test_grouped_matmul_matches_the_per_group_product(sizes, tile):
+def test_grouped_matmul_matches_the_per_group_product(sizes, tile, monkeypatch):
     m = 40  # [9, 12, 0, 6] leaves 13 padding rows
     kx, kw, kg = jax.random.split(jax.random.key(sum(sizes) + tile), 3)
     x = jax.random.normal(kx, (m, 6))
@@ -39,4 +41,10 @@ def test_grouped_matmul_matches_the_per_group_product(sizes, tile):
     ours = jax.grad(lambda x, w: loss(lambda a, b: grouped_matmul(a, b, gs, tile=tile), x, w), argnums=(0, 1))(x, w)
     ref = jax.grad(lambda x, w: loss(lambda a, b: jax.lax.ragged_dot(a, b, gs), x, w), argnums=(0, 1))(x, w)
     for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    # the TPU/GPU path: ragged_dot forward, its weight gradient by tiles (lowered on CPU here, tile as given)
+    monkeypatch.setattr(moe, "WEIGHT_GRAD_TILE", tile)
+    tpu = jax.grad(lambda x, w: loss(lambda a, b: moe._ragged_dot(a, b, gs), x, w), argnums=(0, 1))(x, w)
+    for a, b in zip(tpu, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
