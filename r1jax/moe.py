@@ -17,6 +17,8 @@ returned for auxiliary-loss-free balancing.
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 
@@ -98,9 +100,31 @@ def _tiled_group_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, tile
 WEIGHT_GRAD_TILE = 512  # rows per tile of the weight gradient: < 512 padding rows per group, [k, n] f32 per tile
 
 
+def _megablox_group_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, interpret: bool = False) -> jax.Array:
+    """Per-group ``x_g^T dy_g`` -> f32 [g, k, n] by the TPU grouped-matmul kernel (Pallas megablox ``tgmm``: each
+    tile of rows visits only its groups); ``_tiled_group_outer`` where the shapes do not tile."""
+    (m, k), n = x.shape, dy.shape[1]
+    tiling = (min(m, 512), min(k, 512), min(n, 512))
+    if m % tiling[0] or k % 128 or n % 128:
+        return _tiled_group_outer(x, dy, group_sizes, WEIGHT_GRAD_TILE)
+    megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")  # the package's gmm shadows it
+    return megablox.tgmm(x.T, dy, group_sizes, jnp.float32, tiling=tiling, interpret=interpret)
+
+
+def _group_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Per-group ``x_g^T dy_g`` -> f32 [g, k, n]: the megablox kernel on TPU, tiles elsewhere."""
+    return jax.lax.platform_dependent(
+        x,
+        dy,
+        group_sizes,
+        tpu=_megablox_group_outer,
+        default=lambda *a: _tiled_group_outer(*a, tile=WEIGHT_GRAD_TILE),
+    )
+
+
 @jax.custom_vjp
 def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """``jax.lax.ragged_dot`` whose weight gradient is ``_tiled_group_outer``; the input gradient is a ragged_dot."""
+    """``jax.lax.ragged_dot`` whose weight gradient is ``_group_outer``; the input gradient is a ragged_dot."""
     return jax.lax.ragged_dot(x, w, group_sizes)
 
 
@@ -111,7 +135,7 @@ def _ragged_dot_fwd(x, w, group_sizes):
 def _ragged_dot_bwd(res, dy):
     x, w, group_sizes = res
     dx = jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
-    dw = _tiled_group_outer(x, dy, group_sizes, WEIGHT_GRAD_TILE).astype(w.dtype)
+    dw = _group_outer(x, dy, group_sizes).astype(w.dtype)
     return dx.astype(x.dtype), dw, None
 
 
@@ -121,7 +145,7 @@ _ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int = 64) -> jax.Array:
     """``jax.lax.ragged_dot(x[m, k], w[g, k, n], group_sizes[g])``: rows sorted by group, rows past
     ``sum(group_sizes)`` give zeros. TPU and GPU lower ``ragged_dot`` natively, but its weight gradient (a ragged
-    contraction) densely over every group, so that gradient is computed by tiles (``_ragged_dot``); on CPU
+    contraction) densely over every group, so that gradient is ``_group_outer`` (``_ragged_dot``); on CPU
     ``ragged_dot`` is computed densely over every group (g x the work), so the CPU lowering uses
     ``_tiled_grouped_matmul``. The choice is made per lowering platform, so a TPU program compiled on a CPU host
     still gets ``ragged_dot``."""
