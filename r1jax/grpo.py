@@ -604,27 +604,38 @@ def update_minibatch(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def body(acc, mb):
+    def micro_grads(mb):
         mb = jax.tree.map(lambda x: rollout.constrain_batch(x, mesh), mb)
         (_, (metrics, load)), grads = grad_fn(params, mb)
-        acc_grads, acc_load = acc
-        acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
-        acc_load = None if load is None else acc_load + load
-        return (acc_grads, acc_load), metrics
+        return grads, load, metrics
 
-    zero_load = None
-    if model_cfg.n_moe_layers:
-        zero_load = jnp.zeros((model_cfg.n_moe_layers, model_cfg.n_experts), jnp.float32)
-    (grads, load), per_micro = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), zero_load), micro)
+    if k == 1:  # one micro-batch: its gradients, no zero-filled accumulators
+        grads, load, metrics = micro_grads(jax.tree.map(lambda x: x[0], micro))
+        per_micro = jax.tree.map(lambda x: x[None], metrics)
+    else:
+
+        def body(acc, mb):
+            grads, load, metrics = micro_grads(mb)
+            acc_grads, acc_load = acc
+            return (jax.tree.map(jnp.add, acc_grads, grads), None if load is None else acc_load + load), metrics
+
+        zero_load = None
+        if model_cfg.n_moe_layers:
+            zero_load = jnp.zeros((model_cfg.n_moe_layers, model_cfg.n_experts), jnp.float32)
+        (grads, load), per_micro = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), zero_load), micro)
     metrics = _combine_metrics(per_micro)
     metrics["grad_norm"] = optax.tree.norm(grads)
     tx = make_optimizer(cfg.optim)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = update_router_bias(optax.apply_updates(params, updates), load, cfg.optim.router_bias_gamma)
-    # a non-finite loss or gradient skips the step: parameters and optimiser state stay as they were
+
+    def apply(_):
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = update_router_bias(optax.apply_updates(params, updates), load, cfg.optim.router_bias_gamma)
+        return new_params, new_opt_state
+
+    # a non-finite loss or gradient skips the step: parameters and optimiser state stay as they were (a branch, not
+    # a select: no extra pass over the parameters and both moments)
     finite = jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics.get("loss", 0.0))
-    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params, params)
-    opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_opt_state, opt_state)
+    params, opt_state = jax.lax.cond(finite, apply, lambda _: (params, opt_state), None)
     metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]  # optimiser steps taken (all equal)
     metrics["lr"] = lr_schedule(cfg.optim)(count - 1)

@@ -335,3 +335,25 @@ def test_trainer_with_shared_prompt_matches_the_plain_step():
     assert a["reward/mean"] == b["reward/mean"]
     for key in ("loss", "grad_norm", "kl", "entropy"):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-7, err_msg=key)
+
+
+def test_non_finite_update_is_skipped():
+    """A NaN in the mini-batch (here one advantage) skips the optimiser step: parameters and optimiser state come
+    back bitwise unchanged and ``skipped`` is 1; the same batch without the NaN moves them."""
+    import optax
+
+    from r1jax.grpo import update_minibatch
+
+    cfg = _tiny()
+    batch = _grouped_batch(cfg.model, cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.grpo.max_completion_len)
+    params = _init(cfg.model)
+    tx = make_optimizer(cfg.optim)
+    bad = dataclasses.replace(batch, advantages=batch.advantages.at[3].set(jnp.nan))
+    for b, skipped in ((bad, 1.0), (batch, 0.0)):
+        p = jax.tree.map(jnp.copy, params)
+        new, state, m = update_minibatch(p, tx.init(p), b, cfg=cfg, model_cfg=cfg.model, micro_batch=cfg.micro_batch)
+        assert float(m["skipped"]) == skipped
+        count = optax.tree_utils.tree_get_all_with_path(state, "count")[0][1]
+        assert int(count) == 1 - skipped
+        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new), strict=True)]
+        assert all(same) if skipped else not all(same)
