@@ -193,8 +193,21 @@ def fwd_flops(st: dict, batch: int, t: int, s: int | None = None) -> float:
     return batch * (2 * st["params"] * t + attn)
 
 
-def decode_flops(st: dict, batch: int, prompt: int, new: int) -> float:
-    return fwd_flops(st, batch, prompt) + sum(fwd_flops(st, batch, 1, prompt + i + 1) for i in range(new - 1))
+def decode_flops(st: dict, batch: int, prompt: int, new: int, prefill_rows: int | None = None) -> float:
+    """Prefill (``prefill_rows`` prompts, default ``batch``) then ``new - 1`` single-token steps of ``batch`` rows."""
+    first = fwd_flops(st, batch if prefill_rows is None else prefill_rows, prompt)
+    return first + sum(fwd_flops(st, batch, 1, prompt + i + 1) for i in range(new - 1))
+
+
+def logprob_flops(st: dict, rows: int, prompt: int, new: int, groups: int | None = None) -> float:
+    """Teacher-forced log-probs of ``new`` completion tokens after a ``prompt``-token prompt: the layers over every
+    position, the output head over the completion positions only. ``groups``: each group's prompt runs once and
+    its rows' completions attend to it (``GRPOConfig.shared_prompt``)."""
+    body = dict(st, params=st["params"] - st["head"])
+    head = 2 * st["head"] * rows * new
+    if groups is None:
+        return fwd_flops(body, rows, prompt + new) + head
+    return fwd_flops(body, groups, prompt) + fwd_flops(body, rows, new, prompt + new) + head
 
 
 # --- the sides (each runs in its own process) ------------------------------------------------------------------------
@@ -341,7 +354,9 @@ def side_grpo(args, impl: str) -> dict:
             times.append(time.perf_counter() - t0)
             phases.append({k[5:]: m[k] for k in m if k.startswith("perf/") and k.endswith("_s") and "per_s" not in k})
         plen = -(-max(len(p) for p in prompts) // 16) * 16
-        return {"times": times, "phases": phases, "prompt_len": plen, "completion_len": T, "rows": G * n_prompts}
+        peer_plen = max(len(p) for p in prompts)
+        out = {"times": times, "phases": phases, "prompt_len": plen, "prompt_len_peer": peer_plen, "completion_len": T}
+        return dict(out, rows=G * n_prompts, groups=n_prompts)
     torch = setup_torch(args)
     import datasets
     import transformers
@@ -520,8 +535,9 @@ class Driver:
         (v_o, r_o), (v_t, r_t) = ours, theirs
         ratio = v_o / v_t if higher_better else v_t / v_o
         row = {"bench": name, "metric": metric, "r1jax": round(v_o, 4), "peer": round(v_t, 4), "ratio": round(ratio, 2)}
-        if flops is not None:  # FLOPs per call (value in seconds) or per unit of the value (a rate)
-            rate_o, rate_t = (flops * v_o, flops * v_t) if higher_better else (flops / v_o, flops / v_t)
+        if flops is not None:  # FLOPs per call (value in seconds) or per unit of the value (a rate); or a pair
+            f_o, f_t = flops if isinstance(flops, tuple) else (flops, flops)
+            rate_o, rate_t = (f_o * v_o, f_t * v_t) if higher_better else (f_o / v_o, f_t / v_t)
             row["mfu_r1jax"] = round(rate_o / self.peak, 3)
             row["mfu_peer"] = round(rate_t / self.peak, 3)
         row["rss_mb_r1jax"], row["rss_mb_peer"] = round(r_o["peak_rss_mb"]), round(r_t["peak_rss_mb"])
@@ -571,11 +587,12 @@ class Driver:
         after = len(list(cache.glob("*")))
         t = spawn(self.args, "grpo", "trl")
         st = self._smollm2_stats()
-        rows, plen, T = o["rows"], o["prompt_len"], o["completion_len"]
-        seq = plen + T
-        sample = decode_flops(st, rows, plen, T)  # (the r1jax side prefills each prompt once: fewer FLOPs)
-        ref = fwd_flops(st, rows, seq)
-        update = 3 * fwd_flops(st, rows, seq)
+        rows, plen, T, groups = o["rows"], o["prompt_len"], o["completion_len"], o["groups"]
+        # FLOPs each side executes: r1jax prefills each prompt once and, with shared_prompt, runs it once per group
+        # in the log-prob passes too; TRL runs every row's prompt (and pads prompts to the longest, not a bucket)
+        ours = decode_flops(st, rows, plen, T, prefill_rows=groups) + 4 * logprob_flops(st, rows, plen, T, groups)
+        update = 3 * logprob_flops(st, rows, plen, T, groups)
+        theirs = decode_flops(st, rows, o["prompt_len_peer"], T) + 4 * logprob_flops(st, rows, o["prompt_len_peer"], T)
         last = o["phases"][1:] or o["phases"]
         upd_s = statistics.median(p["update_s"] for p in last)
         phases = {k: round(statistics.median(p[k] for p in last), 3) for k in last[0]}
@@ -584,7 +601,7 @@ class Driver:
             "s/step",
             (steady(o["times"]), o),
             (steady(t["times"]), t),
-            flops=sample + ref + update,
+            flops=(ours, theirs),
             peer_impl=f"trl GRPOTrainer {self._version('trl')}",
             first_step_s_r1jax=round(o["times"][0], 2),
             first_step_s_r1jax_warm_cache=round(warm["times"][0], 2),
@@ -614,7 +631,7 @@ class Driver:
 
     def _smollm2_stats(self) -> dict:
         # SmolLM2-135M: 30 layers, 9 heads of 64, 134.5M parameters with the tied embedding counted once
-        return {"params": 134_515_008, "layers": 30, "heads": 9, "d_qk": 64, "d_v": 64}
+        return {"params": 134_515_008, "head": 49152 * 576, "layers": 30, "heads": 9, "d_qk": 64, "d_v": 64}
 
     @staticmethod
     def _version(pkg: str) -> str:
