@@ -56,6 +56,7 @@ def _smollm2(max_len: int, data: DataConfig, steps: int, eval_every: int) -> Tra
             prompts_per_step=4,
             num_iterations=1,
             num_minibatches=1,
+            shared_prompt=True,  # each prompt once per group of 8 in the log-prob passes (exact)
         ),
         sampling=SamplingConfig(temperature=0.7, max_new_tokens=max_len),
         rewards=RewardConfig(functions=("accuracy",), weights=(1.0,), gsm8k_last_number=True, num_workers=1),
