@@ -83,7 +83,10 @@ def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict, sl
         axes=tuple(mesh.axis_names),
     )
     fn = jax.shard_map(
-        body, in_specs=(tok_spec, tok_spec, tok_spec, gate_spec, gate_spec, down_spec), out_specs=tok_spec
+        body,
+        in_specs=(tok_spec, tok_spec, tok_spec, gate_spec, gate_spec, down_spec),
+        out_specs=tok_spec,
+        check_vma=False,  # TPU's grouped-matmul kernel (moe._group_outer) is a pallas_call without varying-axes types
     )
     return fn(x, weights, idx, p["gate"], p["up"], p["down"])
 
@@ -176,18 +179,16 @@ def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, *, n_exp, t
     n_rounds = jax.lax.pmax(dispatch_rounds(counts, chunk), axes)
     plan = (order // k, (expert % e_local).astype(jnp.int32), counts, jnp.cumsum(counts) - counts)
 
-    # 2-4. rounds of dispatch, grouped matmuls and combine. The inputs are made varying over all the axes any of them
-    # varies over first, so that the per-round cotangents stay per device and the psums that sharing a weight (over
-    # fsdp) or a token (over tensor) implies run once, after the rounds, not in every round's backward
-    vary = partial(_varying, axes=tuple(sorted(_vma(jax.typeof(x)) | _vma(jax.typeof(w_gate)))))
+    # 2-4. rounds of dispatch, grouped matmuls and combine (shard_map without varying-axes checks: the cotangents of
+    # the weights shared over fsdp and of the tokens shared over tensor are summed once, at its boundary)
     rows = sum_over_rounds(
-        partial(_round, n_ep=n_ep, chunk=chunk, e_local=e_local),
+        partial(dispatch_round, n_ep=n_ep, chunk=chunk, e_local=e_local),
         n_rounds,
         plan,
-        vary(x),
-        vary(w_gate.astype(dt)),
-        vary(w_up.astype(dt)),
-        vary(w_down.astype(dt)),
+        x,
+        w_gate.astype(dt),
+        w_up.astype(dt),
+        w_down.astype(dt),
     )  # [T_l * k, d], the result of each assignment in sorted order
 
     # 5. gates and the sum over each token's k experts
@@ -196,14 +197,13 @@ def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, *, n_exp, t
     return jax.lax.psum(out, TENSOR_AXIS) if tensor_split else out
 
 
-def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    missing = tuple(a for a in axes if a not in _vma(jax.typeof(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e_local: int) -> jax.Array:
+    """Round ``r`` on one device: each destination gets its assignments [r * chunk, (r + 1) * chunk); returns their
+    result rows at their positions in the sorted assignment list [T_l * k, d], zero elsewhere.
 
-
-def _round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e_local: int) -> jax.Array:
-    """Round ``r``: each destination gets its assignments [r * chunk, (r + 1) * chunk); returns their result rows at
-    their positions in the sorted assignment list [T_l * k, d], zero elsewhere."""
+    ``plan`` = (token [T_l * k]: the token of each sorted assignment, local [T_l * k]: its expert's index within its
+    shard, counts [n_ep]: assignments per destination, starts [n_ep]: where each destination's run begins).
+    """
     token, local, counts, starts = plan
     n_assign, d = token.shape[0], x.shape[1]
     rank = r * chunk + jnp.arange(chunk, dtype=jnp.int32)  # position within the destination's list
