@@ -127,7 +127,10 @@ class ModelConfig:
     dtype: str = "float32"  # activations / matmuls
     param_dtype: str = "float32"
     attention_impl: AttentionImpl = AttentionImpl.XLA
-    remat: bool = False
+    remat: bool = (
+        False  # recompute each layer's forward in the backward pass (saved per layer: what remat_policy keeps)
+    )
+    remat_policy: str = "full"  # with remat: "full" keeps the layer input only, "dots" also every matmul output
     # expert-parallel dispatch rounds carry dispatch_slack x the mean rows per destination (expert_parallel.chunk_rows)
     dispatch_slack: float = 1.25
 
@@ -145,6 +148,8 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffw"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.remat_policy not in ("full", "dots"):
+            raise ValueError(f"remat_policy must be 'full' or 'dots', got {self.remat_policy!r}")
         if self.dispatch_slack <= 0:
             raise ValueError(f"dispatch_slack must be positive, got {self.dispatch_slack}")
         if self.n_heads % self.num_kv_heads:

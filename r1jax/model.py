@@ -38,6 +38,10 @@ from r1jax.config import AttentionImpl, ModelConfig, RopeConfig, RopeType
 
 Params = dict[str, Any]
 LAYER_STACKS = {"dense_layers": False, "moe_layers": True}  # stack name -> MoE blocks; run in this order
+# ModelConfig.remat_policy -> what a rematerialised layer saves for its backward pass besides its input. "dots": the
+# matmul outputs, so the backward recomputes only norms, activations and softmaxes; on CPU this also beats saving
+# everything (no remat), whose scanned residual stacks XLA:CPU zero-fills, writes and re-slices.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_saveable}
 
 
 # --- parameter declarations ------------------------------------------------------------------------------------------
@@ -517,7 +521,7 @@ def unstack_layers(tree: dict) -> dict:
 def _scan_stack(fn: Callable, x: jax.Array, stacked: Params, cfg: ModelConfig, xs_extra=None):
     """Run ``fn(layer_params, x, extra) -> (x, ys)`` over the leading layer axis with ``lax.scan``; over a tuple of
     per-layer trees (``unstack_layers``) as a Python loop, returning the per-layer ys as a tuple."""
-    body = jax.checkpoint(fn) if cfg.remat else fn
+    body = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else fn
     if isinstance(stacked, tuple):
         extras = xs_extra if xs_extra is not None else (None,) * len(stacked)
         ys = []

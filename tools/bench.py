@@ -341,7 +341,9 @@ def side_grpo(args, impl: str) -> dict:
             return np.array([reward(s) for s in texts], np.float32), {}
 
         # no stop tokens: every completion is T tokens on both sides, so both do the same work
-        trainer = grpo.GRPOTrainer(cfg, model.cfg, reward_fn, stop_ids=[], prompt_bucket=16)
+        # remat keeping the matmul outputs: recomputing norms and activations is cheaper on CPU than saving them
+        mcfg = model.cfg.replace(remat=True, remat_policy="dots")
+        trainer = grpo.GRPOTrainer(cfg, mcfg, reward_fn, stop_ids=[], prompt_bucket=16)
         prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in PROMPTS]
         state = trainer.init_state(model.param_dict())
         del model
