@@ -29,7 +29,26 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_p: 
         keep = jnp.cumsum(probs, axis=-1) - probs < top_p
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return categorical(key, logits)
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits f32[b, V]) -> int32[b]; -inf logits are never drawn.
+
+    On CPU by inverting the CDF with one uniform per row: ``jax.random.categorical`` draws V Gumbel variates per row,
+    and generating them costs XLA:CPU ~10 ms per decode step at [16, 49152] (a fifth of a SmolLM2 step). Elsewhere
+    Gumbel-max (``jax.random.categorical``). Same distribution, different random streams.
+    """
+    return jax.lax.platform_dependent(
+        key, logits, cpu=_inverse_cdf, default=lambda k, lg: jax.random.categorical(k, lg, axis=-1).astype(jnp.int32)
+    )
+
+
+def _inverse_cdf(key: jax.Array, logits: jax.Array) -> jax.Array:
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]  # < the total mass
+    # the first index whose cdf exceeds u; a zero-probability token never raises the cdf, so it is never that index
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0, bucket: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:

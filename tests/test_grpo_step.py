@@ -94,10 +94,11 @@ def _run(cfg, steps, mesh=None, seed=0):
 
 
 def test_grpo_raises_a_learnable_reward():
-    """Reward = share of completion tokens equal to 5 (chance 1/64). 22 steps of the tiny preset (G=4, 4 prompts,
-    2 micro-batches, KL to a reference refreshed every 10 steps) lift it far above chance."""
+    """Reward = share of completion tokens equal to 5 (chance 1/64). 30 steps of the tiny preset (G=4, 4 prompts,
+    2 micro-batches, KL to a reference refreshed every 10 steps) lift it far above chance (how fast depends on the
+    random stream: 0.27-0.84 after 22 steps over two seeds)."""
     cfg = _tiny()
-    state, hist = _run(cfg, 22)
+    state, hist = _run(cfg, 30)
     rewards = [m["reward/mean"] for m in hist]
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
     assert first < 0.1, rewards
@@ -108,7 +109,7 @@ def test_grpo_raises_a_learnable_reward():
     for key in keys:
         assert np.isfinite(m[key]), key
     assert hist[-1]["entropy"] < hist[0]["entropy"]
-    assert int(state.step) == 22
+    assert int(state.step) == 30
     assert float(jnp.abs(state.params["moe_layers"]["mlp"]["router_bias"]).max()) > 0  # balancing ran
 
 

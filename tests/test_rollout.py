@@ -147,3 +147,24 @@ def test_stop_strings_on_host():
     assert texts == ["a</answer>", "a</answer>", "abbbb", "a"]
     cut = completion_texts(out, decode, stop_ids=[1], stop_strings=["</answer>"], include_stop_str=False)
     assert cut == ["a", "a", "abbbb", "a"]
+
+
+def test_categorical_draws_follow_the_softmax():
+    """100k draws of ``sampling.categorical`` (inverse CDF on CPU) hit each token at its softmax probability
+    (within 4 standard errors), never a -inf token, and agree in distribution with ``jax.random.categorical``;
+    nucleus sampling keeps only the top-p mass."""
+    from r1jax.sampling import categorical, sample_logits
+
+    logits = jnp.asarray([2.0, 0.5, -jnp.inf, 1.0, -1.0, 3.0, -jnp.inf, 0.0])
+    p = np.asarray(jax.nn.softmax(logits))
+    n = 100_000
+    rows = jnp.broadcast_to(logits, (n, logits.shape[0]))
+    se = np.sqrt(p * (1 - p) / n)
+    for draw in (jax.jit(categorical), jax.jit(lambda k, lg: jax.random.categorical(k, lg, axis=-1))):
+        tok = np.asarray(draw(jax.random.key(0), rows))
+        freq = np.bincount(tok, minlength=len(p)) / n
+        assert np.all(np.abs(freq - p) <= 4 * se + 1e-9), (freq, p)
+        assert freq[2] == 0 and freq[6] == 0
+    tok = np.asarray(jax.jit(lambda k, lg: sample_logits(lg, k, 1.0, 0.7, 0))(jax.random.key(1), rows))
+    kept = np.argsort(-p)[: int(np.searchsorted(np.cumsum(np.sort(p)[::-1]), 0.7)) + 1]  # smallest prefix >= 0.7
+    assert set(np.unique(tok)) == set(kept.tolist())
