@@ -25,22 +25,31 @@ State per chip (f32 params, f32 AdamW mu and nu, bf16 compute):
 Batch per step (one GRPO minibatch): 256 sequences x 4096 tokens = 1.05 M tokens (R1: 512 samples per step in 16
     minibatches of 32 x up to 32k tokens ~= 1 M tokens). Per chip: 1 sequence x 4096 tokens.
 Activations: remat per layer saves the [1, 4096, 7168] bf16 residual (58.7 MB) x 61 layers = 3.6 GB per chip.
-Expert-parallel dispatch buffers (dropless worst case, see r1jax.expert_parallel): 4096 x 8 = 32768 assignments;
-    receive buffer 16 x 32768 x 7168 x 2 B = 7.5 GB per chip for one layer at a time.
+Expert-parallel dispatch (r1jax.expert_parallel): 4096 x 8 = 32768 assignments per chip, 2048 to each of the 16
+    expert shards on average; rounds of C = 1.25 (dispatch_slack) x 2048 = 2560 rows per destination, buffers
+    [16, 2560, 7168] bf16 = 587 MB (send, receive, results, returned) where one worst-case all-to-all needed
+    [16, 32768, 7168] = 7.5 GB. Under balanced routing the busiest (chip, shard) pair of a layer gets 1.09x the mean
+    (Monte-Carlo in tools/aot_compile.py: 256 chips x 16 shards), so one round; a pair past 2560 rows costs every
+    chip a second round of that layer (not dropped tokens).
 Roofline: 6 x 37 B x 1.05 M tokens = 2.33e17 FLOPs (+ attention 6 x 61 x 4096 x 128 x 192+128 ... ~ 12%) over
     2048 x 459 TFLOP/s (v5p bf16 peak) = 0.25 s at 100% MFU.
-Compiled (``tools/aot_compile.py v3_671b --step train --reduced``: 2 of 61 layers, extrapolated): 65.7 GB per chip
-    (69% of HBM), dominated by one MoE layer's padded dispatch working set. XLA counts the grouped matmuls and the
-    all-to-alls over the whole padded buffer (16x the rows a chip receives on average): 6.1e15 FLOPs and 2.2 TB of
-    collectives per chip per step, 1.8% estimated MFU. Sending only filled rows (ragged all-to-all) is the fix.
+Compiled (``tools/aot_compile.py v3_671b --step train --reduced``: 2 of 61 layers, extrapolated; 1 dispatch round
+    expected): 19.2 GB per chip (20% of HBM). 2.59e14 FLOPs per chip, 2.3x the model's 1.12e14 (remat recompute,
+    attention, the 25% slack rows): 0.56 s at peak, 43% MFU if FLOP-bound; 3.1e11 collective bytes, 0.52 s of ICI.
+    But XLA counts 1.2e13 bytes accessed per chip, 4.4 s at 2.765 TB/s (5.6% MFU), 84% of it in the dispatch
+    rounds: the row gathers and scatters that build the all-to-all buffers, sort rows by expert and put results
+    back cost ~9x their 587 MB each in XLA:TPU's model (a bf16 row is a sliver of its (8, 128) tiles); a 2 rounds
+    step would be 3.0%. Before the rounds (one worst-case all-to-all, 16x the rows) the same compile gave 65.7 GB
+    per chip, 6.1e15 FLOPs, 1.8% MFU by FLOPs alone. Next: fewer row moves per round (a ragged all-to-all that
+    lands rows grouped by expert; gathers in a [rows, d / 128, 128] layout cost 2x, not 9x).
 
 v6e (``v6e_1024``): one v6e-256 slice cannot hold the state (671 B x 16 B / 256 = 42 GB > 32 GB per chip), so four
 slices over DCN: 1024 chips, mesh fsdp 32 (spans the slices) x expert 8 x tensor 4.
     experts  653.8 B x 16 B / (expert 8 x tensor 4 x fsdp 32 = 1024)                    = 10.2 GB per chip
     the rest ~17 B x 16 B / (fsdp 32 x tensor 4 = 128)                                  =  2.1 GB per chip
     batch 256 sequences x 2048 tokens = 524 k tokens per step, one sequence per chip: remat residuals
-    61 x 2048 x 7168 x 2 B = 1.8 GB; dispatch buffers [8 shards, 2048 x 8, 7168] bf16 = 1.9 GB each (send, receive,
-    results, returned). 4096-token sequences double both and leave no margin under 28.8 GB (90%).
+    61 x 2048 x 7168 x 2 B = 1.8 GB; dispatch rounds of 1.25 x 2048 = 2560 rows per destination, buffers
+    [8, 2560, 7168] bf16 = 294 MB each (send, receive, results, returned; the worst case was [8, 16384, 7168]).
     Roofline: 6 x 37 B x 524 k / (1024 x 918e12) = 0.12 s at 100% MFU; the fsdp all-gathers of each MoE layer's
     experts (11.3 B / 32 x 2 B = 0.7 GB per chip per pass) are what the step waits on.
 """

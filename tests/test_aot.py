@@ -41,6 +41,15 @@ def test_tiny_v3_train_and_decode_compile_for_v5p():
         assert step["roofline_step_s"] > 0
     # one train step does at least 6 x active params x tokens / chips FLOPs per device
     assert train["flops_per_device"] > 0.9 * train["model_flops"] / result["chips"]
+    # expert-parallel dispatch: 64 tokens per device (2 x 32), 2 x 64 rows to each of 2 shards on average;
+    # the compiled rounds loop counts once, (rounds - 1) x the cost of a round is added
+    dispatch = train["dispatch"]
+    assert (dispatch["tokens_per_device"], dispatch["mean_rows"], dispatch["chunk_rows"]) == (64, 64, 80)
+    assert 1 <= dispatch["rounds_expected"] <= 2 and dispatch["round_flops_per_device"] > 0
+    assert dispatch["round_collective_bytes_per_device"] > 0
+    extra = (dispatch["rounds_expected"] - 1) * dispatch["round_flops_per_device"] * train["shape"]["accum"]
+    assert train["flops_per_device"] >= extra
+    assert all(m < train["mfu_estimate"] for m in dispatch["mfu_if_rounds"].values())
     reduced = aot_compile.reduced_config(TINY_V3)
     assert (reduced.n_dense_layers, reduced.n_moe_layers) == (1, 1)
 
@@ -97,5 +106,8 @@ def test_collective_bytes_from_hlo():
   %ags = (f32[8,4]{1,0}, f32[64,4]{1,0}) all-gather-start(f32[8,4]{1,0} %q), dimensions={0}
   %rs = f32[2,4]{1,0} reduce-scatter(f32[16,4]{1,0} %g), dimensions={0}
   %add = f32[2,4]{1,0} add(f32[2,4]{1,0} %rs, f32[2,4]{1,0} %rs)
+  %a2a = bf16[16,2560,7168]{2,1,0} all-to-all(bf16[16,2560,7168]{2,1,0} %send), dimensions={0}
+  %while = (s32[], bf16[16,2560,7168]{2,1,0}) while((s32[], bf16[16,2560,7168]{2,1,0}) %t), body=%round
 """
-    assert aot_compile.collective_bytes(hlo) == 16 * 7168 * 256 * 2 + 64 * 4 * 4 + 2 * 4 * 4
+    want = 16 * 7168 * 256 * 2 + 64 * 4 * 4 + 2 * 4 * 4 + 16 * 2560 * 7168 * 2
+    assert aot_compile.collective_bytes(hlo) == want

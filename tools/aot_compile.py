@@ -16,14 +16,19 @@ one, R1's recipe at the variant's shapes (``configs.r1.r1_on``): ``batch()`` seq
 Decode step: one token per sequence against the compressed (MLA) or GQA KV cache.
 
 Figures, per device: argument / output / temp / alias bytes from ``memory_analysis()``; total = argument + output +
-temp - alias; ``fits`` = total <= 90% of HBM. FLOPs: XLA's cost analysis counts a ``while`` (scan) body once, so the
-compiled figure is completed with (layers - 1) x the FLOPs of one layer compiled alone, per stack (said in the
-output as ``flops_method``). ``--reduced`` compiles one layer per stack and extrapolates memory linearly (state bytes
-per layer from the shardings, plus the per-layer saved residual), for presets whose full compile takes too long.
+temp - alias; ``fits`` = total <= 90% of HBM. FLOPs and bytes accessed: XLA's cost analysis counts a ``while``
+(scan) body once, so the compiled figures are completed with (layers - 1) x those of one layer compiled alone, per
+stack (train: the layer's forward, its remat recompute and its backward, as the scan runs them; said in the output as
+``flops_method``). ``--reduced`` compiles one layer per stack and extrapolates memory linearly (state bytes per layer
+from the shardings, plus the per-layer saved residual), for presets whose full compile takes too long.
+Expert-parallel dispatch (``r1jax.expert_parallel``) runs in rounds, a ``while`` whose trip count R depends on the
+routing: the compiled figures hold one round per MoE layer, so (R - 1) x one round compiled alone is added, with R
+the expected rounds of a Monte-Carlo of balanced routing (``expected_rounds``; ``dispatch`` in the output, with the
+MFU at more rounds in ``mfu_if_rounds``).
 Roofline step time = max(FLOPs / peak, bytes accessed / HBM bandwidth). Communication: the bytes of every collective's
-result in the compiled HLO (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute; scan bodies
-completed per layer like FLOPs) over the chip's ICI bandwidth, ``comm_s``. Step estimate = max(roofline, comm_s)
-(collectives fully overlapped with compute: optimistic; DCN between slices is not modelled separately).
+result in the compiled HLO (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute; loop bodies
+completed per layer and round like FLOPs) over the chip's ICI bandwidth, ``comm_s``. Step estimate = max(roofline,
+comm_s) (collectives fully overlapped with compute: optimistic; DCN between slices is not modelled separately).
 MFU = model FLOPs (6 x active params x tokens for training, the output head counted on completion tokens only, as
 the update computes it; 2 x active params per token for decode) / (chips x peak x step estimate).
 
@@ -49,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from r1jax import sharding
+from r1jax import expert_parallel, moe, sharding
 from r1jax.cache import Cache, layer_shapes
 from r1jax.config import ModelConfig, TrainConfig
 from r1jax.grpo import TrainBatch, make_optimizer, opt_shardings, update_minibatch
@@ -215,9 +220,9 @@ def collective_bytes(hlo_text: str) -> float:
     return total
 
 
-def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq: int) -> tuple[float, float]:
-    """FLOPs and collective bytes of one layer of ``stack`` (train: forward + backward as the scan runs it; decode:
-    one cached step)."""
+def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq: int) -> tuple[float, float, float]:
+    """FLOPs, collective bytes and bytes accessed of one layer of ``stack`` (train: forward, remat recompute and
+    backward as the scan runs them; decode: one cached step)."""
     moe_block = stack == "moe_layers"
     specs = _layer_specs(cfg, stack)
     psh = sharding.param_shardings(specs, mesh)
@@ -232,8 +237,9 @@ def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq:
         fn = partial(block, segment_ids=None, cfg=cfg, moe_block=moe_block)
         fn = jax.checkpoint(fn) if cfg.remat else fn
 
-        def f(p, h, positions):
-            return jax.grad(lambda p, h: jnp.sum(fn(p, h, positions)[0].astype(jnp.float32)), argnums=(0, 1))(p, h)
+        def f(p, h, positions):  # the output stays live (it feeds the next layer): forward, remat recompute, backward
+            out, vjp = jax.vjp(lambda p, h: fn(p, h, positions)[0], p, h)
+            return out, vjp(jnp.ones_like(out))
 
         args = (params, x, pos)
     else:
@@ -257,7 +263,109 @@ def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq:
         args = (params, x, pos, lc, valid)
     with jax.set_mesh(mesh):
         exe = jax.jit(f).lower(*args).compile()
-    return float((exe.cost_analysis() or {}).get("flops", 0.0)), collective_bytes(exe.as_text())
+    cost = exe.cost_analysis() or {}
+    return float(cost.get("flops", 0.0)), collective_bytes(exe.as_text()), float(cost.get("bytes accessed", 0.0))
+
+
+def _dispatch_shapes(cfg: ModelConfig, mesh, n_tok: int) -> dict | None:
+    """The expert-parallel dispatch of ``n_tok`` routed tokens on ``mesh`` (``r1jax.expert_parallel``), or None when
+    the routed experts run without it."""
+    if not cfg.is_moe or mesh.shape.get(expert_parallel.EXPERT_AXIS, 1) <= 1:
+        return None
+    n_ep = mesh.shape[expert_parallel.EXPERT_AXIS]
+    tok_spec = sharding.logical_to_spec(("batch", None), (n_tok, cfg.d_model), mesh)
+    if cfg.n_experts % n_ep or expert_parallel.EXPERT_AXIS not in sharding.spec_axes(tok_spec):
+        return None
+    n_src = sharding.shard_count(tok_spec, mesh)
+    t_l, k, e_local = n_tok // n_src, cfg.experts_per_token, cfg.n_experts // n_ep
+    return {
+        "tokens_per_device": t_l,
+        "devices": n_src,
+        "expert_shards": n_ep,
+        "slack": cfg.dispatch_slack,
+        "chunk_rows": expert_parallel.chunk_rows(t_l, k, n_ep, e_local, cfg.dispatch_slack),
+        "worst_case_rows": expert_parallel.dispatch_capacity(t_l, k, e_local),
+        "mean_rows": t_l * k / n_ep,
+    }
+
+
+def expected_rounds(cfg: ModelConfig, shapes: dict, trials: int = 4, seed: int = 0) -> dict:
+    """Monte-Carlo of the dispatch rounds R of one MoE layer under balanced routing: iid Gaussian router logits
+    through the model's router (``moe.route``, zero correction bias, group-limited top-k as configured), so every
+    expert is equally likely; R = max over (source device, destination shard) of ceil(count / chunk_rows), as the
+    ``pmax`` in ``r1jax.expert_parallel`` makes it. DeepSeek-V3's auxiliary-loss-free bias balancing steers routing
+    towards this; a skewed batch needs more rounds (see ``mfu_if_rounds``)."""
+    t_l, n_src, n_ep = shapes["tokens_per_device"], shapes["devices"], shapes["expert_shards"]
+    e, k = cfg.n_experts, cfg.experts_per_token
+    e_local = e // n_ep
+    per_block = max(1, min(n_src, 65536 // t_l))  # devices routed at once (a [65536, e] block of logits)
+
+    @jax.jit
+    def busiest(key):  # the largest (device, destination) count over ``per_block`` devices
+        logits = jax.random.normal(key, (per_block * t_l, e))
+        _, idx = moe.route(logits, jnp.eye(e), jnp.zeros(e), cfg)
+        dest = (idx // e_local).reshape(per_block, t_l * k)
+        return jax.vmap(lambda r: jnp.bincount(r, length=n_ep))(dest).max()
+
+    keys = iter(jax.random.split(jax.random.key(seed), trials * -(-n_src // per_block)))
+    peaks = [max(int(busiest(next(keys))) for _ in range(-(-n_src // per_block))) for _ in range(trials)]
+    rounds = [-(-p // shapes["chunk_rows"]) for p in peaks]
+    return {
+        "rounds_expected": float(np.mean(rounds)),
+        "rounds_seen": sorted(set(rounds)),
+        "busiest_pair_over_mean": float(np.mean(peaks) / shapes["mean_rows"]),
+        "rounds_method": f"Monte-Carlo, {trials} layers x {n_src} devices x {t_l} tokens: balanced routing (iid "
+        "router logits through the model's router, every expert equally likely), R = max over (device, destination "
+        "shard) of ceil(rows / chunk_rows)",
+    }
+
+
+def _dispatch_round_cost(cfg: ModelConfig, mesh, kind: str, n_tok: int, shapes: dict) -> tuple[float, float, float]:
+    """FLOPs, collective bytes and bytes accessed of the dispatch rounds one MoE layer runs per extra round
+    (``r1jax.expert_parallel.dispatch_round``, compiled alone at the layer's shapes): train = the forward loop's,
+    the remat recompute's and the backward loop's bodies (a round's forward under ``jax.vjp`` and its transpose);
+    decode = one forward round."""
+    d, e, f, k = cfg.d_model, cfg.n_experts, cfg.moe_ffw, cfg.experts_per_token
+    n_ep, chunk = shapes["expert_shards"], shapes["chunk_rows"]
+    dt = jnp.dtype(cfg.dtype)
+    tok_spec = sharding.logical_to_spec(("batch", None), (n_tok, d), mesh)
+    gate_spec = sharding.logical_to_spec(("experts", None, "expert_ffw"), (e, d, f), mesh)
+    down_spec = PartitionSpec(gate_spec[0], gate_spec[2], None)
+    row_spec = PartitionSpec(tok_spec[0])
+    round_fn = partial(expert_parallel.dispatch_round, n_ep=n_ep, chunk=chunk, e_local=e // n_ep)
+    forwards = 1 + int(cfg.remat) if kind == "train" else 1
+
+    def body(r, token, local, counts, starts, x, wg, wu, wd):
+        plan = (token, local, counts, starts)
+        out = sum(jnp.sum(round_fn(r[0] + i + 1, plan, x, wg, wu, wd)) for i in range(forwards))
+        if kind == "train":  # distinct round indices: XLA cannot merge the forwards
+            y, vjp = jax.vjp(partial(round_fn, r[0], plan), x, wg, wu, wd)
+            out = out + sum(jnp.sum(c) for c in vjp(y))
+        return out[None]
+
+    a, n_src = shapes["tokens_per_device"] * k, shapes["devices"]
+    sds = jax.ShapeDtypeStruct
+
+    def rows(n, spec=row_spec, dtype=jnp.int32):
+        return sds((n_src * n,), dtype, sharding=NamedSharding(mesh, spec))
+
+    args = (
+        sds((mesh.size,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec(mesh.axis_names))),
+        rows(a),
+        rows(a),
+        rows(n_ep),
+        rows(n_ep),
+        sds((n_tok, d), dt, sharding=NamedSharding(mesh, tok_spec)),
+        sds((e, d, f), dt, sharding=NamedSharding(mesh, gate_spec)),
+        sds((e, d, f), dt, sharding=NamedSharding(mesh, gate_spec)),
+        sds((e, f, d), dt, sharding=NamedSharding(mesh, down_spec)),
+    )
+    specs = tuple(a.sharding.spec for a in args)
+    fn = jax.shard_map(body, in_specs=specs, out_specs=PartitionSpec(mesh.axis_names), check_vma=False)
+    with jax.set_mesh(mesh):
+        exe = jax.jit(fn).lower(*args).compile()
+    cost = exe.cost_analysis() or {}
+    return float(cost.get("flops", 0.0)), collective_bytes(exe.as_text()), float(cost.get("bytes accessed", 0.0))
 
 
 def _stacks(cfg: ModelConfig) -> dict[str, int]:
@@ -365,12 +473,14 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
     flops = float(cost.get("flops", 0.0))
     flops_compiled = flops
     comm = collective_bytes(exe.as_text())
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))
     extra_bytes = 0.0
     for stack, n_full in _stacks(cfg).items():
         n_compiled = _stacks(compiled_cfg)[stack]
-        layer_flops, layer_comm = _block_flops(compiled_cfg, mesh, stack, kind, b, t)
+        layer_flops, layer_comm, layer_bytes = _block_flops(compiled_cfg, mesh, stack, kind, b, t)
         flops += (n_full - 1) * layer_flops
         comm += (n_full - 1) * layer_comm
+        bytes_accessed += (n_full - 1) * layer_bytes
         if reduced and n_full > n_compiled:
             per_layer = _state_bytes_per_layer(cfg, mesh, stack, kind, moment_dtype)
             if kind == "train":  # saved residual per layer (remat) in the compute dtype
@@ -379,11 +489,20 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
                 per_layer += _local(mesh, b) * t * sum(np.prod(s[2:]) for s in layer_shapes(cfg, 1, 1).values()) * 2
             extra_bytes += (n_full - n_compiled) * per_layer
     total += extra_bytes
-    bytes_accessed = float(cost.get("bytes accessed", 0.0))
-    # the micro-batch loop is a scan too: its body (forward + backward of one micro-batch) runs ``accum`` times
-    flops, comm, bytes_accessed = accum * flops, accum * comm, accum * bytes_accessed
-    step_s = max(flops / peak, bytes_accessed / bw)
-    comm_s = comm / ici
+    # expert-parallel dispatch: XLA counts the rounds loop once; the step runs R rounds per MoE layer
+    dispatch = _dispatch_shapes(cfg, mesh, b * (t if kind == "train" else 1))  # the routed tokens of one layer
+    per_round = (0.0, 0.0, 0.0)
+    if dispatch is not None:
+        dispatch.update(expected_rounds(cfg, dispatch))
+        n_tok = b * (t if kind == "train" else 1)
+        per_round = tuple(cfg.n_moe_layers * c for c in _dispatch_round_cost(cfg, mesh, kind, n_tok, dispatch))
+        keys = ("round_flops_per_device", "round_collective_bytes_per_device", "round_bytes_accessed_per_device")
+        dispatch.update(zip(keys, per_round, strict=True))
+        dispatch["round_cost_method"] = (
+            "one round compiled alone (dispatch_round: all-to-all, grouped matmuls, all-to-all back; train: the "
+            "forward, remat and backward loop bodies) x MoE layers; the compiled step holds one round, so "
+            "(rounds_expected - 1) x this is added per micro-batch"
+        )
     tokens = b * accum * (t if kind == "train" else 1)
     if kind == "train":  # the policy update applies the output head to completion positions only
         head = cfg.d_model * cfg.vocab_size
@@ -391,7 +510,31 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
         model_flops = 6 * (body * tokens + head * b * accum * shape["completion_len"])
     else:
         model_flops = 2 * active_params(cfg) * tokens
-    est_s = max(step_s, comm_s)
+
+    def timing(rounds: float) -> dict:
+        """The step at ``rounds`` dispatch rounds per MoE layer; the micro-batch loop (a scan) runs ``accum``
+        times."""
+        extra = [max(rounds - 1, 0.0) * c for c in per_round]
+        f, c, by = (accum * (x + dx) for x, dx in zip((flops, comm, bytes_accessed), extra, strict=True))
+        step_s = max(f / peak, by / bw)
+        est_s = max(step_s, c / ici)
+        return {
+            "flops_per_device": f,
+            "bytes_accessed_per_device": by,
+            "collective_bytes_per_device": c,
+            "roofline_step_s": step_s,
+            "comm_s": c / ici,
+            "step_estimate_s": est_s,
+            "mfu_roofline": model_flops / (n_chips * peak * step_s) if step_s else None,
+            "mfu_estimate": model_flops / (n_chips * peak * est_s) if est_s else None,
+        }
+
+    rounds = dispatch["rounds_expected"] if dispatch else 1.0
+    main = timing(rounds)
+    if dispatch is not None:
+        dispatch["mfu_if_rounds"] = {
+            f"{r:g}": timing(r)["mfu_estimate"] for r in sorted({rounds + 1, 2 * rounds}) if r != rounds
+        }
     return {
         "step": kind,
         "shape": shape,
@@ -407,18 +550,13 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
         "hbm_bytes": int(hbm),
         "hbm_fraction": total / hbm,
         "fits": bool(total <= FIT_FRACTION * hbm),
-        "flops_per_device": flops,
+        "flops_per_device": main["flops_per_device"],
         "flops_compiled_raw": flops_compiled,
-        "flops_method": "(compiled + (layers-1) x one layer compiled alone, per stack) x micro-batches "
-        "(scan bodies count once)",
-        "bytes_accessed_per_device": bytes_accessed,
-        "collective_bytes_per_device": comm,
-        "roofline_step_s": step_s,
-        "comm_s": comm_s,
-        "step_estimate_s": est_s,
+        "flops_method": "(compiled + (layers-1) x one layer compiled alone, per stack + (rounds_expected - 1) x "
+        "the dispatch rounds) x micro-batches (loop bodies count once)",
+        "dispatch": dispatch,
+        **{k: v for k, v in main.items() if k != "flops_per_device"},
         "model_flops": model_flops,
-        "mfu_roofline": model_flops / (n_chips * peak * step_s) if step_s else None,
-        "mfu_estimate": model_flops / (n_chips * peak * est_s) if est_s else None,
         "compile_s": round(compile_s, 1),
     }
 
