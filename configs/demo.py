@@ -113,7 +113,7 @@ def demo_sft() -> TrainConfig:
 
 
 def demo_grpo() -> TrainConfig:
-    steps = 60
+    steps = 100
     return TrainConfig(
         stage="grpo",
         init="runs/demo/sft",
