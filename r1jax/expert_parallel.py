@@ -177,7 +177,7 @@ def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, *, n_exp, t
     dest = expert // e_local
     counts = jnp.bincount(dest, length=n_ep).astype(jnp.int32)
     n_rounds = jax.lax.pmax(dispatch_rounds(counts, chunk), axes)
-    plan = (order // k, (expert % e_local).astype(jnp.int32), counts, jnp.cumsum(counts) - counts)
+    plan = (order // k, (expert % e_local).astype(jnp.int32), dest, counts, jnp.cumsum(counts) - counts)
 
     # 2-4. rounds of dispatch, grouped matmuls and combine (shard_map without varying-axes checks: the cotangents of
     # the weights shared over fsdp and of the tokens shared over tensor are summed once, at its boundary)
@@ -189,43 +189,55 @@ def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, *, n_exp, t
         w_gate.astype(dt),
         w_up.astype(dt),
         w_down.astype(dt),
-    )  # [T_l * k, d], the result of each assignment in sorted order
+    )  # [T_l * k, d / L, L], the result of each assignment in sorted order
 
     # 5. gates and the sum over each token's k experts
     gates = weights.reshape(-1)[order].astype(dt)
-    out = jnp.zeros((n_tok, x.shape[1]), dt).at[plan[0]].add(rows * gates[:, None])
+    out = jnp.zeros((n_tok, *rows.shape[1:]), dt).at[plan[0]].add(rows * gates[:, None, None]).reshape(x.shape)
     return jax.lax.psum(out, TENSOR_AXIS) if tensor_split else out
 
 
 def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e_local: int) -> jax.Array:
     """Round ``r`` on one device: each destination gets its assignments [r * chunk, (r + 1) * chunk); returns their
-    result rows at their positions in the sorted assignment list [T_l * k, d], zero elsewhere.
+    result rows at their positions in the sorted assignment list, [T_l * k, d / L, L] (``lane_rows``), zero elsewhere.
 
     ``plan`` = (token [T_l * k]: the token of each sorted assignment, local [T_l * k]: its expert's index within its
-    shard, counts [n_ep]: assignments per destination, starts [n_ep]: where each destination's run begins).
+    shard, dest [T_l * k]: its expert shard, counts [n_ep]: assignments per destination, starts [n_ep]: where each
+    destination's run begins). Rows move as [d / L, L] blocks: a TPU moves a bf16 row of a [n, d] array as a sliver
+    of (8, 128) tiles (XLA:TPU counts a row gather ~9x its bytes), a [d / 128, 128] block as whole tiles (2x).
     """
-    token, local, counts, starts = plan
+    token, local, dest, counts, starts = plan
     n_assign, d = token.shape[0], x.shape[1]
+    x = lane_rows(x)
     rank = r * chunk + jnp.arange(chunk, dtype=jnp.int32)  # position within the destination's list
     valid = rank[None, :] < counts[:, None]  # [n_ep, chunk]
-    pos = jnp.where(valid, starts[:, None] + rank[None, :], n_assign)  # n_assign: padding
-    safe = jnp.minimum(pos, n_assign - 1)
+    safe = jnp.minimum(starts[:, None] + rank[None, :], n_assign - 1)
 
-    # dispatch [n_ep, chunk, d]; padding rows are zero and carry the sentinel local expert id e_local
-    send = jnp.where(valid[..., None], x[token[safe]], 0)
+    # dispatch [n_ep, chunk, d / L, L]; padding rows are zero and carry the sentinel local expert id e_local
+    send = jnp.where(valid[..., None, None], x[token[safe]], 0)
     send_ids = jnp.where(valid, local[safe], e_local)
-    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True).reshape(n_ep * chunk, d)
+    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True).reshape(n_ep * chunk, *x.shape[1:])
     recv_ids = jax.lax.all_to_all(send_ids, EXPERT_AXIS, 0, 0, tiled=True).reshape(-1)
 
-    # grouped matmuls over this shard's experts, padding rows last (outside every group: they come out zero)
+    # grouped matmuls over this shard's experts, padding rows last (outside every group: they come out zero); rows are
+    # put in expert order and back by gathers (a permutation and its inverse)
     by_expert = jnp.argsort(recv_ids, stable=True)
     sizes = jnp.bincount(recv_ids, length=e_local + 1)[:e_local].astype(jnp.int32)
-    xs = recv[by_expert]
+    xs = recv[by_expert].reshape(-1, d)
     gate = moe.grouped_matmul(xs, w_gate, sizes)
     up = moe.grouped_matmul(xs, w_up, sizes)
-    ys = moe.grouped_matmul(jax.nn.silu(gate) * up, w_down, sizes)
-    y = jnp.zeros_like(ys).at[by_expert].set(ys).reshape(n_ep, chunk, d)
+    ys = lane_rows(moe.grouped_matmul(jax.nn.silu(gate) * up, w_down, sizes))
+    y = ys[jnp.argsort(by_expert)].reshape(n_ep, chunk, *ys.shape[1:])
 
-    # combine: results go back to the device and list position they came from
-    back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0, tiled=True)
-    return jnp.zeros((n_assign, d), back.dtype).at[pos.reshape(-1)].set(back.reshape(-1, d), mode="drop")
+    # combine: each assignment of this round takes its result row back from its destination's chunk
+    back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0, tiled=True).reshape(n_ep * chunk, *ys.shape[1:])
+    offset = jnp.arange(n_assign, dtype=jnp.int32) - starts[dest] - r * chunk  # position in this round's chunk
+    mine = (offset >= 0) & (offset < chunk)
+    slot = jnp.where(mine, dest * chunk + offset, 0)
+    return jnp.where(mine[:, None, None], back[slot], 0)
+
+
+def lane_rows(a: jax.Array) -> jax.Array:
+    """[n, d] -> [n, d / L, L] with L = 128 lanes where d allows (else L = d)."""
+    lanes = 128 if a.shape[-1] % 128 == 0 else a.shape[-1]
+    return a.reshape(a.shape[0], a.shape[-1] // lanes, lanes)

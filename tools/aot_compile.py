@@ -335,8 +335,8 @@ def _dispatch_round_cost(cfg: ModelConfig, mesh, kind: str, n_tok: int, shapes: 
     round_fn = partial(expert_parallel.dispatch_round, n_ep=n_ep, chunk=chunk, e_local=e // n_ep)
     forwards = 1 + int(cfg.remat) if kind == "train" else 1
 
-    def body(r, token, local, counts, starts, x, wg, wu, wd):
-        plan = (token, local, counts, starts)
+    def body(r, token, local, dest, counts, starts, x, wg, wu, wd):
+        plan = (token, local, dest, counts, starts)
         out = sum(jnp.sum(round_fn(r[0] + i + 1, plan, x, wg, wu, wd)) for i in range(forwards))
         if kind == "train":  # distinct round indices: XLA cannot merge the forwards
             y, vjp = jax.vjp(partial(round_fn, r[0], plan), x, wg, wu, wd)
@@ -351,6 +351,7 @@ def _dispatch_round_cost(cfg: ModelConfig, mesh, kind: str, n_tok: int, shapes: 
 
     args = (
         sds((mesh.size,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec(mesh.axis_names))),
+        rows(a),
         rows(a),
         rows(a),
         rows(n_ep),
