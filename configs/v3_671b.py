@@ -34,14 +34,16 @@ Expert-parallel dispatch (r1jax.expert_parallel): 4096 x 8 = 32768 assignments p
 Roofline: 6 x 37 B x 1.05 M tokens = 2.33e17 FLOPs (+ attention 6 x 61 x 4096 x 128 x 192+128 ... ~ 12%) over
     2048 x 459 TFLOP/s (v5p bf16 peak) = 0.25 s at 100% MFU.
 Compiled (``tools/aot_compile.py v3_671b --step train --reduced``: 2 of 61 layers, extrapolated; 1 dispatch round
-    expected): 19.2 GB per chip (20% of HBM). 2.59e14 FLOPs per chip, 2.3x the model's 1.12e14 (remat recompute,
+    expected): 19.1 GB per chip (20% of HBM). 2.59e14 FLOPs per chip, 2.3x the model's 1.12e14 (remat recompute,
     attention, the 25% slack rows): 0.56 s at peak, 43% MFU if FLOP-bound; 3.1e11 collective bytes, 0.52 s of ICI.
-    But XLA counts 1.2e13 bytes accessed per chip, 4.4 s at 2.765 TB/s (5.6% MFU), 84% of it in the dispatch
-    rounds: the row gathers and scatters that build the all-to-all buffers, sort rows by expert and put results
-    back cost ~9x their 587 MB each in XLA:TPU's model (a bf16 row is a sliver of its (8, 128) tiles); a 2 rounds
-    step would be 3.0%. Before the rounds (one worst-case all-to-all, 16x the rows) the same compile gave 65.7 GB
-    per chip, 6.1e15 FLOPs, 1.8% MFU by FLOPs alone. Next: fewer row moves per round (a ragged all-to-all that
-    lands rows grouped by expert; gathers in a [rows, d / 128, 128] layout cost 2x, not 9x).
+    But XLA counts 6.1e12 bytes accessed per chip, 2.2 s at 2.765 TB/s: 11% MFU (6.9% at 2 rounds). 61% of those
+    bytes are the dispatch rounds, 64 GB per layer: a forward round moves its 587 MB buffers ~10 times (gathers into
+    the all-to-all buffer, into expert order and back, back to the assignments, relayouts for the matmuls) and runs
+    3 times (forward, remat recompute, the backward's recompute), plus the transposes. The rest (0.9 s; not broken
+    down) includes XLA attention with [16, 4096, 4096] f32 scores per chip and layer. Before the rounds (one
+    worst-case all-to-all, 16x the rows) the same compile gave 65.7 GB per chip, 6.1e15 FLOPs, 1.8% MFU.
+    Next: the Pallas flash kernel for attention under shard_map, and fewer row moves per round (a ragged all-to-all
+    that lands rows grouped by expert).
 
 v6e (``v6e_1024``): one v6e-256 slice cannot hold the state (671 B x 16 B / 256 = 42 GB > 32 GB per chip), so four
 slices over DCN: 1024 chips, mesh fsdp 32 (spans the slices) x expert 8 x tensor 4.
@@ -52,6 +54,10 @@ slices over DCN: 1024 chips, mesh fsdp 32 (spans the slices) x expert 8 x tensor
     [8, 2560, 7168] bf16 = 294 MB each (send, receive, results, returned; the worst case was [8, 16384, 7168]).
     Roofline: 6 x 37 B x 524 k / (1024 x 918e12) = 0.12 s at 100% MFU; the fsdp all-gathers of each MoE layer's
     experts (11.3 B / 32 x 2 B = 0.7 GB per chip per pass) are what the step waits on.
+    Compiled (``v3_671b:v6e_1024 --step train --reduced``, 1 dispatch round expected): 23.0 GB per chip (72% of
+    HBM); 2.2e14 FLOPs per chip, 0.24 s at peak (51% MFU if FLOP-bound); 3.4e11 collective bytes, 0.75 s of ICI
+    (DCN not modelled); 4.9e12 bytes accessed, 3.0 s at 1.64 TB/s: 4.1% MFU (2.8% at 2 rounds), 47% of the bytes in
+    the dispatch rounds.
 """
 
 from __future__ import annotations
