@@ -20,8 +20,8 @@ Activations per sequence of T tokens on the chip that holds it (XLA attention, r
 v6e-8 (v6e:2x4, 8 x 32 GB; ``model``/``mesh``/``batch``): fsdp 8, one sequence per chip, 8 sequences per
     micro-batch, 4 micro-batches per 32-sequence GRPO mini-batch. State with bf16 moments (f32 master weights and
     gradients): 91.4 / 8 = 11.4 GB per chip; the gradient accumulator adds 3.8 GB. The compiled policy update
-    (``tools/aot_compile.py r1_distill_qwen_7b``: ``grpo.update_minibatch``) needs 27.1 GB per chip (85% of HBM) at
-    3072 tokens (512 prompt + 2560 completion); at 4096 tokens 29.2 GB (91%): over the 90% line.
+    (``tools/aot_compile.py r1_distill_qwen_7b``: ``grpo.update_minibatch``) needs 28.4 GB per chip (89% of HBM) at
+    3072 tokens (512 prompt + 2560 completion); at 4096 tokens it compiled to 29.2 GB (91%): over the 90% line.
 v5e-8 (8 x 16 GB) does not hold the 7B update: even with bf16 parameters, gradients and moments the compiled update
     needs 14.8-16.1 GB per chip (92-100%) for 1-2k-token sequences. Use v6e-8, v5p-8 or a v5e-16.
 H200 (``h200``, 141 GB, one GPU, memory arithmetic only: ``tools/aot_compile.py r1_distill_qwen_7b:h200``):
