@@ -127,9 +127,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations / matmuls
     param_dtype: str = "float32"
     attention_impl: AttentionImpl = AttentionImpl.XLA
-    remat: bool = (
-        False  # recompute each layer's forward in the backward pass (saved per layer: what remat_policy keeps)
-    )
+    remat: bool = False  # recompute each layer's forward in the backward pass, keeping what remat_policy names
     remat_policy: str = "full"  # with remat: "full" keeps the layer input only, "dots" also every matmul output
     # expert-parallel dispatch rounds carry dispatch_slack x the mean rows per destination (expert_parallel.chunk_rows)
     dispatch_slack: float = 1.25
