@@ -35,6 +35,7 @@ XLA all-gathers their fsdp shards before the layer and reduce-scatters their gra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
@@ -49,46 +50,87 @@ EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one MoE layer's routed experts and tokens split over a mesh.
+
+    ``group``: the mesh axes that split the experts (the rules table's ``experts`` noun), in shard order; the
+    all-to-alls run over them. ``split``: the group axes the tokens are replicated over (``tensor``: activations
+    are whole on it); each device takes its own 1/``split_size`` of the tokens, so no row is dispatched twice, and
+    the outputs are all-gathered over them after the combine. ``tokens``: tokens per device after that split
+    (padded to a multiple of ``split_size``; padding rows are never dispatched). ``ffw_split``: ``expert_ffw``
+    is split over ``tensor`` (only when ``tensor`` is not in the group): partial sums are ``psum``-ed.
+    """
+
+    group: tuple[str, ...]
+    split: tuple[str, ...]
+    n_shards: int
+    split_size: int
+    tokens: int
+    ffw_split: bool
+    tok_spec: PartitionSpec
+    gate_spec: PartitionSpec
+
+
+def layout(n_tok: int, n_exp: int, d: int, f: int, mesh) -> Layout | None:
+    """The expert-parallel layout of ``n_tok`` tokens and ``n_exp`` experts on ``mesh``, or None when the experts
+    are not split (no mesh, or no axis of the ``experts`` rule divides them)."""
+    if mesh is None:
+        return None
+    gate_spec = sharding.logical_to_spec(("experts", None, "expert_ffw"), (n_exp, d, f), mesh)
+    group = tuple(sharding.spec_axes(PartitionSpec(gate_spec[0])))
+    if not group:
+        return None
+    tok_spec = sharding.logical_to_spec(("batch", None), (n_tok, d), mesh)
+    split = tuple(a for a in group if a not in sharding.spec_axes(tok_spec))
+    split_size = math.prod(mesh.shape[a] for a in split)
+    t_l = n_tok // sharding.shard_count(tok_spec, mesh)
+    return Layout(
+        group=group,
+        split=split,
+        n_shards=math.prod(mesh.shape[a] for a in group),
+        split_size=split_size,
+        tokens=-(-t_l // split_size),
+        ffw_split=TENSOR_AXIS in sharding.spec_axes(PartitionSpec(gate_spec[2])),
+        tok_spec=tok_spec,
+        gate_spec=gate_spec,
+    )
+
+
 def enabled(n_experts: int) -> bool:
-    """True when a mesh is set whose ``expert`` axis splits ``n_experts``."""
-    mesh = sharding.current_mesh()
-    if mesh is None or EXPERT_AXIS not in mesh.axis_names:
-        return False
-    n_ep = mesh.shape[EXPERT_AXIS]
-    return n_ep > 1 and n_experts % n_ep == 0
+    """True when a mesh is set whose axes split ``n_experts`` (the rules table's ``experts`` noun)."""
+    return layout(1, n_experts, 1, 1, sharding.current_mesh()) is not None
 
 
 def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict, slack: float = 1.25) -> jax.Array:
     """Dropless SwiGLU experts for ``x[T, d]`` routed by ``idx[T, k]`` with gates ``weights[T, k]`` -> [T, d].
 
     Same contract as ``moe.routed_experts``; expert-parallel all-to-all dispatch in rounds of ``chunk_rows(...,
-    slack)`` rows per destination when ``enabled``.
+    slack)`` rows per destination when the mesh splits the experts (``layout``).
     """
-    n_exp = p["gate"].shape[0]
-    if not enabled(n_exp):
-        return moe.routed_experts(x, weights, idx, p)
+    (n_tok, d), (n_exp, _, f) = x.shape, p["gate"].shape
     mesh = sharding.current_mesh()
-    n_tok, d = x.shape
-    f = p["gate"].shape[-1]
-    tok_spec = sharding.logical_to_spec(("batch", None), (n_tok, d), mesh)
-    if EXPERT_AXIS not in sharding.spec_axes(tok_spec):  # tokens not split over expert shards: nothing to exchange
+    lay = layout(n_tok, n_exp, d, f, mesh)
+    if lay is None:
         return moe.routed_experts(x, weights, idx, p)
-    gate_spec = sharding.logical_to_spec(("experts", None, "expert_ffw"), (n_exp, d, f), mesh)
-    down_spec = PartitionSpec(gate_spec[0], gate_spec[2], None)
-    body = partial(
-        _dispatch_compute_combine,
-        n_exp=n_exp,
-        tensor_split=TENSOR_AXIS in sharding.spec_axes(gate_spec),
-        slack=slack,
-        axes=tuple(mesh.axis_names),
-    )
+    down_spec = PartitionSpec(lay.gate_spec[0], lay.gate_spec[2], None)
+    body = partial(_dispatch_compute_combine, n_exp=n_exp, lay=lay, slack=slack, axes=tuple(mesh.axis_names))
     fn = jax.shard_map(
         body,
-        in_specs=(tok_spec, tok_spec, tok_spec, gate_spec, gate_spec, down_spec),
-        out_specs=tok_spec,
+        in_specs=(lay.tok_spec, lay.tok_spec, lay.tok_spec, lay.gate_spec, lay.gate_spec, down_spec),
+        out_specs=lay.tok_spec,
         check_vma=False,  # TPU's grouped-matmul kernel (moe._group_outer) is a pallas_call without varying-axes types
     )
     return fn(x, weights, idx, p["gate"], p["up"], p["down"])
+
+
+def _my_tokens(lay: Layout, a: jax.Array, fill=0) -> jax.Array:
+    """This device's 1/``split_size`` of the rows of ``a`` (its tokens), after padding them with ``fill`` to
+    ``lay.tokens`` x ``split_size``."""
+    if not lay.split:
+        return a
+    a = jnp.pad(a, [(0, lay.tokens * lay.split_size - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+    return jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(lay.split) * lay.tokens, lay.tokens)
 
 
 def dispatch_capacity(tokens_per_shard: int, k: int, experts_per_shard: int) -> int:
@@ -162,49 +204,57 @@ def _sum_over_rounds_bwd(round_fn, res, ct):
 sum_over_rounds.defvjp(_sum_over_rounds_fwd, _sum_over_rounds_bwd)
 
 
-def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, *, n_exp, tensor_split, slack, axes):
+def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, *, n_exp, lay: Layout, slack, axes):
     """Per-device body: x[T_l, d], idx/weights [T_l, k]; experts [E_l, d, f_l] for this device's expert shard."""
-    n_tok, k = idx.shape
-    n_ep = jax.lax.axis_size(EXPERT_AXIS)
-    e_local = n_exp // n_ep
-    chunk = chunk_rows(n_tok, k, n_ep, e_local, slack)
+    n_in = x.shape[0]
+    n_tok, k = lay.tokens, idx.shape[1]
+    e_local = n_exp // lay.n_shards
+    chunk = chunk_rows(n_tok, k, lay.n_shards, e_local, slack)
     dt = x.dtype
+    xs, weights = _my_tokens(lay, x), _my_tokens(lay, weights)
+    idx = _my_tokens(lay, idx, fill=n_exp)  # padding tokens route to no expert: sorted last, sent nowhere
 
-    # 1. sort assignments by expert, hence by destination shard; every device runs the most rounds any device needs
+    # 1. sort assignments by expert, hence by destination shard (padding last, sent nowhere); every device runs the
+    # most rounds any device needs
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     expert = flat[order]
     dest = expert // e_local
-    counts = jnp.bincount(dest, length=n_ep).astype(jnp.int32)
+    counts = jnp.bincount(dest, length=lay.n_shards).astype(jnp.int32)
     n_rounds = jax.lax.pmax(dispatch_rounds(counts, chunk), axes)
     plan = (order // k, (expert % e_local).astype(jnp.int32), dest, counts, jnp.cumsum(counts) - counts)
 
     # 2-4. rounds of dispatch, grouped matmuls and combine (shard_map without varying-axes checks: the cotangents of
     # the weights shared over fsdp and of the tokens shared over tensor are summed once, at its boundary)
     rows = sum_over_rounds(
-        partial(dispatch_round, n_ep=n_ep, chunk=chunk, e_local=e_local),
+        partial(dispatch_round, n_ep=lay.n_shards, chunk=chunk, e_local=e_local, axis=lay.group),
         n_rounds,
         plan,
-        x,
+        xs,
         w_gate.astype(dt),
         w_up.astype(dt),
         w_down.astype(dt),
-    )  # [T_l * k, d / L, L], the result of each assignment in sorted order
+    )  # [T * k, d / L, L], the result of each assignment in sorted order
 
-    # 5. gates and the sum over each token's k experts
+    # 5. gates and the sum over each token's k experts; then the tokens of the split axes are gathered back
     gates = weights.reshape(-1)[order].astype(dt)
-    out = jnp.zeros((n_tok, *rows.shape[1:]), dt).at[plan[0]].add(rows * gates[:, None, None]).reshape(x.shape)
-    return jax.lax.psum(out, TENSOR_AXIS) if tensor_split else out
+    out = jnp.zeros((n_tok, *rows.shape[1:]), dt).at[plan[0]].add(rows * gates[:, None, None]).reshape(xs.shape)
+    if lay.ffw_split:
+        out = jax.lax.psum(out, TENSOR_AXIS)
+    if lay.split:
+        out = jax.lax.all_gather(out, lay.split, axis=0, tiled=True)[:n_in]
+    return out
 
 
-def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e_local: int) -> jax.Array:
+def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e_local: int, axis) -> jax.Array:
     """Round ``r`` on one device: each destination gets its assignments [r * chunk, (r + 1) * chunk); returns their
-    result rows at their positions in the sorted assignment list, [T_l * k, d / L, L] (``lane_rows``), zero elsewhere.
+    result rows at their positions in the sorted assignment list, [T * k, d / L, L] (``lane_rows``), zero elsewhere.
 
-    ``plan`` = (token [T_l * k]: the token of each sorted assignment, local [T_l * k]: its expert's index within its
-    shard, dest [T_l * k]: its expert shard, counts [n_ep]: assignments per destination, starts [n_ep]: where each
-    destination's run begins). Rows move as [d / L, L] blocks: a TPU moves a bf16 row of a [n, d] array as a sliver
-    of (8, 128) tiles (XLA:TPU counts a row gather ~9x its bytes), a [d / 128, 128] block as whole tiles (2x).
+    ``plan`` = (token [T * k]: the token of each sorted assignment, local [T * k]: its expert's index within its
+    shard, dest [T * k]: its expert shard (``n_ep`` for padding: sent nowhere), counts [n_ep]: assignments per
+    destination, starts [n_ep]: where each destination's run begins). ``axis``: the mesh axes of the all-to-alls
+    (``Layout.group``). Rows move as [d / L, L] blocks: a TPU moves a bf16 row of a [n, d] array as a sliver of
+    (8, 128) tiles (XLA:TPU counts a row gather ~9x its bytes), a [d / 128, 128] block as whole tiles (2x).
     """
     token, local, dest, counts, starts = plan
     n_assign, d = token.shape[0], x.shape[1]
@@ -216,8 +266,8 @@ def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e
     # dispatch [n_ep, chunk, d / L, L]; padding rows are zero and carry the sentinel local expert id e_local
     send = jnp.where(valid[..., None, None], x[token[safe]], 0)
     send_ids = jnp.where(valid, local[safe], e_local)
-    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True).reshape(n_ep * chunk, *x.shape[1:])
-    recv_ids = jax.lax.all_to_all(send_ids, EXPERT_AXIS, 0, 0, tiled=True).reshape(-1)
+    recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True).reshape(n_ep * chunk, *x.shape[1:])
+    recv_ids = jax.lax.all_to_all(send_ids, axis, 0, 0, tiled=True).reshape(-1)
 
     # grouped matmuls over this shard's experts, padding rows last (outside every group: they come out zero); rows are
     # put in expert order and back by gathers (a permutation and its inverse)
@@ -230,10 +280,11 @@ def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e
     y = ys[jnp.argsort(by_expert)].reshape(n_ep, chunk, *ys.shape[1:])
 
     # combine: each assignment of this round takes its result row back from its destination's chunk
-    back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0, tiled=True).reshape(n_ep * chunk, *ys.shape[1:])
-    offset = jnp.arange(n_assign, dtype=jnp.int32) - starts[dest] - r * chunk  # position in this round's chunk
-    mine = (offset >= 0) & (offset < chunk)
-    slot = jnp.where(mine, dest * chunk + offset, 0)
+    back = jax.lax.all_to_all(y, axis, 0, 0, tiled=True).reshape(n_ep * chunk, *ys.shape[1:])
+    to = jnp.minimum(dest, n_ep - 1)
+    offset = jnp.arange(n_assign, dtype=jnp.int32) - starts[to] - r * chunk  # position in this round's chunk
+    mine = (offset >= 0) & (offset < chunk) & (dest < n_ep)
+    slot = jnp.where(mine, to * chunk + offset, 0)
     return jnp.where(mine[:, None, None], back[slot], 0)
 
 

@@ -13,10 +13,12 @@ Mesh axes and what they mean here:
 - ``data``: pure data parallelism (parameters replicated).
 - ``fsdp``: data parallelism with parameters, gradients and optimizer state sharded over ``embed`` (and the LoRA ranks
   of MLA); XLA all-gathers weights before use and reduce-scatters their gradients.
-- ``tensor``: Megatron-style model parallelism over heads, ffw, expert ffw and vocab; activations are replicated over
-  it (batch is never split over ``tensor``).
-- ``expert``: expert parallelism: routed experts are split over it, and so is the batch; ``r1jax.expert_parallel``
-  moves tokens to their experts' devices with an explicit all-to-all.
+- ``tensor``: Megatron-style model parallelism over heads, ffw and vocab; activations are replicated over it (batch
+  is never split over ``tensor``). Routed experts are split over ``expert`` x ``tensor`` where that divides them
+  (else their ffw is split over ``tensor``).
+- ``expert``: expert parallelism: routed experts are split over it (and ``tensor``), and so is the batch;
+  ``r1jax.expert_parallel`` moves tokens to their experts' devices with an explicit all-to-all (each device of a
+  ``tensor`` group dispatching its own share of the group's tokens).
 
 Activations are constrained at block boundaries with ``constrain(x, ("batch", None, None))``; it is a no-op unless a
 mesh is set with ``jax.set_mesh`` (the mesh belongs to the caller, never to a config), so the same model code runs on
@@ -44,8 +46,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "q_lora": ("fsdp",),  # MLA q_b [q, h, n+p]: q is its only fsdp-able axis (q_a keeps fsdp on embed)
     "kv_lora": ("fsdp",),  # MLA kv_b [c, h, n+v]: likewise
     "ffw": ("tensor",),
-    "experts": ("expert",),
-    "expert_ffw": ("tensor",),
+    "experts": ("expert", "tensor"),  # expert parallelism over expert x tensor: each device holds whole experts
+    "expert_ffw": ("tensor",),  # only where tensor does not split the experts
 }
 
 # A parameter with at least this many elements must be sharded on a mesh with more than one device.

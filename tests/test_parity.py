@@ -118,7 +118,7 @@ def test_load_onto_mesh(tmp_path):
     params = model.param_dict()
     kv_b = params["moe_layers"]["attn"]["kv_b"]  # [layers, c, heads, n + v]: heads over tensor
     assert kv_b.addressable_shards[0].data.shape[2] == kv_b.shape[2] // 2
-    experts = params["moe_layers"]["mlp"]["experts"]["gate"]  # [layers, experts, d, f]: experts over expert
-    assert experts.addressable_shards[0].data.shape[1] == experts.shape[1] // 2
+    experts = params["moe_layers"]["mlp"]["experts"]["gate"]  # [layers, experts, d, f]: over expert x tensor
+    assert experts.addressable_shards[0].data.shape[1] == experts.shape[1] // 4
     tokens = np.random.RandomState(5).randint(3, 96, (2, 8))
     np.testing.assert_array_less(rel_err(model(tokens), hf_tiny.hf_logits(ref, tokens)), REL)

@@ -84,12 +84,18 @@ def test_sharded_equals_single_device(reference, model, mesh_name):
         np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6)
 
 
-def test_expert_weights_split_over_expert_axis():
+def test_expert_weights_split_over_expert_and_tensor_axes():
     mesh = sharding.make_mesh({"expert": 4, "fsdp": 2})
     spec = param_specs(V3)["moe_layers"]["mlp"]["experts"]["gate"]  # [L, e, d, f]
     assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, "expert", "fsdp", None)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, None, "fsdp", "tensor")
+    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, "tensor", "fsdp", None)
+    mesh = sharding.make_mesh({"expert": 4, "tensor": 2})  # 8 experts over 4 x 2 devices: whole experts
+    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, ("expert", "tensor"), None, None)
+    mesh = sharding.make_mesh({"expert": 2, "tensor": 4})
+    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, ("expert", "tensor"), None, None)
+    odd = ParamSpec((6, 32, 16), ("experts", "embed", "expert_ffw"))  # 6 experts: tensor 4 does not divide them
+    assert sharding.logical_to_spec(odd.axes, odd.shape, mesh) == PartitionSpec("expert", None, "tensor")
     batch = sharding.batch_sharding(sharding.make_mesh({"expert": 4, "fsdp": 2}), (8, 8)).spec
     assert batch == PartitionSpec(("fsdp", "expert"), None)
 
@@ -148,15 +154,17 @@ def test_constrain_is_identity_without_mesh():
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("fsdp", None, None)), 3)
 
 
-EP_CASES = {  # mesh, routing, slack -> the dispatch rounds the busiest device needs
+EP_CASES = {  # mesh, routing, slack -> the dispatch rounds the busiest device needs (, tokens if not 64)
     "e4f2": ({"expert": 4, "fsdp": 2}, "uniform", 2.0, 1),
-    "e4t2": ({"expert": 4, "tensor": 2}, "skewed", 1.25, 3),
+    "e4t2": ({"expert": 4, "tensor": 2}, "skewed", 1.25, 2),
     "e8": ({"expert": 8}, "skewed", 1.25, 2),
     "e2f2d2": ({"expert": 2, "fsdp": 2, "data": 2}, "skewed", 1.25, 2),
     "e4f2_rounds": ({"expert": 4, "fsdp": 2}, "uniform", 0.3, 5),
-    "e2t2f2_rounds": ({"expert": 2, "tensor": 2, "fsdp": 2}, "uniform", 0.3, 4),
+    "e2t2f2_rounds": ({"expert": 2, "tensor": 2, "fsdp": 2}, "uniform", 0.3, 5),
     "e4f2_one_expert": ({"expert": 4, "fsdp": 2}, "one_expert", 0.5, 4),
     "e8_one_expert": ({"expert": 8}, "one_expert", 0.25, 8),
+    "t8": ({"tensor": 8}, "uniform", 1.25, 2),  # experts over tensor alone: every device takes 1/8 of the tokens
+    "e4t2_padded": ({"expert": 4, "tensor": 2}, "skewed", 1.25, 2, 60),  # 15 tokens per expert shard, split 8 + 7
 }
 
 
@@ -174,8 +182,8 @@ def _routing(kind, key, n_tok, e, k):
 def test_expert_parallel_dispatch_equals_dropless_reference(case):
     from r1jax import expert_parallel, moe
 
-    mesh_shape, routing, slack, rounds = EP_CASES[case]
-    n_tok, d, f, e, k = 64, 16, 8, 8, 3
+    mesh_shape, routing, slack, rounds, *n_tok = EP_CASES[case]
+    n_tok, d, f, e, k = (n_tok or [64])[0], 16, 8, 8, 3
     keys = jax.random.split(jax.random.key(3), 5)
     x = jax.random.normal(keys[0], (n_tok, d))
     w, idx = _routing(routing, keys[1], n_tok, e, k)
@@ -203,10 +211,12 @@ def test_expert_parallel_dispatch_equals_dropless_reference(case):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # the rounds every device ran: one when slack covers the busiest destination, several when it does not
-    n_shards = sharding.shard_count(sharding.batch_sharding(mesh, (n_tok,)).spec, mesh)
-    n_ep, t_l = mesh.shape["expert"], n_tok // n_shards
+    lay = expert_parallel.layout(n_tok, e, d, f, mesh)
+    n_ep, t_l = lay.n_shards, lay.tokens
     chunk = expert_parallel.chunk_rows(t_l, k, n_ep, e // n_ep, slack)
-    dest = idx.reshape(n_shards, t_l * k) // (e // n_ep)
+    n_batch = sharding.shard_count(lay.tok_spec, mesh)  # token shards, each split into split_size slices
+    pad = ((0, 0), (0, t_l * lay.split_size - n_tok // n_batch), (0, 0))
+    dest = jnp.pad(idx.reshape(n_batch, -1, k), pad, constant_values=e).reshape(-1, t_l * k) // (e // n_ep)
     ran = max(int(expert_parallel.dispatch_rounds(jnp.bincount(row, length=n_ep), chunk)) for row in dest)
     assert ran == rounds, ran
 

@@ -270,17 +270,17 @@ def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq:
 def _dispatch_shapes(cfg: ModelConfig, mesh, n_tok: int) -> dict | None:
     """The expert-parallel dispatch of ``n_tok`` routed tokens on ``mesh`` (``r1jax.expert_parallel``), or None when
     the routed experts run without it."""
-    if not cfg.is_moe or mesh.shape.get(expert_parallel.EXPERT_AXIS, 1) <= 1:
+    if not cfg.is_moe:
         return None
-    n_ep = mesh.shape[expert_parallel.EXPERT_AXIS]
-    tok_spec = sharding.logical_to_spec(("batch", None), (n_tok, cfg.d_model), mesh)
-    if cfg.n_experts % n_ep or expert_parallel.EXPERT_AXIS not in sharding.spec_axes(tok_spec):
+    lay = expert_parallel.layout(n_tok, cfg.n_experts, cfg.d_model, cfg.moe_ffw, mesh)
+    if lay is None:
         return None
-    n_src = sharding.shard_count(tok_spec, mesh)
-    t_l, k, e_local = n_tok // n_src, cfg.experts_per_token, cfg.n_experts // n_ep
+    t_l, k, n_ep = lay.tokens, cfg.experts_per_token, lay.n_shards
+    e_local = cfg.n_experts // n_ep
     return {
+        "expert_axes": list(lay.group),
         "tokens_per_device": t_l,
-        "devices": n_src,
+        "devices": sharding.shard_count(lay.tok_spec, mesh) * lay.split_size,  # devices dispatching distinct tokens
         "expert_shards": n_ep,
         "slack": cfg.dispatch_slack,
         "chunk_rows": expert_parallel.chunk_rows(t_l, k, n_ep, e_local, cfg.dispatch_slack),
@@ -326,13 +326,12 @@ def _dispatch_round_cost(cfg: ModelConfig, mesh, kind: str, n_tok: int, shapes: 
     the remat recompute's and the backward loop's bodies (a round's forward under ``jax.vjp`` and its transpose);
     decode = one forward round."""
     d, e, f, k = cfg.d_model, cfg.n_experts, cfg.moe_ffw, cfg.experts_per_token
-    n_ep, chunk = shapes["expert_shards"], shapes["chunk_rows"]
+    lay = expert_parallel.layout(n_tok, e, d, f, mesh)
+    n_ep, chunk = lay.n_shards, shapes["chunk_rows"]
     dt = jnp.dtype(cfg.dtype)
-    tok_spec = sharding.logical_to_spec(("batch", None), (n_tok, d), mesh)
-    gate_spec = sharding.logical_to_spec(("experts", None, "expert_ffw"), (e, d, f), mesh)
-    down_spec = PartitionSpec(gate_spec[0], gate_spec[2], None)
-    row_spec = PartitionSpec(tok_spec[0])
-    round_fn = partial(expert_parallel.dispatch_round, n_ep=n_ep, chunk=chunk, e_local=e // n_ep)
+    down_spec = PartitionSpec(lay.gate_spec[0], lay.gate_spec[2], None)
+    everywhere = PartitionSpec(mesh.axis_names)  # per-device arrays: one block per device
+    round_fn = partial(expert_parallel.dispatch_round, n_ep=n_ep, chunk=chunk, e_local=e // n_ep, axis=lay.group)
     forwards = 1 + int(cfg.remat) if kind == "train" else 1
 
     def body(r, token, local, dest, counts, starts, x, wg, wu, wd):
@@ -343,26 +342,26 @@ def _dispatch_round_cost(cfg: ModelConfig, mesh, kind: str, n_tok: int, shapes: 
             out = out + sum(jnp.sum(c) for c in vjp(y))
         return out[None]
 
-    a, n_src = shapes["tokens_per_device"] * k, shapes["devices"]
+    a, n_dev = lay.tokens * k, mesh.size
     sds = jax.ShapeDtypeStruct
 
-    def rows(n, spec=row_spec, dtype=jnp.int32):
-        return sds((n_src * n,), dtype, sharding=NamedSharding(mesh, spec))
+    def rows(n, *dims, dtype=jnp.int32):
+        return sds((n_dev * n, *dims), dtype, sharding=NamedSharding(mesh, everywhere))
 
     args = (
-        sds((mesh.size,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec(mesh.axis_names))),
+        rows(1),
         rows(a),
         rows(a),
         rows(a),
         rows(n_ep),
         rows(n_ep),
-        sds((n_tok, d), dt, sharding=NamedSharding(mesh, tok_spec)),
-        sds((e, d, f), dt, sharding=NamedSharding(mesh, gate_spec)),
-        sds((e, d, f), dt, sharding=NamedSharding(mesh, gate_spec)),
+        rows(lay.tokens, d, dtype=dt),
+        sds((e, d, f), dt, sharding=NamedSharding(mesh, lay.gate_spec)),
+        sds((e, d, f), dt, sharding=NamedSharding(mesh, lay.gate_spec)),
         sds((e, f, d), dt, sharding=NamedSharding(mesh, down_spec)),
     )
     specs = tuple(a.sharding.spec for a in args)
-    fn = jax.shard_map(body, in_specs=specs, out_specs=PartitionSpec(mesh.axis_names), check_vma=False)
+    fn = jax.shard_map(body, in_specs=specs, out_specs=everywhere, check_vma=False)
     with jax.set_mesh(mesh):
         exe = jax.jit(fn).lower(*args).compile()
     cost = exe.cost_analysis() or {}
