@@ -90,10 +90,11 @@ def test_expert_weights_split_over_expert_and_tensor_axes():
     assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, "expert", "fsdp", None)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, "tensor", "fsdp", None)
-    mesh = sharding.make_mesh({"expert": 4, "tensor": 2})  # 8 experts over 4 x 2 devices: whole experts
-    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, ("expert", "tensor"), None, None)
+    whole_experts = PartitionSpec(None, ("expert", "tensor"), None, None)  # 8 experts over 8 devices
+    mesh = sharding.make_mesh({"expert": 4, "tensor": 2})
+    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == whole_experts
     mesh = sharding.make_mesh({"expert": 2, "tensor": 4})
-    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, ("expert", "tensor"), None, None)
+    assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == whole_experts
     odd = ParamSpec((6, 32, 16), ("experts", "embed", "expert_ffw"))  # 6 experts: tensor 4 does not divide them
     assert sharding.logical_to_spec(odd.axes, odd.shape, mesh) == PartitionSpec("expert", None, "tensor")
     batch = sharding.batch_sharding(sharding.make_mesh({"expert": 4, "fsdp": 2}), (8, 8)).spec
