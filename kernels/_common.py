@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -16,6 +18,21 @@ def resolve_interpret(interpret: bool | None) -> bool:
     if interpret is None:
         return jax.default_backend() == "cpu"
     return bool(interpret)
+
+
+def per_platform(run, *args):
+    """``run(*args, interpret=..., kind=...)`` with the kernel chosen when the program is lowered, not when it is
+    traced: the TPU kernel interpreted on CPU, compiled by Mosaic on TPU, the Triton kernel on GPU. A program traced on
+    a CPU host and compiled for a TPU topology (``tools/aot_compile.py``) thus gets the Mosaic kernels; only the
+    lowering platform's branch is lowered."""
+    gpu = partial(run, interpret=False, kind="gpu")
+    return jax.lax.platform_dependent(
+        *args,
+        cpu=partial(run, interpret=True, kind="tpu"),
+        cuda=gpu,
+        rocm=gpu,
+        default=partial(run, interpret=False, kind="tpu"),
+    )
 
 
 def resolve_kind(kind: str | None, interpret: bool) -> str:

@@ -43,6 +43,7 @@ from ._common import (
     NUM_SUBLANES,
     next_pow2,
     pad_axis,
+    per_platform,
     pick_num_stages,
     pow2_chunks,
     resolve_interpret,
@@ -1014,25 +1015,17 @@ def flash_attention(
       segment_ids: int32 `[b, t]` (self-attention) or `(q_segment_ids [b, t], kv_segment_ids [b, s])`;
         negative ids are padding.
       sm_scale: softmax scale, default `1 / sqrt(d_qk)`.
-      interpret: None = interpret on CPU, compile on TPU/GPU.
+      interpret: None = interpret on CPU, compile on TPU/GPU (with `kind` None too: chosen per lowering platform).
       block_sizes: tile sizes; default per backend (`BlockSizes.default`).
-      kind: force the "tpu" (Mosaic) or "gpu" (Triton) kernels; default from the backend.
+      kind: force the "tpu" (Mosaic) or "gpu" (Triton) kernels; default from the platform.
     Returns:
       `[b, t, h, d_v]` in q's dtype.
     """
+    run = functools.partial(_flash_attention, causal=causal, sm_scale=sm_scale, block_sizes=block_sizes)
+    if interpret is None and kind is None:
+        return per_platform(run, q, k, v, segment_ids)
     interp = resolve_interpret(interpret)
-    kind_ = resolve_kind(kind, interp)
-    return _flash_attention(
-        q,
-        k,
-        v,
-        segment_ids,
-        causal=causal,
-        sm_scale=sm_scale,
-        interpret=interp,
-        block_sizes=block_sizes,
-        kind=kind_,
-    )
+    return run(q, k, v, segment_ids, interpret=interp, kind=resolve_kind(kind, interp))
 
 
 def flash_attention_reference(

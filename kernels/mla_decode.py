@@ -38,6 +38,7 @@ from ._common import (
     NUM_LANES,
     next_pow2,
     pad_axis,
+    per_platform,
     pick_num_stages,
     resolve_interpret,
     resolve_kind,
@@ -343,19 +344,12 @@ def mla_decode(
 
     Sequence b attends to cache positions `[starts[b], lengths[b])`; `starts=None` means 0.
     """
+    run = functools.partial(_mla_decode, sm_scale=float(sm_scale), block_sizes=block_sizes)
+    args = (q_latent, q_rope, latent_cache, rope_cache, lengths, starts)
+    if interpret is None and kind is None:
+        return per_platform(run, *args)
     interp = resolve_interpret(interpret)
-    return _mla_decode(
-        q_latent,
-        q_rope,
-        latent_cache,
-        rope_cache,
-        lengths,
-        starts,
-        sm_scale=float(sm_scale),
-        interpret=interp,
-        block_sizes=block_sizes,
-        kind=resolve_kind(kind, interp),
-    )
+    return run(*args, interpret=interp, kind=resolve_kind(kind, interp))
 
 
 def mla_decode_reference(

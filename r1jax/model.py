@@ -323,10 +323,37 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     return jnp.einsum("bgrts,bsgv->btgrv", probs, v).reshape(b, t, h, v.shape[-1])
 
 
+def on_mesh(kernel: Callable, args: tuple, axes: tuple, out_axes: tuple) -> jax.Array:
+    """``kernel(*args)`` under ``shard_map`` over the current mesh, each argument split by its logical ``axes``
+    (None: replicated), so a Pallas kernel (which XLA cannot partition) runs on each device's shard; without a mesh,
+    just the call."""
+    mesh = sharding.current_mesh()
+    if mesh is None:
+        return kernel(*args)
+
+    def spec(a, ax):
+        return None if a is None else sharding.logical_to_spec(ax, a.shape, mesh)
+
+    in_specs = tuple(spec(a, ax) for a, ax in zip(args, axes, strict=True))
+    out_spec = spec(jax.eval_shape(kernel, *args), out_axes)
+    return jax.shard_map(kernel, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+
+
 def _flash(q, k, v, segment_ids, scale):
+    """The Pallas flash kernel; on a mesh per device, batch over the data axes and heads over ``tensor``."""
     from r1jax.kernels import flash_attention
 
-    return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=scale)
+    mesh = sharding.current_mesh()
+    heads = ("batch", None, "heads", None)
+    if mesh is not None and sharding.logical_to_spec(heads, q.shape, mesh) != sharding.logical_to_spec(
+        ("batch", None, "kv_heads", None), k.shape, mesh
+    ):  # kv heads split unlike the query heads: one kv head per query head
+        k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
+
+    def kernel(q, k, v, segment_ids):
+        return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=scale)
+
+    return on_mesh(kernel, (q, k, v, segment_ids), (heads, heads, heads, ("batch", None)), heads)
 
 
 def self_attention(q, k, v, positions: jax.Array, segment_ids, cfg: ModelConfig) -> jax.Array:
@@ -381,9 +408,13 @@ def _mla_decode_step(q_lat, q_rope, lat_cache, rope_cache, slots, valid_k, cfg: 
 
     lengths = slots[:, 0].astype(jnp.int32) + 1
     starts = jnp.where(valid_k.any(axis=1), jnp.argmax(valid_k, axis=1).astype(jnp.int32), lengths)
-    out = mla_decode(
-        q_lat[:, 0], q_rope[:, 0], lat_cache, rope_cache, lengths, starts=starts, sm_scale=softmax_scale(cfg)
-    )
+
+    def kernel(q_lat, q_rope, lat_cache, rope_cache, lengths, starts):
+        return mla_decode(q_lat, q_rope, lat_cache, rope_cache, lengths, starts=starts, sm_scale=softmax_scale(cfg))
+
+    q_axes, cache_axes = ("batch", "heads", None), ("batch", None, None)
+    args = (q_lat[:, 0], q_rope[:, 0], lat_cache, rope_cache, lengths, starts)
+    out = on_mesh(kernel, args, (q_axes, q_axes, cache_axes, cache_axes, ("batch",), ("batch",)), q_axes)
     return out[:, None]
 
 
