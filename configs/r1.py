@@ -51,9 +51,10 @@ def r1() -> TrainConfig:
 
 
 def training_model(hf_config: dict, **overrides) -> ModelConfig:
-    """A HF ``config.json`` in training precision: f32 parameters, bf16 matmuls, remat per layer."""
+    """A HF ``config.json`` in training precision: f32 parameters, bf16 matmuls, remat per layer, the Pallas flash
+    attention kernel (no [t, t] score matrix in HBM)."""
     return config_from_hf(hf_config).replace(
-        **{"dtype": "bfloat16", "param_dtype": "float32", "remat": True, **overrides}
+        **{"dtype": "bfloat16", "param_dtype": "float32", "remat": True, "attention_impl": "pallas", **overrides}
     )
 
 

@@ -72,19 +72,24 @@ class Layout:
     gate_spec: PartitionSpec
 
 
-def layout(n_tok: int, n_exp: int, d: int, f: int, mesh) -> Layout | None:
-    """The expert-parallel layout of ``n_tok`` tokens and ``n_exp`` experts on ``mesh``, or None when the experts
-    are not split (no mesh, or no axis of the ``experts`` rule divides them)."""
+TOKEN_AXES = {1: ("batch",), 2: ("batch", "seq")}  # tokens [T] or [b, t]: their logical axes
+
+
+def layout(tokens: int | tuple[int, ...], n_exp: int, d: int, f: int, mesh) -> Layout | None:
+    """The expert-parallel layout of ``tokens`` (a count T, or the shape (b, t) of a sequence-parallel batch) and
+    ``n_exp`` experts on ``mesh``, or None when the experts are not split (no mesh, or no axis of the ``experts``
+    rule divides them)."""
     if mesh is None:
         return None
+    lead = (tokens,) if isinstance(tokens, int) else tuple(tokens)
     gate_spec = sharding.logical_to_spec(("experts", None, "expert_ffw"), (n_exp, d, f), mesh)
     group = tuple(sharding.spec_axes(PartitionSpec(gate_spec[0])))
     if not group:
         return None
-    tok_spec = sharding.logical_to_spec(("batch", None), (n_tok, d), mesh)
+    tok_spec = sharding.logical_to_spec((*TOKEN_AXES[len(lead)], None), (*lead, d), mesh)
     split = tuple(a for a in group if a not in sharding.spec_axes(tok_spec))
     split_size = math.prod(mesh.shape[a] for a in split)
-    t_l = n_tok // sharding.shard_count(tok_spec, mesh)
+    t_l = math.prod(lead) // sharding.shard_count(tok_spec, mesh)
     return Layout(
         group=group,
         split=split,
@@ -103,18 +108,25 @@ def enabled(n_experts: int) -> bool:
 
 
 def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict, slack: float = 1.25) -> jax.Array:
-    """Dropless SwiGLU experts for ``x[T, d]`` routed by ``idx[T, k]`` with gates ``weights[T, k]`` -> [T, d].
+    """Dropless SwiGLU experts for ``x[T, d]`` (or ``[b, t, d]``) routed by ``idx[..., k]`` with gates
+    ``weights[..., k]`` -> ``x.shape``.
 
     Same contract as ``moe.routed_experts``; expert-parallel all-to-all dispatch in rounds of ``chunk_rows(...,
     slack)`` rows per destination when the mesh splits the experts (``layout``).
     """
-    (n_tok, d), (n_exp, _, f) = x.shape, p["gate"].shape
+    (d, k), (n_exp, _, f) = (x.shape[-1], idx.shape[-1]), p["gate"].shape
     mesh = sharding.current_mesh()
-    lay = layout(n_tok, n_exp, d, f, mesh)
+    lay = layout(x.shape[:-1], n_exp, d, f, mesh)
     if lay is None:
-        return moe.routed_experts(x, weights, idx, p)
+        flat = (x.reshape(-1, d), weights.reshape(-1, k), idx.reshape(-1, k))
+        return moe.routed_experts(*flat, p).reshape(x.shape)
     down_spec = PartitionSpec(lay.gate_spec[0], lay.gate_spec[2], None)
-    body = partial(_dispatch_compute_combine, n_exp=n_exp, lay=lay, slack=slack, axes=tuple(mesh.axis_names))
+    per_device = partial(_dispatch_compute_combine, n_exp=n_exp, lay=lay, slack=slack, axes=tuple(mesh.axis_names))
+
+    def body(x, weights, idx, *w):  # the device's tokens as rows
+        flat = (x.reshape(-1, d), weights.reshape(-1, k), idx.reshape(-1, k))
+        return per_device(*flat, *w).reshape(x.shape)
+
     fn = jax.shard_map(
         body,
         in_specs=(lay.tok_spec, lay.tok_spec, lay.tok_spec, lay.gate_spec, lay.gate_spec, down_spec),

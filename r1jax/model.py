@@ -38,6 +38,7 @@ from r1jax.config import AttentionImpl, ModelConfig, RopeConfig, RopeType
 
 Params = dict[str, Any]
 LAYER_STACKS = {"dense_layers": False, "moe_layers": True}  # stack name -> MoE blocks; run in this order
+RESIDUAL = ("batch", "seq", None)  # the residual stream's logical axes (sequence parallel over tensor on a mesh)
 # ModelConfig.remat_policy -> what a rematerialised layer saves for its backward pass besides its input. "dots": the
 # matmul outputs, so the backward recomputes only norms, activations and softmaxes; on CPU this also beats saving
 # everything (no remat), whose scanned residual stacks XLA:CPU zero-fills, writes and re-slices.
@@ -498,11 +499,8 @@ def moe_layer(
     p: Params, x: jax.Array, cfg: ModelConfig, load_mask: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """DeepSeekMoE: routed experts (dropless) plus shared experts. Returns (y, expert load f32[e])."""
-    b, t, d = x.shape
-    xt = x.reshape(b * t, d)
-    weights, idx = moe.route(xt, p["router"], p["router_bias"], cfg)
-    y = expert_parallel.routed_experts(xt, weights, idx, p["experts"], cfg.dispatch_slack)
-    y = y.reshape(b, t, d).astype(x.dtype)
+    weights, idx = jax.vmap(lambda xb: moe.route(xb, p["router"], p["router_bias"], cfg))(x)  # [b, t, k]
+    y = expert_parallel.routed_experts(x, weights, idx, p["experts"], cfg.dispatch_slack).astype(x.dtype)
     if "shared" in p:
         y = y + mlp(p["shared"], x)
     return y, moe.expert_load(idx, cfg.n_experts, None if load_mask is None else load_mask.reshape(-1))
@@ -518,7 +516,8 @@ def _ffn(p: Params, h: jax.Array, cfg: ModelConfig, moe_block: bool, load_mask=N
 def block(p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe_block: bool, load_mask=None):
     """Pre-norm residual block without a cache. Returns (x, expert load over the tokens in ``load_mask``)."""
     attn = mla_attention if cfg.is_mla else gqa_attention
-    x = x + attn(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, segment_ids, cfg)
+    a = attn(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, segment_ids, cfg)
+    x = sharding.constrain(x + a, RESIDUAL)
     y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block, load_mask)
     return x + y, load
 
@@ -566,7 +565,7 @@ def _scan_stack(fn: Callable, x: jax.Array, stacked: Params, cfg: ModelConfig, x
     def step(carry, xs):
         lp, extra = xs
         carry, ys = body(lp, carry, extra)
-        return sharding.constrain(carry, ("batch", None, None)), ys
+        return sharding.constrain(carry, RESIDUAL), ys
 
     return jax.lax.scan(step, x, (stacked, xs_extra))
 
@@ -591,7 +590,7 @@ def forward(
     """
     b, t = tokens.shape
     dt = jnp.dtype(cfg.dtype)
-    x = sharding.constrain(params["embed"].astype(dt)[tokens], ("batch", None, None))
+    x = sharding.constrain(params["embed"].astype(dt)[tokens], RESIDUAL)
     aux: dict = {}
     if cache is None:
         if positions is None:

@@ -13,16 +13,18 @@ Mesh axes and what they mean here:
 - ``data``: pure data parallelism (parameters replicated).
 - ``fsdp``: data parallelism with parameters, gradients and optimizer state sharded over ``embed`` (and the LoRA ranks
   of MLA); XLA all-gathers weights before use and reduce-scatters their gradients.
-- ``tensor``: Megatron-style model parallelism over heads, ffw and vocab; activations are replicated over it (batch
-  is never split over ``tensor``). Routed experts are split over ``expert`` x ``tensor`` where that divides them
+- ``tensor``: Megatron-style model parallelism over heads, ffw and vocab; between blocks the sequence is split over it
+  (batch is never split over ``tensor``). Routed experts are split over ``expert`` x ``tensor`` where that divides them
   (else their ffw is split over ``tensor``).
 - ``expert``: expert parallelism: routed experts are split over it (and ``tensor``), and so is the batch;
   ``r1jax.expert_parallel`` moves tokens to their experts' devices with an explicit all-to-all (each device of a
   ``tensor`` group dispatching its own share of the group's tokens).
 
-Activations are constrained at block boundaries with ``constrain(x, ("batch", None, None))``; it is a no-op unless a
-mesh is set with ``jax.set_mesh`` (the mesh belongs to the caller, never to a config), so the same model code runs on
-one device.
+Activations are constrained at block boundaries with ``constrain(x, ("batch", "seq", None))``: the residual stream
+is split over the data axes by batch and over ``tensor`` by sequence (Megatron sequence parallelism: norms, residual
+adds and the routed experts' tokens are not repeated on every device of a tensor group; XLA all-gathers the sequence
+before the tensor-parallel projections and reduce-scatters after them). ``constrain`` is a no-op unless a mesh is set
+with ``jax.set_mesh`` (the mesh belongs to the caller, never to a config), so the same model code runs on one device.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # noun -> mesh axes (in order of preference); the ONE table.
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),  # activations: every data-like axis; never "tensor"
+    "seq": ("tensor",),  # the residual stream between blocks: sequence parallelism over tensor
     "layers": (),  # the scan axis stays whole: each step reads one layer
     "vocab": ("tensor",),
     "embed": ("fsdp",),
