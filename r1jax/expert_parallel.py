@@ -1,36 +1,43 @@
-"""Expert parallelism: routed experts split over the ``expert`` mesh axis, tokens moved to them by all-to-all in rounds.
+"""Expert parallelism: routed experts split over mesh axes, tokens moved to them by all-to-all in rounds.
 
-``routed_experts`` is a drop-in for ``r1jax.moe.routed_experts``. Without a mesh (or with ``expert`` of size 1) it
-is that function; under ``jax.set_mesh`` with ``expert > 1`` it runs inside ``jax.shard_map`` over the whole mesh:
+``routed_experts`` is a drop-in for ``r1jax.moe.routed_experts``. Without a mesh (or when no mesh axis splits the
+experts) it is that function; under ``jax.set_mesh`` it runs inside ``jax.shard_map`` over the whole mesh. Which axes
+split the experts is the rules table's ``experts`` noun: ``expert`` x ``tensor`` where that divides them, so every
+device holds whole experts (V3 on 2048 chips: 256 experts over expert 16 x tensor 8, two per chip) and the ``tensor``
+axis is used as expert parallelism, not to split each expert's ffw (which would make every device of a tensor group
+move all the group's tokens and psum [T, d] partial sums). ``Layout`` says how one layer splits:
 
-1. every device routes its own tokens (batch is split over ``data``/``fsdp``/``expert``) and sorts its T_l * k
-   assignments by expert, hence by destination shard (expert // experts_per_shard);
-2. **dispatch in rounds** of C = ``chunk_rows`` = ceil(T_l * k / n_shards x slack) rows per destination: round r
+1. every device takes its own tokens: the batch is split over ``data``/``fsdp``/``expert`` and, sequence parallel,
+   over ``tensor`` (``model.RESIDUAL``); tokens still replicated over an axis of the group (e.g. a decode step of
+   one token) are split locally (``Layout.split``, padded; padding routes nowhere) and all-gathered afterwards;
+2. it sorts its T_l * k assignments by expert, hence by destination shard (expert // experts_per_shard);
+3. **dispatch in rounds** of C = ``chunk_rows`` = ceil(T_l * k / n_shards x slack) rows per destination: round r
    sends each destination its assignments [r C, (r + 1) C) (token rows + local expert ids; rows past the
    destination's count are padding with the sentinel local expert id) in one ``all_to_all`` of [n_shards, C, d];
-3. the receiving device sorts what it got by local expert and runs the SwiGLU experts as grouped matmuls
+4. the receiving device sorts what it got by local expert and runs the SwiGLU experts as grouped matmuls
    (``moe.grouped_matmul``), padding rows last and outside every group (they come out zero);
-4. **combine**: the reverse ``all_to_all`` returns each result row to the device and list position it came from;
-   after the last round each row is weighted by its gate and added into its token; with ``expert_ffw`` split over
-   ``tensor`` the partial sums are ``psum``-ed over ``tensor`` once, on the [T_l, d] output.
+5. **combine**: the reverse ``all_to_all`` returns each result row to the device and list position it came from;
+   after the last round each row is weighted by its gate and added into its token (with ``expert_ffw`` split over
+   ``tensor``, where ``tensor`` does not divide the experts, the partial sums are ``psum``-ed once).
 
 Dropless, capacity-free: rounds continue until every assignment is sent. The round count R is the most any
 (source, destination) pair needs, ``dispatch_rounds`` = max ceil(count / C), made equal on every device by a
-``pmax`` over the mesh (the collectives in the loop must match). Under balanced routing — what DeepSeek-V3's
-auxiliary-loss-free bias balancing steers towards — R is 1 (``slack`` covers the spread of the busiest pair); a skewed
-batch costs more rounds, never dropped tokens. The buffers of a round are [n_shards, C, d], n_shards x C ~= T_l x k x
-slack rows, where one all-to-all of the worst case, ``dispatch_capacity`` = T_l x min(k, experts_per_shard) rows per
-destination, is n_shards x T_l x min(k, experts_per_shard): 16 x larger for V3 on 16 expert shards.
-``jax.lax.ragged_all_to_all`` would send only the filled rows, but XLA:CPU (jax 0.10.2) does not implement it
-("HLO opcode ragged-all-to-all is not supported"), so the tested path is this padded one.
+``pmax`` over the mesh (the collectives in the loop must match). ``slack`` should cover the busiest pair of balanced
+routing — what DeepSeek-V3's auxiliary-loss-free bias balancing steers towards — so R is 1; a skewed batch costs more
+rounds, never dropped tokens. The buffers of a round are [n_shards, C, d], n_shards x C ~= T_l x k x slack rows,
+where one all-to-all of the worst case, ``dispatch_capacity`` = T_l x min(k, experts_per_shard) rows per
+destination, is n_shards x T_l x min(k, experts_per_shard). ``jax.lax.ragged_all_to_all`` would send only the filled
+rows (and size the buffers by what a destination receives in all, whose spread is far smaller than a pair's), but
+XLA:CPU (jax 0.10.2) does not implement it ("HLO opcode ragged-all-to-all is not supported"), so the tested path is
+this padded one.
 
 The rounds are a ``while_loop`` with a data-dependent trip count, which reverse-mode cannot differentiate:
 ``sum_over_rounds`` gives it a custom VJP whose backward is a second loop over the same rounds, recomputing each
 under ``jax.vjp`` (the all-to-alls transpose to all-to-alls). XLA counts a loop body once in its cost analysis, so a
 compiled program's FLOPs and collective bytes hold one round (``tools/aot_compile.py`` scales them by an expected R).
 
-Expert weights enter the shard_map split over ``expert`` (and ``tensor`` on expert_ffw) but whole along ``embed``:
-XLA all-gathers their fsdp shards before the layer and reduce-scatters their gradients after it, as FSDP does.
+Expert weights enter the shard_map split over the group but whole along ``embed``: XLA all-gathers their fsdp shards
+before the layer and reduce-scatters their gradients after it, as FSDP does.
 """
 
 from __future__ import annotations

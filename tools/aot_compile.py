@@ -267,12 +267,12 @@ def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq:
     return float(cost.get("flops", 0.0)), collective_bytes(exe.as_text()), float(cost.get("bytes accessed", 0.0))
 
 
-def _dispatch_shapes(cfg: ModelConfig, mesh, n_tok: int) -> dict | None:
-    """The expert-parallel dispatch of ``n_tok`` routed tokens on ``mesh`` (``r1jax.expert_parallel``), or None when
-    the routed experts run without it."""
+def _dispatch_shapes(cfg: ModelConfig, mesh, tokens: tuple[int, int]) -> dict | None:
+    """The expert-parallel dispatch of a [b, t] batch of routed tokens on ``mesh`` (``r1jax.expert_parallel``), or
+    None when the routed experts run without it."""
     if not cfg.is_moe:
         return None
-    lay = expert_parallel.layout(n_tok, cfg.n_experts, cfg.d_model, cfg.moe_ffw, mesh)
+    lay = expert_parallel.layout(tokens, cfg.n_experts, cfg.d_model, cfg.moe_ffw, mesh)
     if lay is None:
         return None
     t_l, k, n_ep = lay.tokens, cfg.experts_per_token, lay.n_shards
@@ -320,13 +320,15 @@ def expected_rounds(cfg: ModelConfig, shapes: dict, trials: int = 4, seed: int =
     }
 
 
-def _dispatch_round_cost(cfg: ModelConfig, mesh, kind: str, n_tok: int, shapes: dict) -> tuple[float, float, float]:
+def _dispatch_round_cost(
+    cfg: ModelConfig, mesh, kind: str, tokens: tuple[int, int], shapes: dict
+) -> tuple[float, float, float]:
     """FLOPs, collective bytes and bytes accessed of the dispatch rounds one MoE layer runs per extra round
     (``r1jax.expert_parallel.dispatch_round``, compiled alone at the layer's shapes): train = the forward loop's,
     the remat recompute's and the backward loop's bodies (a round's forward under ``jax.vjp`` and its transpose);
     decode = one forward round."""
     d, e, f, k = cfg.d_model, cfg.n_experts, cfg.moe_ffw, cfg.experts_per_token
-    lay = expert_parallel.layout(n_tok, e, d, f, mesh)
+    lay = expert_parallel.layout(tokens, e, d, f, mesh)
     n_ep, chunk = lay.n_shards, shapes["chunk_rows"]
     dt = jnp.dtype(cfg.dtype)
     down_spec = PartitionSpec(lay.gate_spec[0], lay.gate_spec[2], None)
@@ -490,12 +492,12 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
             extra_bytes += (n_full - n_compiled) * per_layer
     total += extra_bytes
     # expert-parallel dispatch: XLA counts the rounds loop once; the step runs R rounds per MoE layer
-    dispatch = _dispatch_shapes(cfg, mesh, b * (t if kind == "train" else 1))  # the routed tokens of one layer
+    tokens = (b, t if kind == "train" else 1)  # the routed tokens of one layer
+    dispatch = _dispatch_shapes(cfg, mesh, tokens)
     per_round = (0.0, 0.0, 0.0)
     if dispatch is not None:
         dispatch.update(expected_rounds(cfg, dispatch))
-        n_tok = b * (t if kind == "train" else 1)
-        per_round = tuple(cfg.n_moe_layers * c for c in _dispatch_round_cost(cfg, mesh, kind, n_tok, dispatch))
+        per_round = tuple(cfg.n_moe_layers * c for c in _dispatch_round_cost(cfg, mesh, kind, tokens, dispatch))
         keys = ("round_flops_per_device", "round_collective_bytes_per_device", "round_bytes_accessed_per_device")
         dispatch.update(zip(keys, per_round, strict=True))
         dispatch["round_cost_method"] = (
