@@ -630,7 +630,9 @@ def _cached_step(lp, h, lc, positions, slots, valid_k, cfg, is_moe, load_mask):
 
 
 def logits_from_hidden(params: Params, x: jax.Array, cfg: ModelConfig, norm: jax.Array | None = None) -> jax.Array:
-    """Final norm and output head (tied to the embedding when ``tie_embeddings``) -> f32 logits."""
+    """Final norm and output head (tied to the embedding when ``tie_embeddings``) -> f32 logits. On a mesh the
+    sequence is gathered first: the head is split over ``vocab`` (``tensor``), the sequence no longer."""
+    x = sharding.constrain(x, ("batch", None, None))
     x = rms_norm(x, params["final_norm"] if norm is None else norm, cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     logits = linear(x, head, out_dtype=jnp.float32)
