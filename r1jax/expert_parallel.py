@@ -49,6 +49,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from r1jax import moe, sharding
@@ -127,20 +128,145 @@ def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict, sl
     if lay is None:
         flat = (x.reshape(-1, d), weights.reshape(-1, k), idx.reshape(-1, k))
         return moe.routed_experts(*flat, p).reshape(x.shape)
-    down_spec = PartitionSpec(lay.gate_spec[0], lay.gate_spec[2], None)
-    per_device = partial(_dispatch_compute_combine, n_exp=n_exp, lay=lay, slack=slack, axes=tuple(mesh.axis_names))
+    plan = _Static(lay, n_exp, slack)
+    return _expert_parallel(plan, x, weights, idx, p["gate"], p["up"], p["down"])
 
-    def body(x, weights, idx, *w):  # the device's tokens as rows
-        flat = (x.reshape(-1, d), weights.reshape(-1, k), idx.reshape(-1, k))
-        return per_device(*flat, *w).reshape(x.shape)
 
-    fn = jax.shard_map(
-        body,
-        in_specs=(lay.tok_spec, lay.tok_spec, lay.tok_spec, lay.gate_spec, lay.gate_spec, down_spec),
-        out_specs=lay.tok_spec,
-        check_vma=False,  # TPU's grouped-matmul kernel (moe._group_outer) is a pallas_call without varying-axes types
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What the expert-parallel call fixes at trace time (hashable: a ``custom_vjp`` non-differentiable argument)."""
+
+    lay: Layout
+    n_exp: int
+    slack: float
+
+    def specs(self) -> tuple[PartitionSpec, ...]:
+        """in_specs of (x, weights, idx, gate, up, down)."""
+        tok, gate = self.lay.tok_spec, self.lay.gate_spec
+        return (tok, tok, tok, gate, gate, PartitionSpec(gate[0], gate[2], None))
+
+    @property
+    def e_local(self) -> int:
+        return self.n_exp // self.lay.n_shards
+
+
+EXPERT_ROWS = "expert_rows"  # checkpoint name of the expert-parallel residual (the per-assignment expert outputs)
+_PER_DEVICE = {"check_vma": False}  # moe._group_outer's TPU kernel is a pallas_call without varying-axes types
+
+
+def _replicated_over(spec: PartitionSpec) -> tuple[str, ...]:
+    return tuple(a for a in sharding.current_mesh().axis_names if a not in sharding.spec_axes(spec))
+
+
+def _every_device() -> PartitionSpec:
+    """A per-device array's spec: the leading axis split over every mesh axis."""
+    return PartitionSpec(tuple(sharding.current_mesh().axis_names))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _expert_parallel(plan: _Static, x, weights, idx, w_gate, w_up, w_down):
+    """The routed experts under ``shard_map``. Custom VJP: the residuals are the inputs and each device's expert
+    output rows (``EXPERT_ROWS``, [T_l x k, d] per device; the model's remat policies keep them), so a layer's remat
+    recompute drops the forward's dispatch rounds, and the backward runs one loop of rounds (``sum_over_rounds``'s
+    backward) without a forward loop: the rounds run twice per step, not four times."""
+    return _forward_rows(plan, x, weights, idx, w_gate, w_up, w_down)[0]
+
+
+def _forward_rows(plan: _Static, *args):
+    out_specs = (plan.lay.tok_spec, _every_device())
+    fn = jax.shard_map(partial(_device_forward, plan), in_specs=plan.specs(), out_specs=out_specs, **_PER_DEVICE)
+    return fn(*args)
+
+
+def _expert_parallel_fwd(plan, *args):
+    out, rows = _forward_rows(plan, *args)
+    return out, (args, checkpoint_name(rows, EXPERT_ROWS))
+
+
+def _expert_parallel_bwd(plan, res, ct):
+    args, rows = res
+    tok, _, _, gate, up, down = plan.specs()
+    in_specs = (*plan.specs(), _every_device(), tok)
+    out_specs = (tok, tok, gate, up, down)
+    fn = jax.shard_map(partial(_device_backward, plan), in_specs=in_specs, out_specs=out_specs, **_PER_DEVICE)
+    dx, dw, dg, du, dd = fn(*args, rows, ct)
+    return dx, dw, None, dg, du, dd
+
+
+_expert_parallel.defvjp(_expert_parallel_fwd, _expert_parallel_bwd)
+
+
+def _prepare(plan: _Static, x, weights, idx):
+    """One device's share: ((its tokens xs [T, d], its gates [T * k] in sorted assignment order), (rounds, plan)).
+    ``plan`` = (token, local expert, destination shard of each sorted assignment; rows per destination; where each
+    destination's run starts); every device runs the most rounds any device needs."""
+    lay = plan.lay
+    xs, weights = _my_tokens(lay, x), _my_tokens(lay, weights)
+    idx = _my_tokens(lay, idx, fill=plan.n_exp)  # padding tokens route to no expert: sorted last, sent nowhere
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    expert = flat[order]
+    dest = expert // plan.e_local
+    counts = jnp.bincount(dest, length=lay.n_shards).astype(jnp.int32)
+    chunk = chunk_rows(lay.tokens, k, lay.n_shards, plan.e_local, plan.slack)
+    n_rounds = jax.lax.pmax(dispatch_rounds(counts, chunk), tuple(sharding.current_mesh().axis_names))
+    consts = (order // k, (expert % plan.e_local).astype(jnp.int32), dest, counts, jnp.cumsum(counts) - counts)
+    return (xs, weights.reshape(-1)[order]), (n_rounds, consts)
+
+
+def _round_fn(plan: _Static, k: int):
+    chunk = chunk_rows(plan.lay.tokens, k, plan.lay.n_shards, plan.e_local, plan.slack)
+    return partial(dispatch_round, n_ep=plan.lay.n_shards, chunk=chunk, e_local=plan.e_local, axis=plan.lay.group)
+
+
+def _combine(plan: _Static, rows, gates, token, n_in: int):
+    """Each assignment's row [T * k, d / L, L] weighted by its gate and summed into its token -> [n_in, d] (the
+    device's input tokens: its share gathered back over ``Layout.split``)."""
+    lay = plan.lay
+    out = jnp.zeros((lay.tokens, *rows.shape[1:]), rows.dtype).at[token].add(rows * gates[:, None, None])
+    out = out.reshape(lay.tokens, -1)
+    if lay.ffw_split:
+        out = jax.lax.psum(out, TENSOR_AXIS)
+    if lay.split:
+        out = jax.lax.all_gather(out, lay.split, axis=0, tiled=True)[:n_in]
+    return out
+
+
+def _flat(x, weights, idx):
+    d, k = x.shape[-1], idx.shape[-1]
+    return x.reshape(-1, d), weights.reshape(-1, k), idx.reshape(-1, k)
+
+
+def _device_forward(plan: _Static, x, weights, idx, *ws):
+    """One device: its tokens [..., d] through dispatch rounds, experts and combine -> (out [..., d], rows)."""
+    xf, wf, idf = _flat(x, weights, idx)
+    (xs, gates), (n_rounds, consts) = _prepare(plan, xf, wf, idf)
+    ws = tuple(w.astype(x.dtype) for w in ws)
+    rows = _rounds_forward(_round_fn(plan, idf.shape[1]), n_rounds, consts, (xs, *ws))
+    return _combine(plan, rows, gates.astype(x.dtype), consts[0], xf.shape[0]).reshape(x.shape), rows
+
+
+def _device_backward(plan: _Static, x, weights, idx, w_gate, w_up, w_down, rows, ct):
+    """One device's cotangents of (x, weights, gate, up, down) from the saved rows: the combine's and the
+    preparation's VJPs around one backward loop of rounds; each summed over the mesh axes its input is replicated
+    over (as ``shard_map``'s own transpose does, the output cotangent divided by the devices it is replicated on)."""
+    ct = ct / math.prod(sharding.current_mesh().shape[a] for a in _replicated_over(plan.lay.tok_spec))
+    xf, wf, idf = _flat(x, weights, idx)
+    prepared, prep_vjp, (n_rounds, consts) = jax.vjp(lambda a, w: _prepare(plan, a, w, idf), xf, wf, has_aux=True)
+    ws, cast_vjp = jax.vjp(lambda *w: tuple(a.astype(x.dtype) for a in w), w_gate, w_up, w_down)
+    _, combine_vjp = jax.vjp(
+        lambda r, g: _combine(plan, r, g.astype(x.dtype), consts[0], xf.shape[0]), rows, prepared[1]
     )
-    return fn(x, weights, idx, p["gate"], p["up"], p["down"])
+    d_rows, d_gates = combine_vjp(ct.reshape(xf.shape))
+    round_fn = _round_fn(plan, idf.shape[1])
+    d_xs, *d_ws = _sum_over_rounds_bwd(round_fn, (n_rounds, consts, (prepared[0], *ws)), d_rows)[2:]
+    dx, dw = prep_vjp((d_xs, d_gates))
+    cts = (dx.reshape(x.shape), dw.reshape(weights.shape), *cast_vjp(tuple(d_ws)))
+    specs = [s for i, s in enumerate(plan.specs()) if i != 2]
+    return tuple(
+        jax.lax.psum(c, _replicated_over(s)) if _replicated_over(s) else c for c, s in zip(cts, specs, strict=True)
+    )
 
 
 def _my_tokens(lay: Layout, a: jax.Array, fill=0) -> jax.Array:
@@ -221,48 +347,6 @@ def _sum_over_rounds_bwd(round_fn, res, ct):
 
 
 sum_over_rounds.defvjp(_sum_over_rounds_fwd, _sum_over_rounds_bwd)
-
-
-def _dispatch_compute_combine(x, weights, idx, w_gate, w_up, w_down, *, n_exp, lay: Layout, slack, axes):
-    """Per-device body: x[T_l, d], idx/weights [T_l, k]; experts [E_l, d, f_l] for this device's expert shard."""
-    n_in = x.shape[0]
-    n_tok, k = lay.tokens, idx.shape[1]
-    e_local = n_exp // lay.n_shards
-    chunk = chunk_rows(n_tok, k, lay.n_shards, e_local, slack)
-    dt = x.dtype
-    xs, weights = _my_tokens(lay, x), _my_tokens(lay, weights)
-    idx = _my_tokens(lay, idx, fill=n_exp)  # padding tokens route to no expert: sorted last, sent nowhere
-
-    # 1. sort assignments by expert, hence by destination shard (padding last, sent nowhere); every device runs the
-    # most rounds any device needs
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    expert = flat[order]
-    dest = expert // e_local
-    counts = jnp.bincount(dest, length=lay.n_shards).astype(jnp.int32)
-    n_rounds = jax.lax.pmax(dispatch_rounds(counts, chunk), axes)
-    plan = (order // k, (expert % e_local).astype(jnp.int32), dest, counts, jnp.cumsum(counts) - counts)
-
-    # 2-4. rounds of dispatch, grouped matmuls and combine (shard_map without varying-axes checks: the cotangents of
-    # the weights shared over fsdp and of the tokens shared over tensor are summed once, at its boundary)
-    rows = sum_over_rounds(
-        partial(dispatch_round, n_ep=lay.n_shards, chunk=chunk, e_local=e_local, axis=lay.group),
-        n_rounds,
-        plan,
-        xs,
-        w_gate.astype(dt),
-        w_up.astype(dt),
-        w_down.astype(dt),
-    )  # [T * k, d / L, L], the result of each assignment in sorted order
-
-    # 5. gates and the sum over each token's k experts; then the tokens of the split axes are gathered back
-    gates = weights.reshape(-1)[order].astype(dt)
-    out = jnp.zeros((n_tok, *rows.shape[1:]), dt).at[plan[0]].add(rows * gates[:, None, None]).reshape(xs.shape)
-    if lay.ffw_split:
-        out = jax.lax.psum(out, TENSOR_AXIS)
-    if lay.split:
-        out = jax.lax.all_gather(out, lay.split, axis=0, tiled=True)[:n_in]
-    return out
 
 
 def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e_local: int, axis) -> jax.Array:

@@ -39,10 +39,15 @@ from r1jax.config import AttentionImpl, ModelConfig, RopeConfig, RopeType
 Params = dict[str, Any]
 LAYER_STACKS = {"dense_layers": False, "moe_layers": True}  # stack name -> MoE blocks; run in this order
 RESIDUAL = ("batch", "seq", None)  # the residual stream's logical axes (sequence parallel over tensor on a mesh)
-# ModelConfig.remat_policy -> what a rematerialised layer saves for its backward pass besides its input. "dots": the
-# matmul outputs, so the backward recomputes only norms, activations and softmaxes; on CPU this also beats saving
-# everything (no remat), whose scanned residual stacks XLA:CPU zero-fills, writes and re-slices.
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_saveable}
+# ModelConfig.remat_policy -> what a rematerialised layer saves for its backward pass besides its input. Both keep
+# the expert-parallel rows (``expert_parallel.EXPERT_ROWS``): recomputing them would repeat the all-to-alls. "dots":
+# the matmul outputs too, so the backward recomputes only norms, activations and softmaxes; on CPU this also beats
+# saving everything (no remat), whose scanned residual stacks XLA:CPU zero-fills, writes and re-slices.
+_KEEP_ROWS = jax.checkpoint_policies.save_only_these_names(expert_parallel.EXPERT_ROWS)
+REMAT_POLICIES = {
+    "full": _KEEP_ROWS,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable, _KEEP_ROWS),
+}
 
 
 # --- parameter declarations ------------------------------------------------------------------------------------------

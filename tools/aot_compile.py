@@ -58,7 +58,7 @@ from r1jax import expert_parallel, moe, sharding
 from r1jax.cache import Cache, layer_shapes
 from r1jax.config import ModelConfig, TrainConfig
 from r1jax.grpo import TrainBatch, make_optimizer, opt_shardings, update_minibatch
-from r1jax.model import ParamSpec, block, block_cached, forward, param_specs
+from r1jax.model import REMAT_POLICIES, RESIDUAL, ParamSpec, block, block_cached, forward, param_specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -227,15 +227,14 @@ def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq:
     specs = _layer_specs(cfg, stack)
     psh = sharding.param_shardings(specs, mesh)
     dt = jnp.dtype(cfg.dtype)
-    x = jax.ShapeDtypeStruct(
-        (batch, seq, cfg.d_model), dt, sharding=sharding.batch_sharding(mesh, (batch, seq, cfg.d_model))
-    )
+    residual = NamedSharding(mesh, sharding.logical_to_spec(RESIDUAL, (batch, seq, cfg.d_model), mesh))
+    x = jax.ShapeDtypeStruct((batch, seq, cfg.d_model), dt, sharding=residual)  # as the layer scan carries it
     pos_sh = sharding.batch_sharding(mesh, (batch, seq))
     pos = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=pos_sh)
     if kind == "train":
         params = _abstract(specs, cfg, psh)
         fn = partial(block, segment_ids=None, cfg=cfg, moe_block=moe_block)
-        fn = jax.checkpoint(fn) if cfg.remat else fn
+        fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else fn
 
         def f(p, h, positions):  # the output stays live (it feeds the next layer): forward, remat recompute, backward
             out, vjp = jax.vjp(lambda p, h: fn(p, h, positions)[0], p, h)
@@ -325,8 +324,8 @@ def _dispatch_round_cost(
 ) -> tuple[float, float, float]:
     """FLOPs, collective bytes and bytes accessed of the dispatch rounds one MoE layer runs per extra round
     (``r1jax.expert_parallel.dispatch_round``, compiled alone at the layer's shapes): train = the forward loop's,
-    the remat recompute's and the backward loop's bodies (a round's forward under ``jax.vjp`` and its transpose);
-    decode = one forward round."""
+    and the backward loop's bodies (a round's forward under ``jax.vjp`` and its transpose; the remat recompute keeps
+    the rows, ``expert_parallel.EXPERT_ROWS``, and runs no rounds); decode = one forward round."""
     d, e, f, k = cfg.d_model, cfg.n_experts, cfg.moe_ffw, cfg.experts_per_token
     lay = expert_parallel.layout(tokens, e, d, f, mesh)
     n_ep, chunk = lay.n_shards, shapes["chunk_rows"]
@@ -334,12 +333,11 @@ def _dispatch_round_cost(
     down_spec = PartitionSpec(lay.gate_spec[0], lay.gate_spec[2], None)
     everywhere = PartitionSpec(mesh.axis_names)  # per-device arrays: one block per device
     round_fn = partial(expert_parallel.dispatch_round, n_ep=n_ep, chunk=chunk, e_local=e // n_ep, axis=lay.group)
-    forwards = 1 + int(cfg.remat) if kind == "train" else 1
 
     def body(r, token, local, dest, counts, starts, x, wg, wu, wd):
         plan = (token, local, dest, counts, starts)
-        out = sum(jnp.sum(round_fn(r[0] + i + 1, plan, x, wg, wu, wd)) for i in range(forwards))
-        if kind == "train":  # distinct round indices: XLA cannot merge the forwards
+        out = jnp.sum(round_fn(r[0] + 1, plan, x, wg, wu, wd))
+        if kind == "train":  # a distinct round index: XLA cannot merge the forwards
             y, vjp = jax.vjp(partial(round_fn, r[0], plan), x, wg, wu, wd)
             out = out + sum(jnp.sum(c) for c in vjp(y))
         return out[None]
@@ -411,6 +409,18 @@ def _state_bytes(specs, cfg: ModelConfig, mesh, kind: str, moment_dtype: str = "
 
 def _state_bytes_per_layer(cfg: ModelConfig, mesh, stack: str, kind: str, moment_dtype: str = "float32") -> float:
     return _state_bytes(_layer_specs(cfg, stack), cfg, mesh, kind, moment_dtype)
+
+
+def _saved_per_layer(cfg: ModelConfig, mesh, stack: str, b: int, t: int) -> float:
+    """Bytes one device keeps per rematerialised layer: its block of the [b, t, d] residual stream (sequence
+    parallel) and, for an expert-parallel MoE layer, its [T_l x k, d] expert rows (``expert_parallel.EXPERT_ROWS``)."""
+    item = jnp.dtype(cfg.dtype).itemsize
+    spec = sharding.logical_to_spec(RESIDUAL, (b, t, cfg.d_model), mesh)
+    saved = b * t * cfg.d_model * item / sharding.shard_count(spec, mesh)
+    lay = expert_parallel.layout((b, t), cfg.n_experts, cfg.d_model, cfg.moe_ffw, mesh) if cfg.is_moe else None
+    if stack == "moe_layers" and lay is not None:
+        saved += lay.tokens * cfg.experts_per_token * cfg.d_model * item
+    return saved
 
 
 def _local(mesh, n: int) -> int:
@@ -485,8 +495,8 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
         bytes_accessed += (n_full - 1) * layer_bytes
         if reduced and n_full > n_compiled:
             per_layer = _state_bytes_per_layer(cfg, mesh, stack, kind, moment_dtype)
-            if kind == "train":  # saved residual per layer (remat) in the compute dtype
-                per_layer += _local(mesh, b) * t * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
+            if kind == "train":  # saved per layer (remat): the residual stream, the expert-parallel rows
+                per_layer += _saved_per_layer(cfg, mesh, stack, b, t)
             else:  # the layer's KV cache
                 per_layer += _local(mesh, b) * t * sum(np.prod(s[2:]) for s in layer_shapes(cfg, 1, 1).values()) * 2
             extra_bytes += (n_full - n_compiled) * per_layer
