@@ -116,9 +116,8 @@ HF_CONFIG = {
 
 
 def model(**overrides) -> ModelConfig:
-    """The 671B model in training precision: f32 parameters, bf16 matmuls, remat per layer, Pallas flash attention;
-    dispatch rounds of 2 x the mean rows per (device, expert shard) pair (the busiest pair of a layer carries 1.9x)."""
-    return training_model(HF_CONFIG, **{"dispatch_slack": 2.0, **overrides})
+    """The 671B model in training precision: f32 parameters, bf16 matmuls, remat per layer, Pallas flash attention."""
+    return training_model(HF_CONFIG, **overrides)
 
 
 def mesh() -> dict[str, int]:

@@ -198,8 +198,8 @@ _expert_parallel.defvjp(_expert_parallel_fwd, _expert_parallel_bwd)
 
 def _prepare(plan: _Static, x, weights, idx):
     """One device's share: ((its tokens xs [T, d], its gates [T * k] in sorted assignment order), (rounds, plan)).
-    ``plan`` = (token, local expert, destination shard of each sorted assignment; rows per destination; where each
-    destination's run starts); every device runs the most rounds any device needs."""
+    ``plan`` = (token and local expert of each sorted assignment, the group's [source, destination] row counts);
+    every device runs the most rounds any expert shard needs."""
     lay = plan.lay
     xs, weights = _my_tokens(lay, x), _my_tokens(lay, weights)
     idx = _my_tokens(lay, idx, fill=plan.n_exp)  # padding tokens route to no expert: sorted last, sent nowhere
@@ -207,17 +207,17 @@ def _prepare(plan: _Static, x, weights, idx):
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     expert = flat[order]
-    dest = expert // plan.e_local
-    counts = jnp.bincount(dest, length=lay.n_shards).astype(jnp.int32)
-    chunk = chunk_rows(lay.tokens, k, lay.n_shards, plan.e_local, plan.slack)
-    n_rounds = jax.lax.pmax(dispatch_rounds(counts, chunk), tuple(sharding.current_mesh().axis_names))
-    consts = (order // k, (expert % plan.e_local).astype(jnp.int32), dest, counts, jnp.cumsum(counts) - counts)
+    counts = jnp.bincount(expert // plan.e_local, length=lay.n_shards).astype(jnp.int32)  # padding: no shard
+    counts = jax.lax.all_gather(counts, lay.group)  # [source, destination] over the group
+    cap = round_rows(lay.tokens, k, lay.n_shards, plan.e_local, plan.slack)
+    n_rounds = jax.lax.pmax(dispatch_rounds(counts.sum(0), cap), tuple(sharding.current_mesh().axis_names))
+    consts = (order // k, (expert % plan.e_local).astype(jnp.int32), counts)
     return (xs, weights.reshape(-1)[order]), (n_rounds, consts)
 
 
 def _round_fn(plan: _Static, k: int):
-    chunk = chunk_rows(plan.lay.tokens, k, plan.lay.n_shards, plan.e_local, plan.slack)
-    return partial(dispatch_round, n_ep=plan.lay.n_shards, chunk=chunk, e_local=plan.e_local, axis=plan.lay.group)
+    cap = round_rows(plan.lay.tokens, k, plan.lay.n_shards, plan.e_local, plan.slack)
+    return partial(dispatch_round, cap=cap, e_local=plan.e_local, axis=plan.lay.group)
 
 
 def _combine(plan: _Static, rows, gates, token, n_in: int):
@@ -278,21 +278,22 @@ def _my_tokens(lay: Layout, a: jax.Array, fill=0) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(lay.split) * lay.tokens, lay.tokens)
 
 
-def dispatch_capacity(tokens_per_shard: int, k: int, experts_per_shard: int) -> int:
-    """Most rows one device can send to one expert shard: each token's k experts are distinct."""
-    return tokens_per_shard * min(k, experts_per_shard)
+def dispatch_capacity(tokens_per_shard: int, k: int, experts_per_shard: int, n_shards: int) -> int:
+    """Most rows one expert shard can receive from its group: every token of the group's ``n_shards`` devices sends
+    it min(k, experts_per_shard) assignments (a token's k experts are distinct)."""
+    return n_shards * tokens_per_shard * min(k, experts_per_shard)
 
 
-def chunk_rows(tokens_per_shard: int, k: int, n_shards: int, experts_per_shard: int, slack: float) -> int:
-    """Rows per destination per round, C = ceil(T_l * k / n_shards * slack): ``slack`` x the mean a device sends to
-    one expert shard, at least 1 and at most ``dispatch_capacity`` (where one round always suffices)."""
-    mean = tokens_per_shard * k / n_shards
-    return max(1, min(math.ceil(mean * slack), dispatch_capacity(tokens_per_shard, k, experts_per_shard)))
+def round_rows(tokens_per_shard: int, k: int, n_shards: int, experts_per_shard: int, slack: float) -> int:
+    """Rows an expert shard receives per round, C = ceil(T_l * k * slack): ``slack`` x the mean a shard receives
+    from its group, at least 1 and at most ``dispatch_capacity`` (where one round always suffices)."""
+    cap = dispatch_capacity(tokens_per_shard, k, experts_per_shard, n_shards)
+    return max(1, min(math.ceil(tokens_per_shard * k * slack), cap))
 
 
-def dispatch_rounds(dest_counts, chunk: int):
-    """Rounds one device needs to send ``dest_counts[n_shards]`` rows in chunks of ``chunk`` rows per destination."""
-    return jnp.max(-(-jnp.asarray(dest_counts) // chunk))
+def dispatch_rounds(received, cap: int):
+    """Rounds that deliver ``received[n_shards]`` rows to each expert shard, ``cap`` rows per shard and round."""
+    return jnp.max(-(-jnp.asarray(received) // cap))
 
 
 def _zeros(aval) -> jax.Array:
@@ -349,46 +350,70 @@ def _sum_over_rounds_bwd(round_fn, res, ct):
 sum_over_rounds.defvjp(_sum_over_rounds_fwd, _sum_over_rounds_bwd)
 
 
-def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, n_ep: int, chunk: int, e_local: int, axis) -> jax.Array:
-    """Round ``r`` on one device: each destination gets its assignments [r * chunk, (r + 1) * chunk); returns their
-    result rows at their positions in the sorted assignment list, [T * k, d / L, L] (``lane_rows``), zero elsewhere.
+def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, cap: int, e_local: int, axis) -> jax.Array:
+    """Round ``r`` on one device: every expert shard receives the rows at positions [r * cap, (r + 1) * cap) of
+    what the group sends it (sources in order, each source's run contiguous); returns this device's result rows of
+    the round at their positions in its sorted assignment list, [T * k, d / L, L] (``lane_rows``), zero elsewhere.
 
     ``plan`` = (token [T * k]: the token of each sorted assignment, local [T * k]: its expert's index within its
-    shard, dest [T * k]: its expert shard (``n_ep`` for padding: sent nowhere), counts [n_ep]: assignments per
-    destination, starts [n_ep]: where each destination's run begins). ``axis``: the mesh axes of the all-to-alls
-    (``Layout.group``). Rows move as [d / L, L] blocks: a TPU moves a bf16 row of a [n, d] array as a sliver of
-    (8, 128) tiles (XLA:TPU counts a row gather ~9x its bytes), a [d / 128, 128] block as whole tiles (2x).
+    shard, counts [n_ep, n_ep]: rows each source sends each destination). ``axis``: the mesh axes of the exchanges
+    (``Layout.group``). Rows travel by ``ragged_exchange``: only filled rows move, into a receive buffer of ``cap``
+    rows (unfilled rows carry the sentinel local expert id and come out zero). Rows move as [d / L, L] blocks: a
+    TPU moves a bf16 row of a [n, d] array as a sliver of (8, 128) tiles, a [d / 128, 128] block as whole tiles.
     """
-    token, local, dest, counts, starts = plan
-    n_assign, d = token.shape[0], x.shape[1]
-    x = lane_rows(x)
-    rank = r * chunk + jnp.arange(chunk, dtype=jnp.int32)  # position within the destination's list
-    valid = rank[None, :] < counts[:, None]  # [n_ep, chunk]
-    safe = jnp.minimum(starts[:, None] + rank[None, :], n_assign - 1)
+    token, local, counts = plan
+    me = jax.lax.axis_index(axis)
+    offset = jnp.cumsum(counts, 0) - counts  # [src, dst]: where src's rows start among what dst receives
+    start = jnp.cumsum(counts, 1) - counts  # [src, dst]: where src's run for dst starts in src's sorted list
+    lo = jnp.clip(offset, r * cap, (r + 1) * cap)
+    size = jnp.clip(offset + counts, r * cap, (r + 1) * cap) - lo  # [src, dst] rows moved this round
+    at_src = jnp.where(size > 0, start + lo - offset, 0)  # where they sit in the source's list
+    at_dst = jnp.where(size > 0, lo - r * cap, 0)  # and in the destination's receive buffer
 
-    # dispatch [n_ep, chunk, d / L, L]; padding rows are zero and carry the sentinel local expert id e_local
-    send = jnp.where(valid[..., None, None], x[token[safe]], 0)
-    send_ids = jnp.where(valid, local[safe], e_local)
-    recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True).reshape(n_ep * chunk, *x.shape[1:])
-    recv_ids = jax.lax.all_to_all(send_ids, axis, 0, 0, tiled=True).reshape(-1)
+    # dispatch: my runs to every destination; receive every source's run for me
+    rows = lane_rows(x)[token]
+    send = (at_src[me], size[me], at_dst[me], size[:, me])
+    recv = ragged_exchange(rows, jnp.zeros((cap, *rows.shape[1:]), rows.dtype), *send, axis=axis)
+    recv_ids = ragged_exchange(local, jnp.full((cap,), e_local, local.dtype), *send, axis=axis)
 
-    # grouped matmuls over this shard's experts, padding rows last (outside every group: they come out zero); rows are
-    # put in expert order and back by gathers (a permutation and its inverse)
+    # grouped matmuls over this shard's experts, unfilled rows last (outside every group: they come out zero); rows
+    # are put in expert order and back by gathers (a permutation and its inverse)
     by_expert = jnp.argsort(recv_ids, stable=True)
     sizes = jnp.bincount(recv_ids, length=e_local + 1)[:e_local].astype(jnp.int32)
-    xs = recv[by_expert].reshape(-1, d)
+    xs = recv[by_expert].reshape(cap, -1)
     gate = moe.grouped_matmul(xs, w_gate, sizes)
     up = moe.grouped_matmul(xs, w_up, sizes)
     ys = lane_rows(moe.grouped_matmul(jax.nn.silu(gate) * up, w_down, sizes))
-    y = ys[jnp.argsort(by_expert)].reshape(n_ep, chunk, *ys.shape[1:])
+    y = ys[jnp.argsort(by_expert)]
 
-    # combine: each assignment of this round takes its result row back from its destination's chunk
-    back = jax.lax.all_to_all(y, axis, 0, 0, tiled=True).reshape(n_ep * chunk, *ys.shape[1:])
-    to = jnp.minimum(dest, n_ep - 1)
-    offset = jnp.arange(n_assign, dtype=jnp.int32) - starts[to] - r * chunk  # position in this round's chunk
-    mine = (offset >= 0) & (offset < chunk) & (dest < n_ep)
-    slot = jnp.where(mine, to * chunk + offset, 0)
-    return jnp.where(mine[:, None, None], back[slot], 0)
+    # combine: every source's rows go back to where they sit in its list
+    back = (at_dst[:, me], size[:, me], at_src[:, me], size[me])
+    return ragged_exchange(y, jnp.zeros_like(rows), *back, axis=axis)
+
+
+def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis) -> jax.Array:
+    """``jax.lax.ragged_all_to_all`` over the mesh axes ``axis``: operand rows [input_offsets[j], + send_sizes[j])
+    go to device j of the group, landing at its rows [output_offsets[j], + ...); this device's rows from source i
+    land at the offset source i chose, recv_sizes[i] of them; other rows of ``output`` are kept. XLA:CPU does not
+    implement the collective, so on CPU the same semantics are emulated with a padded ``all_to_all`` (each slice
+    padded to the operand's length) and a scatter; the choice is made per lowering platform."""
+    args = (operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
+    return jax.lax.platform_dependent(
+        *args,
+        cpu=partial(_emulated_ragged_all_to_all, axis=axis),
+        default=partial(jax.lax.ragged_all_to_all, axis_name=axis),
+    )
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis):
+    span = jnp.arange(operand.shape[0])
+    tail = (None,) * (operand.ndim - 1)
+    rows = jnp.minimum(input_offsets[:, None] + span, operand.shape[0] - 1)
+    send = jnp.where((span < send_sizes[:, None])[(..., *tail)], operand[rows], 0)  # [n, operand rows, ...]
+    got = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # [n sources, operand rows, ...]
+    landing = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)
+    at = jnp.where(span < recv_sizes[:, None], landing[:, None] + span, output.shape[0])  # past the end: dropped
+    return output.at[at.reshape(-1)].set(got.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
 def lane_rows(a: jax.Array) -> jax.Array:

@@ -1,6 +1,7 @@
 """Sharded equals unsharded: logits, loss and gradients of tiny V3 (MLA + MoE) and Qwen2 models on 8 CPU devices."""
 
 import importlib
+import itertools
 import os
 from functools import partial
 
@@ -160,16 +161,16 @@ def test_constrain_is_identity_without_mesh():
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("fsdp", None, None)), 3)
 
 
-EP_CASES = {  # mesh, routing, slack -> the dispatch rounds the busiest device needs (, tokens if not 64)
+EP_CASES = {  # mesh, routing, slack -> the dispatch rounds the busiest expert shard needs (, tokens if not 64)
     "e4f2": ({"expert": 4, "fsdp": 2}, "uniform", 2.0, 1),
-    "e4t2": ({"expert": 4, "tensor": 2}, "skewed", 1.25, 2),
-    "e8": ({"expert": 8}, "skewed", 1.25, 2),
+    "e4t2": ({"expert": 4, "tensor": 2}, "skewed", 1.25, 3),
+    "e8": ({"expert": 8}, "skewed", 1.25, 3),
     "e2f2d2": ({"expert": 2, "fsdp": 2, "data": 2}, "skewed", 1.25, 2),
-    "e4f2_rounds": ({"expert": 4, "fsdp": 2}, "uniform", 0.3, 5),
-    "e2t2f2_rounds": ({"expert": 2, "tensor": 2, "fsdp": 2}, "uniform", 0.3, 5),
+    "e4f2_rounds": ({"expert": 4, "fsdp": 2}, "uniform", 0.3, 4),
+    "e2t2f2_rounds": ({"expert": 2, "tensor": 2, "fsdp": 2}, "uniform", 0.3, 4),
     "e4f2_one_expert": ({"expert": 4, "fsdp": 2}, "one_expert", 0.5, 4),
-    "e8_one_expert": ({"expert": 8}, "one_expert", 0.25, 8),
-    "t8": ({"tensor": 8}, "uniform", 1.25, 2),  # experts over tensor alone: every device takes 1/8 of the tokens
+    "e8_one_expert": ({"expert": 8}, "one_expert", 0.25, 11),
+    "t8": ({"tensor": 8}, "uniform", 1.25, 1),  # experts over tensor alone: every device takes 1/8 of the tokens
     "e4t2_padded": ({"expert": 4, "tensor": 2}, "skewed", 1.25, 2, 60),  # 15 tokens per expert shard, split 8 + 7
 }
 
@@ -217,26 +218,67 @@ def test_expert_parallel_dispatch_equals_dropless_reference(case):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # the rounds every device ran: one when slack covers the busiest destination, several when it does not
-    lay = expert_parallel.layout(n_tok, e, d, f, mesh)
-    n_ep, t_l = lay.n_shards, lay.tokens
-    chunk = expert_parallel.chunk_rows(t_l, k, n_ep, e // n_ep, slack)
-    n_batch = sharding.shard_count(lay.tok_spec, mesh)  # token shards, each split into split_size slices
-    pad = ((0, 0), (0, t_l * lay.split_size - n_tok // n_batch), (0, 0))
-    dest = jnp.pad(idx.reshape(n_batch, -1, k), pad, constant_values=e).reshape(-1, t_l * k) // (e // n_ep)
-    ran = max(int(expert_parallel.dispatch_rounds(jnp.bincount(row, length=n_ep), chunk)) for row in dest)
-    assert ran == rounds, ran
+    assert _rounds_from_routing(idx, e, k, expert_parallel.layout(n_tok, e, d, f, mesh), mesh, slack) == rounds
 
 
-def test_dispatch_chunks_and_rounds():
+def _rounds_from_routing(idx, e, k, lay, mesh, slack) -> int:
+    """The rounds the dispatch needs, from the routing alone: every device takes its slice of its token shard; an
+    expert shard receives from the devices of its group (those sharing every mesh coordinate outside the group)."""
     from r1jax import expert_parallel
 
-    assert expert_parallel.dispatch_capacity(4, 3, 1) == 4 and expert_parallel.dispatch_capacity(4, 3, 8) == 12
-    # V3 on v5p-2048: 4096 tokens x 8 experts to 16 shards, 2048 rows on average, 25% slack
-    assert expert_parallel.chunk_rows(4096, 8, 16, 16, 1.25) == 2560
-    assert expert_parallel.chunk_rows(4, 3, 8, 1, 0.1) == 1  # at least one row
-    assert expert_parallel.chunk_rows(4, 3, 2, 4, 10.0) == 12  # at most the worst case: one round always suffices
+    sizes, n_batch, e_local = dict(mesh.shape), sharding.shard_count(lay.tok_spec, mesh), e // lay.n_shards
+    pad = ((0, 0), (0, lay.tokens * lay.split_size - idx.shape[0] // n_batch), (0, 0))
+    chunks = np.pad(np.asarray(idx).reshape(n_batch, -1, k), pad, constant_values=e).reshape(-1, lay.tokens * k)
+
+    def linear(coords, axes):
+        out = 0
+        for a in axes:
+            out = out * sizes[a] + coords[a]
+        return out
+
+    received = {}
+    for where in itertools.product(*(range(sizes[a]) for a in mesh.axis_names)):
+        c = dict(zip(mesh.axis_names, where, strict=True))
+        mine = chunks[linear(c, sharding.spec_axes(lay.tok_spec)) * lay.split_size + linear(c, lay.split)]
+        group = tuple(c[a] for a in mesh.axis_names if a not in lay.group)
+        counts = np.bincount(mine // e_local, minlength=lay.n_shards + 1)[: lay.n_shards]
+        received[group] = received.get(group, 0) + counts
+    cap = expert_parallel.round_rows(lay.tokens, k, lay.n_shards, e_local, slack)
+    return max(int(expert_parallel.dispatch_rounds(r, cap)) for r in received.values())
+
+
+def test_dispatch_capacity_and_rounds():
+    from r1jax import expert_parallel
+
+    # the most one shard can receive: every token of its group's devices sends it min(k, experts per shard) rows
+    assert expert_parallel.dispatch_capacity(4, 3, 1, 2) == 8 and expert_parallel.dispatch_capacity(4, 3, 8, 2) == 24
+    # V3 on v5p-2048: 512 tokens x 8 experts per device, groups of 128 shards: 4096 rows per shard, 25% slack
+    assert expert_parallel.round_rows(512, 8, 128, 2, 1.25) == 5120
+    assert expert_parallel.round_rows(4, 3, 8, 1, 0.01) == 1  # at least one row
+    assert expert_parallel.round_rows(4, 3, 2, 4, 10.0) == 24  # at most the worst case: one round always suffices
     assert int(expert_parallel.dispatch_rounds(jnp.array([0, 5, 10, 11]), 5)) == 3
     assert int(expert_parallel.dispatch_rounds(jnp.array([0, 0]), 5)) == 0
+
+
+def test_ragged_exchange_on_cpu_follows_ragged_all_to_all():
+    """The CPU emulation of ``jax.lax.ragged_all_to_all`` reproduces the example of its documentation (two devices:
+    each sends slices of its operand; ``output_offsets`` say where they land on the receiver)."""
+    from r1jax import expert_parallel
+
+    args = {  # per device: operand, output, input_offsets, send_sizes, output_offsets, recv_sizes
+        0: ([1, 2, 2], [0, 0, 0, 0], [0, 1], [1, 2], [0, 0], [1, 1]),
+        1: ([3, 4, 0], [0, 0, 0, 0], [0, 1], [1, 1], [1, 2], [2, 1]),
+    }
+    stacked = [jnp.asarray([args[0][i], args[1][i]], jnp.int32).reshape(-1) for i in range(6)]
+    mesh = sharding.make_mesh({"expert": 2}, devices=jax.devices()[:2])
+    fn = jax.shard_map(
+        partial(expert_parallel.ragged_exchange, axis=("expert",)),
+        mesh=mesh,
+        in_specs=(PartitionSpec("expert"),) * 6,
+        out_specs=PartitionSpec("expert"),
+    )
+    result = np.asarray(jax.jit(fn)(*stacked)).reshape(2, 4)
+    np.testing.assert_array_equal(result, [[1, 3, 0, 0], [2, 2, 4, 0]])
 
 
 def test_sum_over_rounds_value_and_gradient_match_a_python_loop():

@@ -282,40 +282,39 @@ def _dispatch_shapes(cfg: ModelConfig, mesh, tokens: tuple[int, int]) -> dict | 
         "devices": sharding.shard_count(lay.tok_spec, mesh) * lay.split_size,  # devices dispatching distinct tokens
         "expert_shards": n_ep,
         "slack": cfg.dispatch_slack,
-        "chunk_rows": expert_parallel.chunk_rows(t_l, k, n_ep, e_local, cfg.dispatch_slack),
-        "worst_case_rows": expert_parallel.dispatch_capacity(t_l, k, e_local),
-        "mean_rows": t_l * k / n_ep,
+        "round_rows": expert_parallel.round_rows(t_l, k, n_ep, e_local, cfg.dispatch_slack),
+        "worst_case_rows": expert_parallel.dispatch_capacity(t_l, k, e_local, n_ep),
+        "mean_rows": t_l * k,  # rows an expert shard receives from its group, on average
     }
 
 
 def expected_rounds(cfg: ModelConfig, shapes: dict, trials: int = 4, seed: int = 0) -> dict:
     """Monte-Carlo of the dispatch rounds R of one MoE layer under balanced routing: iid Gaussian router logits
     through the model's router (``moe.route``, zero correction bias, group-limited top-k as configured), so every
-    expert is equally likely; R = max over (source device, destination shard) of ceil(count / chunk_rows), as the
-    ``pmax`` in ``r1jax.expert_parallel`` makes it. DeepSeek-V3's auxiliary-loss-free bias balancing steers routing
-    towards this; a skewed batch needs more rounds (see ``mfu_if_rounds``)."""
+    expert is equally likely; R = max over expert shards of ceil(rows it receives from its group / round_rows), as
+    the ``pmax`` in ``r1jax.expert_parallel`` makes it. DeepSeek-V3's auxiliary-loss-free bias balancing steers
+    routing towards this; a skewed batch needs more rounds (see ``mfu_if_rounds``)."""
     t_l, n_src, n_ep = shapes["tokens_per_device"], shapes["devices"], shapes["expert_shards"]
-    e, k = cfg.n_experts, cfg.experts_per_token
-    e_local = e // n_ep
-    per_block = max(1, min(n_src, 65536 // t_l))  # devices routed at once (a [65536, e] block of logits)
+    e = cfg.n_experts
+    e_local, groups = e // n_ep, max(1, n_src // n_ep)
+    block = n_ep * t_l  # the tokens of one group, routed at once
 
     @jax.jit
-    def busiest(key):  # the largest (device, destination) count over ``per_block`` devices
-        logits = jax.random.normal(key, (per_block * t_l, e))
+    def busiest(key):  # the most rows one expert shard of a group receives
+        logits = jax.random.normal(key, (block, e))
         _, idx = moe.route(logits, jnp.eye(e), jnp.zeros(e), cfg)
-        dest = (idx // e_local).reshape(per_block, t_l * k)
-        return jax.vmap(lambda r: jnp.bincount(r, length=n_ep))(dest).max()
+        return jnp.bincount((idx // e_local).reshape(-1), length=n_ep).max()
 
-    keys = iter(jax.random.split(jax.random.key(seed), trials * -(-n_src // per_block)))
-    peaks = [max(int(busiest(next(keys))) for _ in range(-(-n_src // per_block))) for _ in range(trials)]
-    rounds = [-(-p // shapes["chunk_rows"]) for p in peaks]
+    keys = iter(jax.random.split(jax.random.key(seed), trials * groups))
+    peaks = [max(int(busiest(next(keys))) for _ in range(groups)) for _ in range(trials)]
+    rounds = [-(-p // shapes["round_rows"]) for p in peaks]
     return {
         "rounds_expected": float(np.mean(rounds)),
         "rounds_seen": sorted(set(rounds)),
-        "busiest_pair_over_mean": float(np.mean(peaks) / shapes["mean_rows"]),
-        "rounds_method": f"Monte-Carlo, {trials} layers x {n_src} devices x {t_l} tokens: balanced routing (iid "
-        "router logits through the model's router, every expert equally likely), R = max over (device, destination "
-        "shard) of ceil(rows / chunk_rows)",
+        "busiest_shard_over_mean": float(np.mean(peaks) / shapes["mean_rows"]),
+        "rounds_method": f"Monte-Carlo, {trials} layers x {groups} groups of {n_ep} devices x {t_l} tokens: balanced "
+        "routing (iid router logits through the model's router, every expert equally likely), R = max over expert "
+        "shards of ceil(rows received / round_rows)",
     }
 
 
@@ -328,14 +327,14 @@ def _dispatch_round_cost(
     the rows, ``expert_parallel.EXPERT_ROWS``, and runs no rounds); decode = one forward round."""
     d, e, f, k = cfg.d_model, cfg.n_experts, cfg.moe_ffw, cfg.experts_per_token
     lay = expert_parallel.layout(tokens, e, d, f, mesh)
-    n_ep, chunk = lay.n_shards, shapes["chunk_rows"]
+    n_ep, cap = lay.n_shards, shapes["round_rows"]
     dt = jnp.dtype(cfg.dtype)
     down_spec = PartitionSpec(lay.gate_spec[0], lay.gate_spec[2], None)
     everywhere = PartitionSpec(mesh.axis_names)  # per-device arrays: one block per device
-    round_fn = partial(expert_parallel.dispatch_round, n_ep=n_ep, chunk=chunk, e_local=e // n_ep, axis=lay.group)
+    round_fn = partial(expert_parallel.dispatch_round, cap=cap, e_local=e // n_ep, axis=lay.group)
 
-    def body(r, token, local, dest, counts, starts, x, wg, wu, wd):
-        plan = (token, local, dest, counts, starts)
+    def body(r, token, local, counts, x, wg, wu, wd):
+        plan = (token, local, counts)
         out = jnp.sum(round_fn(r[0] + 1, plan, x, wg, wu, wd))
         if kind == "train":  # a distinct round index: XLA cannot merge the forwards
             y, vjp = jax.vjp(partial(round_fn, r[0], plan), x, wg, wu, wd)
@@ -352,9 +351,7 @@ def _dispatch_round_cost(
         rows(1),
         rows(a),
         rows(a),
-        rows(a),
-        rows(n_ep),
-        rows(n_ep),
+        rows(n_ep, n_ep),
         rows(lay.tokens, d, dtype=dt),
         sds((e, d, f), dt, sharding=NamedSharding(mesh, lay.gate_spec)),
         sds((e, d, f), dt, sharding=NamedSharding(mesh, lay.gate_spec)),
