@@ -26,9 +26,10 @@ routing: the compiled figures hold one round per MoE layer, so (R - 1) x one rou
 the expected rounds of a Monte-Carlo of balanced routing (``expected_rounds``; ``dispatch`` in the output, with the
 MFU at more rounds in ``mfu_if_rounds``).
 Roofline step time = max(FLOPs / peak, bytes accessed / HBM bandwidth). Communication: the bytes of every collective's
-result in the compiled HLO (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute; loop bodies
-completed per layer and round like FLOPs) over the chip's ICI bandwidth, ``comm_s``. Step estimate = max(roofline,
-comm_s) (collectives fully overlapped with compute: optimistic; DCN between slices is not modelled separately).
+result in the compiled HLO (all-gather, reduce-scatter, all-reduce, all-to-all, ragged all-to-all: its whole
+receive buffer, collective-permute; loop bodies completed per layer and round like FLOPs) over the chip's ICI
+bandwidth, ``comm_s``. Step estimate = max(roofline, comm_s) (collectives fully overlapped with compute: optimistic;
+DCN between slices is not modelled separately).
 MFU = model FLOPs (6 x active params x tokens for training, the output head counted on completion tokens only, as
 the update computes it; 2 x active params per token for decode) / (chips x peak x step estimate).
 
@@ -202,7 +203,8 @@ def compile_decode(cfg: ModelConfig, mesh, batch: int, cache_len: int):
 
 
 _COLLECTIVE = re.compile(
-    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|ragged-all-to-all|all-to-all|collective-permute)"
+    r"(?:-start)?\("
 )
 _ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64|f8e4m3fn|f8e5m2)\[([0-9,]*)\]")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2}
