@@ -14,8 +14,9 @@ Parameters (d=7168, V=129280, h=128, q=1536, c=512, n=128, p=64, v=128, e=256, f
     active per token   11.41 + 1.19 + 58 x 9 x 44.04M + 0.93 (head)      ~=  37 B
 
 Mesh (2048 chips): fsdp 16 x expert 16 x tensor 8.
-    batch over fsdp x expert = 256 sequences; tensor 8 splits 128 heads -> 16, dense ffw 18432 -> 2304,
-    expert ffw 2048 -> 256, vocab 129280 -> 16160; expert 16 splits 256 experts -> 16 per chip;
+    batch over fsdp x expert = 256 sequences, and between blocks the sequence over tensor 8 (sequence parallel:
+    4096 / 8 = 512 tokens per chip); tensor 8 splits 128 heads -> 16, dense ffw 18432 -> 2304, vocab 129280 ->
+    16160; the 256 routed experts are split over expert 16 x tensor 8 = 128 shards, 2 whole experts per chip;
     fsdp 16 splits embed 7168 -> 448 (and the MLA ranks 1536 -> 96, 512 -> 32).
     Expert weights are split over all 2048 chips; attention/dense weights over fsdp x tensor = 128 (16x replicated
     over expert, 11.41 B x 4 B / 128 = 357 MB per chip).
@@ -23,41 +24,39 @@ State per chip (f32 params, f32 AdamW mu and nu, bf16 compute):
     params 656.6 B x 4 B / 2048 + (11.41 + 1.19 + 1.85) B x 4 B / 128   = 1.28 + 0.45 = 1.73 GB
     grads the same 1.73 GB; AdamW 2 x 1.73 = 3.46 GB                     -> ~6.9 GB of 95 GiB
 Batch per step (one GRPO minibatch): 256 sequences x 4096 tokens = 1.05 M tokens (R1: 512 samples per step in 16
-    minibatches of 32 x up to 32k tokens ~= 1 M tokens). Per chip: 1 sequence x 4096 tokens.
-Activations: remat per layer saves the [1, 4096, 7168] bf16 residual (58.7 MB) x 61 layers = 3.6 GB per chip.
-Expert-parallel dispatch (r1jax.expert_parallel): 4096 x 8 = 32768 assignments per chip, 2048 to each of the 16
-    expert shards on average; rounds of C = 1.25 (dispatch_slack) x 2048 = 2560 rows per destination, buffers
-    [16, 2560, 7168] bf16 = 587 MB (send, receive, results, returned) where one worst-case all-to-all needed
-    [16, 32768, 7168] = 7.5 GB. Under balanced routing the busiest (chip, shard) pair of a layer gets 1.09x the mean
-    (Monte-Carlo in tools/aot_compile.py: 256 chips x 16 shards), so one round; a pair past 2560 rows costs every
-    chip a second round of that layer (not dropped tokens).
-Roofline: 6 x 37 B x 1.05 M tokens = 2.33e17 FLOPs (+ attention 6 x 61 x 4096 x 128 x 192+128 ... ~ 12%) over
-    2048 x 459 TFLOP/s (v5p bf16 peak) = 0.25 s at 100% MFU.
-Compiled (``tools/aot_compile.py v3_671b --step train --reduced``: 2 of 61 layers, extrapolated; 1 dispatch round
-    expected): 19.1 GB per chip (20% of HBM). 2.59e14 FLOPs per chip, 2.3x the model's 1.12e14 (remat recompute,
-    attention, the 25% slack rows): 0.56 s at peak, 43% MFU if FLOP-bound; 3.1e11 collective bytes, 0.52 s of ICI.
-    But XLA counts 6.1e12 bytes accessed per chip, 2.2 s at 2.765 TB/s: 11% MFU (6.9% at 2 rounds). 61% of those
-    bytes are the dispatch rounds, 64 GB per layer: a forward round moves its 587 MB buffers ~10 times (gathers into
-    the all-to-all buffer, into expert order and back, back to the assignments, relayouts for the matmuls) and runs
-    3 times (forward, remat recompute, the backward's recompute), plus the transposes. The rest (0.9 s; not broken
-    down) includes XLA attention with [16, 4096, 4096] f32 scores per chip and layer. Before the rounds (one
-    worst-case all-to-all, 16x the rows) the same compile gave 65.7 GB per chip, 6.1e15 FLOPs, 1.8% MFU.
-    Next: the Pallas flash kernel for attention under shard_map, and fewer row moves per round (a ragged all-to-all
-    that lands rows grouped by expert).
+    minibatches of 32 x up to 32k tokens ~= 1 M tokens). Per chip: 1 sequence x 4096 tokens, 512 of them its own.
+Activations: remat per layer keeps the [1, 512, 7168] bf16 residual block (7.3 MB) and, in MoE layers, the chip's
+    expert rows [512 x 8, 7168] (58.7 MB, so the recompute skips the dispatch): 3.9 GB per chip over 61 layers.
+Expert-parallel dispatch (r1jax.expert_parallel): each chip sends its 512 x 8 = 4096 assignments to the 128 expert
+    shards of its group (the chips of one fsdp index) with a ragged all-to-all; a shard receives 4096 rows on
+    average and takes up to C = 1.25 (dispatch_slack) x 4096 = 5120 per round ([5120, 7168] bf16 = 73 MB buffers).
+    Under balanced routing the busiest shard of a group receives 1.05x the mean (Monte-Carlo in
+    tools/aot_compile.py: 16 groups x 128 chips x 512 tokens), so one round; a shard past 5120 rows costs its
+    layer a second round (not dropped tokens).
+Roofline: 6 x 37 B x 1.05 M tokens = 2.30e17 FLOPs (head on completion tokens only) over 2048 x 459 TFLOP/s
+    (v5p bf16 peak) = 0.244 s at 100% MFU.
+Compiled (``tools/aot_compile.py v3_671b --reduced``: 2 of 61 layers, extrapolated; 1 dispatch round expected):
+    17.8 GB per chip (19% of HBM). 1.80e14 FLOPs per chip (1.6x the model's 1.12e14: remat recompute, attention,
+    the slack rows), 0.39 s at peak; 1.33e11 collective bytes, 0.22 s of ICI; 1.62e12 bytes accessed, 0.586 s at
+    2.765 TB/s: est. **41.7% MFU** (31.2% at 2 rounds), bound by bytes accessed. From 11.1% (6.1 TB accessed,
+    2.59e14 FLOPs), one MoE layer compiled alone went 104 GB accessed -> 48 (experts over expert x tensor with
+    sequence-parallel tokens: each chip dispatches only its own 512 tokens) -> 36 (the Pallas flash kernel under
+    shard_map: no [16, 4096, 4096] f32 scores) -> 29 (the residual stream sequence parallel); the step then went
+    2.07 TB -> 1.90 (expert rows kept through remat: the recompute ran every round's all-to-alls and grouped
+    matmuls again) -> 1.62 (the ragged all-to-all: rounds sized by what a shard receives in all, 1.05x the mean,
+    not by the busiest (chip, shard) pair, 1.9x, which took 2 rounds or a 2x slack).
 
 v6e (``v6e_1024``): one v6e-256 slice cannot hold the state (671 B x 16 B / 256 = 42 GB > 32 GB per chip), so four
 slices over DCN: 1024 chips, mesh fsdp 32 (spans the slices) x expert 8 x tensor 4.
     experts  653.8 B x 16 B / (expert 8 x tensor 4 x fsdp 32 = 1024)                    = 10.2 GB per chip
     the rest ~17 B x 16 B / (fsdp 32 x tensor 4 = 128)                                  =  2.1 GB per chip
-    batch 256 sequences x 2048 tokens = 524 k tokens per step, one sequence per chip: remat residuals
-    61 x 2048 x 7168 x 2 B = 1.8 GB; dispatch rounds of 1.25 x 2048 = 2560 rows per destination, buffers
-    [8, 2560, 7168] bf16 = 294 MB each (send, receive, results, returned; the worst case was [8, 16384, 7168]).
-    Roofline: 6 x 37 B x 524 k / (1024 x 918e12) = 0.12 s at 100% MFU; the fsdp all-gathers of each MoE layer's
-    experts (11.3 B / 32 x 2 B = 0.7 GB per chip per pass) are what the step waits on.
-    Compiled (``v3_671b:v6e_1024 --step train --reduced``, 1 dispatch round expected): 23.0 GB per chip (72% of
-    HBM); 2.2e14 FLOPs per chip, 0.24 s at peak (51% MFU if FLOP-bound); 3.4e11 collective bytes, 0.75 s of ICI
-    (DCN not modelled); 4.9e12 bytes accessed, 3.0 s at 1.64 TB/s: 4.1% MFU (2.8% at 2 rounds), 47% of the bytes in
-    the dispatch rounds.
+    batch 256 sequences x 2048 tokens = 524 k tokens per step, one sequence per chip, 512 tokens its own; experts
+    over expert 8 x tensor 4 = 32 shards, 8 whole experts per chip.
+    Roofline: 6 x 37 B x 524 k / (1024 x 918e12) = 0.12 s at 100% MFU.
+    Compiled (``v3_671b:v6e_1024 --step train --reduced``, 1 dispatch round expected): 25.2 GB per chip (79% of
+    HBM); 1.74e14 FLOPs per chip, 0.19 s at peak; 2.64e11 collective bytes, 0.59 s of ICI (DCN not modelled);
+    2.96e12 bytes accessed, 1.81 s at 1.64 TB/s: 6.7% MFU (was 4.1%). Each chip holds 8 experts (1.4 GB of f32
+    weights per layer) for 512 tokens: gathering, converting and differentiating them is what the step reads.
 """
 
 from __future__ import annotations

@@ -10,31 +10,34 @@ move all the group's tokens and psum [T, d] partial sums). ``Layout`` says how o
 1. every device takes its own tokens: the batch is split over ``data``/``fsdp``/``expert`` and, sequence parallel,
    over ``tensor`` (``model.RESIDUAL``); tokens still replicated over an axis of the group (e.g. a decode step of
    one token) are split locally (``Layout.split``, padded; padding routes nowhere) and all-gathered afterwards;
-2. it sorts its T_l * k assignments by expert, hence by destination shard (expert // experts_per_shard);
-3. **dispatch in rounds** of C = ``chunk_rows`` = ceil(T_l * k / n_shards x slack) rows per destination: round r
-   sends each destination its assignments [r C, (r + 1) C) (token rows + local expert ids; rows past the
-   destination's count are padding with the sentinel local expert id) in one ``all_to_all`` of [n_shards, C, d];
+2. it sorts its T_l * k assignments by expert, hence by destination shard (expert // experts_per_shard), and the
+   group (the devices of the all-to-all) all-gathers its [source, destination] row counts;
+3. **dispatch in rounds** by ragged all-to-all (``ragged_exchange``): a destination shard receives what its
+   sources send it in source order, C = ``round_rows`` = ceil(T_l * k x slack) rows per round (``slack`` x the
+   mean a shard receives); round r moves the rows at positions [r C, (r + 1) C) of that order, each source's
+   contiguous part of it, into a [C, d] receive buffer (unfilled rows carry the sentinel local expert id);
 4. the receiving device sorts what it got by local expert and runs the SwiGLU experts as grouped matmuls
-   (``moe.grouped_matmul``), padding rows last and outside every group (they come out zero);
-5. **combine**: the reverse ``all_to_all`` returns each result row to the device and list position it came from;
+   (``moe.grouped_matmul``), unfilled rows last and outside every group (they come out zero);
+5. **combine**: the reverse ragged all-to-all returns each result row to its position in its source's list;
    after the last round each row is weighted by its gate and added into its token (with ``expert_ffw`` split over
    ``tensor``, where ``tensor`` does not divide the experts, the partial sums are ``psum``-ed once).
 
-Dropless, capacity-free: rounds continue until every assignment is sent. The round count R is the most any
-(source, destination) pair needs, ``dispatch_rounds`` = max ceil(count / C), made equal on every device by a
-``pmax`` over the mesh (the collectives in the loop must match). ``slack`` should cover the busiest pair of balanced
-routing — what DeepSeek-V3's auxiliary-loss-free bias balancing steers towards — so R is 1; a skewed batch costs more
-rounds, never dropped tokens. The buffers of a round are [n_shards, C, d], n_shards x C ~= T_l x k x slack rows,
-where one all-to-all of the worst case, ``dispatch_capacity`` = T_l x min(k, experts_per_shard) rows per
-destination, is n_shards x T_l x min(k, experts_per_shard). ``jax.lax.ragged_all_to_all`` would send only the filled
-rows (and size the buffers by what a destination receives in all, whose spread is far smaller than a pair's), but
-XLA:CPU (jax 0.10.2) does not implement it ("HLO opcode ragged-all-to-all is not supported"), so the tested path is
-this padded one.
+Dropless: rounds continue until every assignment is delivered. The round count R is what the most
+loaded shard needs, ``dispatch_rounds`` = max ceil(received / C), made equal on every device by a ``pmax`` over the
+mesh (the collectives in the loop must match). Under balanced routing — what DeepSeek-V3's auxiliary-loss-free bias
+balancing steers towards — what a shard receives from a whole group varies little (V3 on 2048 chips: the busiest of
+128 shards gets 1.05x the mean), so R is 1 with a 25% slack; a skewed batch costs more rounds, never dropped
+tokens. (A padded all-to-all of [n_shards, C, d] buffers has to size C by the busiest (source, destination) pair
+instead: 1.9x its 32-row mean for V3.) XLA:CPU does not implement ``ragged_all_to_all`` ("HLO opcode
+ragged-all-to-all is not supported"), so on CPU ``ragged_exchange`` emulates its semantics with a padded
+``all_to_all`` and a scatter (tested against the collective's documented example); TPU and GPU lower the collective.
 
-The rounds are a ``while_loop`` with a data-dependent trip count, which reverse-mode cannot differentiate:
-``sum_over_rounds`` gives it a custom VJP whose backward is a second loop over the same rounds, recomputing each
-under ``jax.vjp`` (the all-to-alls transpose to all-to-alls). XLA counts a loop body once in its cost analysis, so a
-compiled program's FLOPs and collective bytes hold one round (``tools/aot_compile.py`` scales them by an expected R).
+The rounds are a ``while_loop`` with a data-dependent trip count, which reverse-mode cannot differentiate. The
+routed experts have a custom VJP (``_expert_parallel``): its residuals are the inputs and each device's expert rows
+(``EXPERT_ROWS``, kept by the model's remat policies, so a layer's recompute runs no rounds), and its backward is
+one loop over the same rounds recomputing each under ``jax.vjp`` (``sum_over_rounds``' backward; the ragged
+all-to-alls transpose to ragged all-to-alls). XLA counts a loop body once in its cost analysis, so a compiled
+program's FLOPs and collective bytes hold one round (``tools/aot_compile.py`` scales them by an expected R).
 
 Expert weights enter the shard_map split over the group but whole along ``embed``: XLA all-gathers their fsdp shards
 before the layer and reduce-scatters their gradients after it, as FSDP does.
@@ -119,8 +122,8 @@ def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict, sl
     """Dropless SwiGLU experts for ``x[T, d]`` (or ``[b, t, d]``) routed by ``idx[..., k]`` with gates
     ``weights[..., k]`` -> ``x.shape``.
 
-    Same contract as ``moe.routed_experts``; expert-parallel all-to-all dispatch in rounds of ``chunk_rows(...,
-    slack)`` rows per destination when the mesh splits the experts (``layout``).
+    Same contract as ``moe.routed_experts``; expert-parallel ragged all-to-all dispatch in rounds of
+    ``round_rows(..., slack)`` rows per expert shard when the mesh splits the experts (``layout``).
     """
     (d, k), (n_exp, _, f) = (x.shape[-1], idx.shape[-1]), p["gate"].shape
     mesh = sharding.current_mesh()
