@@ -20,15 +20,15 @@ Activations per sequence of T tokens on the chip that holds it (XLA attention, r
 v6e-8 (v6e:2x4, 8 x 32 GB; ``model``/``mesh``/``batch``): fsdp 8, one sequence per chip, 8 sequences per
     micro-batch, 4 micro-batches per 32-sequence GRPO mini-batch. State with bf16 moments (f32 master weights and
     gradients): 91.4 / 8 = 11.4 GB per chip; the gradient accumulator adds 3.8 GB. The compiled policy update
-    (``tools/aot_compile.py r1_distill_qwen_7b``: ``grpo.update_minibatch``) needs 24.1 GB per chip (75% of HBM) at
-    3072 tokens (512 prompt + 2560 completion) with the Pallas flash kernel, est. 39.9% MFU; with XLA attention it
-    was 28.4 GB (89%), and 29.2 GB (91%) at 4096 tokens, over the 90% line (not recompiled with the kernel).
+    (``tools/aot_compile.py r1_distill_qwen_7b``: ``grpo.update_minibatch``) needs 24.5 GB per chip (77% of HBM) at
+    4096 tokens (512 prompt + 3584 completion) with the Pallas flash kernel (no score matrices), est. 46.9% MFU.
+    With XLA attention it compiled to 29.2 GB (91%) at 4096 tokens, so the preset had used 3072 (28.4 GB, 89%).
 v5e-8 (8 x 16 GB) does not hold the 7B update: even with bf16 parameters, gradients and moments the compiled update
     (XLA attention) needed 14.8-16.1 GB per chip (92-100%) for 1-2k-token sequences. Use v6e-8, v5p-8 or a v5e-16.
 H200 (``h200``, 141 GB, one GPU, memory arithmetic only: ``tools/aot_compile.py r1_distill_qwen_7b:h200``):
     f32 params and grads + bf16 moments 91.4 GB + 2 sequences x 4096 x ~11 GB ~= 113 GB (80%). f32 moments
     (121.8 GB) leave no room for a sequence. GPU mesh on n H200s: ``{"fsdp": n}``, f32 moments from n = 2.
-Roofline (model FLOPs 6 x 7.07 B x tokens): v6e-8, 4 x 24.6 k tokens -> 4.2e15 / (8 x 918e12) = 0.57 s at 100% MFU.
+Roofline (model FLOPs 6 x 7.07 B x tokens): v6e-8, 4 x 32.8 k tokens -> 5.6e15 / (8 x 918e12) = 0.76 s at 100% MFU.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def mesh() -> dict[str, int]:
 
 
 def batch() -> dict[str, int]:
-    """One sequence of 3072 tokens per v6e chip (4096 compiles to 91% of HBM, see the docstring)."""
-    return {"batch": 8, "seq_len": 3072}
+    """One sequence of 4096 tokens per v6e chip (77% of HBM with the flash kernel, see the docstring)."""
+    return {"batch": 8, "seq_len": 4096}
 
 
 def decode() -> dict[str, int]:
