@@ -169,9 +169,9 @@ def _every_device() -> PartitionSpec:
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _expert_parallel(plan: _Static, x, weights, idx, w_gate, w_up, w_down):
     """The routed experts under ``shard_map``. Custom VJP: the residuals are the inputs and each device's expert
-    output rows (``EXPERT_ROWS``, [T_l x k, d] per device; the model's remat policies keep them), so a layer's remat
-    recompute drops the forward's dispatch rounds, and the backward runs one loop of rounds (``sum_over_rounds``'s
-    backward) without a forward loop: the rounds run twice per step, not four times."""
+    output rows (``EXPERT_ROWS``, [T_l x k, d] per device; the model's remat policies keep them). So the forward
+    loop of rounds runs once per step: a layer's remat recompute has no use for it, and the backward is one loop
+    (``sum_over_rounds``' backward: each round recomputed under ``jax.vjp``) with no forward loop ahead of it."""
     return _forward_rows(plan, x, weights, idx, w_gate, w_up, w_down)[0]
 
 
