@@ -129,9 +129,8 @@ def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, p: dict, sl
     mesh = sharding.current_mesh()
     lay = layout(x.shape[:-1], n_exp, d, f, mesh)
     if lay is None:
-        flat = (x.reshape(-1, d), weights.reshape(-1, k), idx.reshape(-1, k))
-        return moe.routed_experts(*flat, p).reshape(x.shape)
-    plan = _Static(lay, n_exp, slack)
+        return moe.routed_experts(*_flat(x, weights, idx), p).reshape(x.shape)
+    plan = _Static(lay, n_exp, k, slack)
     return _expert_parallel(plan, x, weights, idx, p["gate"], p["up"], p["down"])
 
 
@@ -141,6 +140,7 @@ class _Static:
 
     lay: Layout
     n_exp: int
+    k: int
     slack: float
 
     def specs(self) -> tuple[PartitionSpec, ...]:
@@ -151,6 +151,11 @@ class _Static:
     @property
     def e_local(self) -> int:
         return self.n_exp // self.lay.n_shards
+
+    @property
+    def cap(self) -> int:
+        """Rows an expert shard receives per round (``round_rows``)."""
+        return round_rows(self.lay.tokens, self.k, self.lay.n_shards, self.e_local, self.slack)
 
 
 EXPERT_ROWS = "expert_rows"  # checkpoint name of the expert-parallel residual (the per-assignment expert outputs)
@@ -206,21 +211,18 @@ def _prepare(plan: _Static, x, weights, idx):
     lay = plan.lay
     xs, weights = _my_tokens(lay, x), _my_tokens(lay, weights)
     idx = _my_tokens(lay, idx, fill=plan.n_exp)  # padding tokens route to no expert: sorted last, sent nowhere
-    k = idx.shape[1]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     expert = flat[order]
     counts = jnp.bincount(expert // plan.e_local, length=lay.n_shards).astype(jnp.int32)  # padding: no shard
     counts = jax.lax.all_gather(counts, lay.group)  # [source, destination] over the group
-    cap = round_rows(lay.tokens, k, lay.n_shards, plan.e_local, plan.slack)
-    n_rounds = jax.lax.pmax(dispatch_rounds(counts.sum(0), cap), tuple(sharding.current_mesh().axis_names))
-    consts = (order // k, (expert % plan.e_local).astype(jnp.int32), counts)
+    n_rounds = jax.lax.pmax(dispatch_rounds(counts.sum(0), plan.cap), tuple(sharding.current_mesh().axis_names))
+    consts = (order // plan.k, (expert % plan.e_local).astype(jnp.int32), counts)
     return (xs, weights.reshape(-1)[order]), (n_rounds, consts)
 
 
-def _round_fn(plan: _Static, k: int):
-    cap = round_rows(plan.lay.tokens, k, plan.lay.n_shards, plan.e_local, plan.slack)
-    return partial(dispatch_round, cap=cap, e_local=plan.e_local, axis=plan.lay.group)
+def _round_fn(plan: _Static):
+    return partial(dispatch_round, cap=plan.cap, e_local=plan.e_local, axis=plan.lay.group)
 
 
 def _combine(plan: _Static, rows, gates, token, n_in: int):
@@ -246,7 +248,7 @@ def _device_forward(plan: _Static, x, weights, idx, *ws):
     xf, wf, idf = _flat(x, weights, idx)
     (xs, gates), (n_rounds, consts) = _prepare(plan, xf, wf, idf)
     ws = tuple(w.astype(x.dtype) for w in ws)
-    rows = _rounds_forward(_round_fn(plan, idf.shape[1]), n_rounds, consts, (xs, *ws))
+    rows = _rounds_forward(_round_fn(plan), n_rounds, consts, (xs, *ws))
     return _combine(plan, rows, gates.astype(x.dtype), consts[0], xf.shape[0]).reshape(x.shape), rows
 
 
@@ -262,14 +264,11 @@ def _device_backward(plan: _Static, x, weights, idx, w_gate, w_up, w_down, rows,
         lambda r, g: _combine(plan, r, g.astype(x.dtype), consts[0], xf.shape[0]), rows, prepared[1]
     )
     d_rows, d_gates = combine_vjp(ct.reshape(xf.shape))
-    round_fn = _round_fn(plan, idf.shape[1])
-    d_xs, *d_ws = _sum_over_rounds_bwd(round_fn, (n_rounds, consts, (prepared[0], *ws)), d_rows)[2:]
+    d_xs, *d_ws = _sum_over_rounds_bwd(_round_fn(plan), (n_rounds, consts, (prepared[0], *ws)), d_rows)[2:]
     dx, dw = prep_vjp((d_xs, d_gates))
     cts = (dx.reshape(x.shape), dw.reshape(weights.shape), *cast_vjp(tuple(d_ws)))
-    specs = [s for i, s in enumerate(plan.specs()) if i != 2]
-    return tuple(
-        jax.lax.psum(c, _replicated_over(s)) if _replicated_over(s) else c for c, s in zip(cts, specs, strict=True)
-    )
+    over = [_replicated_over(s) for i, s in enumerate(plan.specs()) if i != 2]  # idx has no cotangent
+    return tuple(jax.lax.psum(c, axes) if axes else c for c, axes in zip(cts, over, strict=True))
 
 
 def _my_tokens(lay: Layout, a: jax.Array, fill=0) -> jax.Array:
