@@ -12,6 +12,8 @@ name            source                                                 example f
                 directory of ``{split}.jsonl`` (problem, answer)
 ``countdown``   generated from ``seed`` (TinyZero, 3-4 numbers)         prompt, numbers, target, task, solution
 ``arithmetic``  generated from ``seed`` (multi-digit + - *)              prompt, answer, task "gsm8k", solution
+``search_qa``   generated from ``seed`` (two-hop questions; the corpus  prompt, answer, task "exact", subject,
+                is ``write_search_qa``'s ``corpus.jsonl``)              bridge, facts, queries
 a path          ``.jsonl`` / ``.parquet`` file, or a directory with     the record as is; ``prompt`` or
                 ``{split}.jsonl`` / ``{split}.parquet``                 ``messages`` required
 ==============  =====================================================  ==========================================
@@ -47,7 +49,7 @@ import numpy as np
 from r1jax.data.templates import build_prompt
 from r1jax.errors import R1jaxError
 
-NAMES = ("gsm8k", "math", "countdown", "arithmetic")
+NAMES = ("gsm8k", "math", "countdown", "arithmetic", "search_qa")
 
 
 class DataError(R1jaxError):

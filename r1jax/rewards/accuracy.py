@@ -1,13 +1,17 @@
-"""Accuracy rewards: math (symbolic equivalence with ``math-verify``) and GSM8K (exact numeric match).
+"""Accuracy rewards: math (symbolic equivalence with ``math-verify``), GSM8K (exact numeric match) and short text
+answers (normalised exact match).
 
-Both return 1.0 for a correct final answer and 0.0 otherwise, including when no answer can be extracted under the
+All return 1.0 for a correct final answer and 0.0 otherwise, including when no answer can be extracted under the
 rules of ``r1jax.rewards.extract`` (unclosed reasoning, several ``<answer>`` blocks, disagreeing ``\\boxed{}``).
-Metadata key: ``answer`` (the reference; a GSM8K solution string with ``####`` is accepted).
+Metadata key: ``answer`` (the reference; a GSM8K solution string with ``####`` is accepted; for exact match a list
+of accepted aliases).
 """
 
 from __future__ import annotations
 
 import functools
+import re
+import string
 import threading
 from collections.abc import Mapping
 from fractions import Fraction
@@ -90,12 +94,36 @@ def gsm8k_accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardConfig) 
     return 1.0 if pred is not None and pred == gold else 0.0
 
 
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def exact_match_accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardConfig) -> float:
+    """1.0 if the ``<answer>`` block (or single ``\\boxed{}``) equals ``meta["answer"]`` (a string, or a list of
+    accepted aliases) after ``normalize_text`` ("the Vexholm." == "vexholm"), else 0.0. An empty reference matches
+    nothing."""
+    gold = meta["answer"]
+    golds = {normalize_text(str(g)) for g in (gold if isinstance(gold, list | tuple) else [gold])} - {""}
+    answer, _ = extract_answer(completion, cfg.think_prefilled)
+    return 1.0 if answer is not None and normalize_text(answer) in golds else 0.0
+
+
 def accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardConfig) -> float:
-    """Dispatch on ``meta["task"]``: "math" (default), "gsm8k" or "countdown"."""
+    """Dispatch on ``meta["task"]``: "math" (default), "gsm8k", "countdown" or "exact"."""
     from r1jax.rewards.countdown import countdown_reward
 
     task = meta.get("task", "math")
-    fn = {"math": math_accuracy, "gsm8k": gsm8k_accuracy, "countdown": countdown_reward}.get(task)
+    fn = {
+        "math": math_accuracy,
+        "gsm8k": gsm8k_accuracy,
+        "countdown": countdown_reward,
+        "exact": exact_match_accuracy,
+    }.get(task)
     if fn is None:
         raise ValueError(f"unknown task {task!r}")
     return fn(completion, meta, cfg)

@@ -40,7 +40,12 @@ class Scorer:
                 missing = [k for k in spec.meta_keys if k not in meta]
                 if name == "accuracy":
                     task = meta.get("task", "math")
-                    keys = {"math": ("answer",), "gsm8k": ("answer",), "countdown": ("target", "numbers")}.get(task)
+                    keys = {
+                        "math": ("answer",),
+                        "gsm8k": ("answer",),
+                        "countdown": ("target", "numbers"),
+                        "exact": ("answer",),
+                    }.get(task)
                     if keys is None:
                         raise ValueError(f"metadata[{i}]: unknown task {task!r} for reward 'accuracy'")
                     missing = [k for k in keys if k not in meta]
@@ -145,8 +150,8 @@ def score(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Total reward float32[n] of each completion and per-function metrics.
 
-    ``metadata[i]`` holds what the functions read: ``answer`` (accuracy), ``task`` ("math" | "gsm8k" | "countdown"
-    for "accuracy"), ``target`` and ``numbers`` (countdown), ``num_tokens`` (overlong), ``language`` (optional).
+    ``metadata[i]`` holds what the functions read: ``answer`` (accuracy), ``task`` ("math" | "gsm8k" | "countdown" |
+    "exact" for "accuracy"), ``target`` and ``numbers`` (countdown), ``num_tokens`` (overlong), ``language`` (optional).
     Without ``pool``, a pool per (num_workers, memory_mb) is started on first use and kept until exit (workers are
     expensive to start); ``close_shared_pools()`` stops them.
     """

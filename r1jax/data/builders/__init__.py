@@ -7,6 +7,7 @@ builder                config                      source
 ``MathBuilder``        ``MathConfig``              local MATH-style JSONL (``problem``, ``answer``)
 ``CountdownBuilder``   ``CountdownConfig``         generated from a seed (TinyZero Countdown)
 ``ArithmeticBuilder``  ``ArithmeticConfig``        generated from a seed (multi-digit + - *)
+``SearchQABuilder``    ``SearchQAConfig``          generated from a seed (two-hop questions over fictional facts)
 =====================  ==========================  =============================================================
 
 TFDS ships its own ``gsm8k`` builder, but it downloads four files (incl. the socratic variants) from fixed URLs
@@ -28,6 +29,7 @@ from r1jax.data.builders.arithmetic import ArithmeticBuilder, ArithmeticConfig, 
 from r1jax.data.builders.countdown import CountdownBuilder, CountdownConfig, generate_countdown
 from r1jax.data.builders.gsm8k import Gsm8kBuilder, Gsm8kConfig
 from r1jax.data.builders.math_jsonl import MathBuilder, MathConfig
+from r1jax.data.builders.search_qa import SearchQABuilder, SearchQAConfig, generate_search_qa, write_search_qa
 from r1jax.data.datasets import DataError
 
 __all__ = [
@@ -39,9 +41,13 @@ __all__ = [
     "Gsm8kConfig",
     "MathBuilder",
     "MathConfig",
+    "SearchQABuilder",
+    "SearchQAConfig",
     "generate_arithmetic",
     "generate_countdown",
+    "generate_search_qa",
     "make_builder",
+    "write_search_qa",
 ]
 
 
@@ -69,4 +75,6 @@ def make_builder(
         return CountdownBuilder(config=CountdownConfig.make(seed=seed, **options), **kw)
     if name == "arithmetic":
         return ArithmeticBuilder(config=ArithmeticConfig.make(seed=seed, **options), **kw)
+    if name == "search_qa":
+        return SearchQABuilder(config=SearchQAConfig.make(seed=seed, **options), **kw)
     raise ValueError(f"unknown dataset {name!r}")
