@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from r1jax.tools.protocol import syntax_of
+
 # --- model ---------------------------------------------------------------------------------------------------------
 
 
@@ -391,6 +393,48 @@ class SamplingConfig:
             raise ValueError("stop strings must be non-empty")
 
 
+@dataclasses.dataclass(frozen=True)
+class ToolConfig:
+    """Multi-turn tool calling in rollouts (``r1jax.tool_rollout``; the tools and their tags: ``r1jax.tools``).
+
+    With ``tools`` empty, rollouts are single-turn. Otherwise the sampler stops after a call's closing tag (e.g.
+    ``</search>``), the tool runs on the host, its result block (e.g. ``<information>...</information>``) is appended
+    as context (loss, KL and ratio mask 0), and decoding goes on, for at most ``max_turns`` calls per trajectory;
+    past that, calls are plain text. The whole trajectory (model and result tokens) fits in the sampling budget
+    ``sampling.max_new_tokens``; ``max_turn_tokens`` bounds the model tokens of one turn (0: the remaining budget),
+    ``max_result_tokens`` / ``max_result_chars`` one result.
+    """
+
+    tools: tuple[str, ...] = ()  # names in r1jax.tools.TOOL_SYNTAX: "search", "python"
+    corpus: str | None = None  # search: a .jsonl of {"id", "title", "text"}
+    max_turns: int = 4  # tool calls executed per trajectory
+    max_turn_tokens: int = 0  # model tokens per turn; a turn that runs over ends the trajectory (truncated)
+    max_result_tokens: int = 256  # tokens of one result block (tags included); longer ones are cut
+    max_result_chars: int = 2000  # characters of one result's text, cut before tokenising
+    top_k: int = 3  # search: documents per query
+    timeout_s: float = 30.0  # wall-clock limit of one call (the tools bound themselves too)
+    num_threads: int = 8  # calls of one turn run concurrently on this many threads
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tools", tuple(self.tools))
+        for name in self.tools:
+            syntax_of(name)
+        if len(set(self.tools)) != len(self.tools):
+            raise ValueError(f"tools repeated: {self.tools}")
+        if self.max_turns < 1 or self.top_k < 1 or self.num_threads < 1:
+            raise ValueError("tools: max_turns, top_k and num_threads must be >= 1")
+        if self.max_turn_tokens < 0:
+            raise ValueError(f"tools.max_turn_tokens must be >= 0, got {self.max_turn_tokens}")
+        if self.max_result_tokens < 1 or self.max_result_chars < 1:
+            raise ValueError("tools: max_result_tokens and max_result_chars must be >= 1")
+        if self.timeout_s <= 0:
+            raise ValueError(f"tools.timeout_s must be > 0, got {self.timeout_s}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tools)
+
+
 # --- training ---------------------------------------------------------------------------------------------------------
 
 
@@ -519,6 +563,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
+    tools: ToolConfig = ToolConfig()  # multi-turn tool calls in GRPO rollouts (and tool results masked in SFT)
     sft_batch_size: int = 8  # SFT: packed rows per optimiser step
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     mesh: str = ""  # device mesh when ``r1jax train`` gets no --mesh, e.g. "fsdp=8" or "fsdp=16,tensor=8,expert=16"
@@ -538,6 +583,11 @@ class TrainConfig:
             )
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.tools.max_turn_tokens > self.sampling.max_new_tokens:
+            raise ValueError(
+                f"tools.max_turn_tokens ({self.tools.max_turn_tokens}) exceeds the trajectory budget "
+                f"sampling.max_new_tokens ({self.sampling.max_new_tokens})"
+            )
 
     @property
     def micro_batch(self) -> int:

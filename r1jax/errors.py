@@ -11,3 +11,7 @@ class CheckpointError(R1jaxError):
 
 class ConfigError(R1jaxError):
     """A configuration that cannot be used."""
+
+
+class ToolError(R1jaxError):
+    """A tool environment that cannot be built: an unknown tool, a missing or invalid corpus, no sandbox."""
