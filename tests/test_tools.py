@@ -2,13 +2,20 @@
 calls, result cleaning), the tool config, and bad input (unknown tool, invalid corpus, a call that never closes)."""
 
 import json
+import re
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from r1jax.config import ToolConfig, TrainConfig
+from r1jax.config import ModelConfig, SamplingConfig, ToolConfig, TrainConfig
 from r1jax.errors import ConfigError, ToolError
+from r1jax.grpo import sequence_logprobs
+from r1jax.model import init_params
+from r1jax.tool_rollout import sample_with_tools, tool_metrics
 from r1jax.tools import TOOL_SYNTAX, BM25Search, ToolCall, ToolEnv, ToolOutput, build_tools, load_corpus, result_spans
 from r1jax.tools.python import SandboxedPython
 from r1jax.train import apply_overrides
@@ -174,3 +181,104 @@ def test_python_tool_reports_stdout_and_failures():
     assert out.error == "exit" and out.text == "partial\nTraceback ...\nValueError: x\n[exit 1]"
     assert tool("while True: pass").error == "timeout"
     assert calls[0] == "print(6 * 7)"
+
+
+# --- the multi-turn loop -------------------------------------------------------------------------------------------
+WORDS = ["<eos>", "<unk>", "question", "compute", "<search>", "</search>", "<information>", "</information>",
+         "<python>", "</python>", "<output>", "</output>", "capital", "code", "answer", "zorblat", "4"]  # fmt: skip
+ID = {w: i for i, w in enumerate(WORDS)}
+TOY = ModelConfig(arch="qwen2", vocab_size=32, d_model=32, n_layers=1, n_heads=2, ffw=32, eos_token_ids=(0,))
+
+
+def toy_encode(text):
+    """Word tokens: tags and whitespace-separated words; unknown words -> <unk>."""
+    return [ID.get(w, ID["<unk>"]) for w in re.findall(r"<[^<>\s]+>|[^\s<]+", text)]
+
+
+def toy_decode(ids):
+    return " ".join(WORDS[i] if i < len(WORDS) else "<unk>" for i in ids if i != 0)
+
+
+# A deterministic bigram machine: the next token depends on the current one only.
+SCRIPT = {
+    "question": "<search>", "<search>": "capital", "capital": "</search>", "</information>": "answer",
+    "answer": "zorblat", "zorblat": "<eos>",
+    "compute": "<python>", "<python>": "code", "code": "</python>", "</python>": "<python>", "</output>": "<python>",
+}  # fmt: skip
+
+
+def bigram_params(cfg=TOY, script=SCRIPT, logit=30.0):
+    """Parameters whose layers add nothing (output and down projections zero), one-hot embeddings and an output head
+    that puts ``logit`` on ``script[token]`` (``<eos>`` by default): greedy decoding follows the script exactly."""
+    params = init_params(cfg, jax.random.key(0))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if jax.tree_util.keystr(p).endswith(("['o']", "['down']")) else x, params
+    )
+    head = np.zeros((cfg.d_model, cfg.vocab_size), np.float32)
+    for i in range(cfg.vocab_size):
+        head[i, ID[script.get(WORDS[i] if i < len(WORDS) else "", "<eos>")]] = logit / np.sqrt(cfg.d_model)
+    return {**params, "embed": jnp.eye(cfg.vocab_size, cfg.d_model), "lm_head": jnp.asarray(head)}
+
+
+def fake_python(code, **kw):
+    return _Result("ok", 0, "4\n", "")
+
+
+def toy_env(corpus, **kw):
+    cfg = ToolConfig(tools=("search", "python"), corpus=corpus, top_k=1, **kw)
+    return ToolEnv({"search": BM25Search.from_file(corpus, top_k=1), "python": SandboxedPython(run=fake_python)}, cfg)
+
+
+def test_loop_calls_the_tools_and_masks_their_results(corpus):
+    """A scripted model: prompt "question" searches, reads the result and answers; prompt "compute" calls python
+    again and again: two calls run (max_turns=2), then its closing tags are plain text and the budget cuts it inside a
+    call that never closes."""
+    T = 20
+    with toy_env(corpus, max_turns=2) as env:
+        ro = sample_with_tools(
+            bigram_params(), [[ID["question"]], [ID["compute"]]], jax.random.key(0), cfg=TOY,
+            sampling=SamplingConfig(temperature=0.0, max_new_tokens=T), env=env, group_size=2,
+            encode=toy_encode, decode=toy_decode, bucket=8,
+        )  # fmt: skip
+    found = "[1] Zorblat: Zorblat is the capital of Quenland, on the river Ames."
+    block = toy_encode(f"<information>{found}</information>")
+    a = [ID["<search>"], ID["capital"], ID["</search>"], *block, ID["answer"], ID["zorblat"], ID["<eos>"]]
+    call = [ID["<python>"], ID["code"], ID["</python>"]]
+    out = [ID["<output>"], ID["4"], ID["</output>"]]
+    b = (call + out + call + out + call * 3)[:T]  # the third call is text; cut after "<python> code"
+    for i, (want, n_calls) in enumerate([(a, 1), (a, 1), (b, 2), (b, 2)]):
+        assert ro.tokens[i, : ro.lengths[i]].tolist() == want
+        assert ro.num_calls[i] == n_calls
+    np.testing.assert_array_equal(ro.ended, [True, True, False, False])
+    np.testing.assert_array_equal(ro.open_call, [False, False, True, True])
+    env_a = np.zeros(T, np.float32)
+    env_a[3 : 3 + len(block)] = 1
+    env_b = np.zeros(T, np.float32)
+    env_b[[3, 4, 5, 9, 10, 11]] = 1
+    for i, want in enumerate([env_a, env_a, env_b, env_b]):
+        np.testing.assert_array_equal(ro.env_mask[i], want)
+        np.testing.assert_array_equal(ro.mask[i], (np.arange(T) < ro.lengths[i]) * (1 - want))
+        assert np.all(ro.logp[i][want > 0] == 0) and np.all(ro.logp[i][ro.mask[i] > 0] > -1e-3)
+    assert [(c.tool, c.argument, c.result) for c in ro.calls[0]] == [("search", "capital", found)]
+    assert [(c.tool, c.argument, c.result) for c in ro.calls[2]] == [("python", "code", "4")] * 2
+    m = tool_metrics(ro, ("search", "python"))
+    assert m["tools/calls_per_sample"] == 1.5 and m["tools/python/calls_per_sample"] == 1.0
+    assert m["tools/truncated_calls"] == 0.5 and m["tools/search/errors"] == 0.0
+
+
+def test_sampler_logprobs_equal_teacher_forced_over_trajectories(corpus):
+    """Temperature 1, a random model that closes calls by chance: the sampler's log-probs of the model tokens equal
+    the trainer's teacher-forced log-probs of the whole trajectory (result tokens as context) at rel 1e-4 in f32."""
+    params = init_params(TOY, jax.random.key(1), std=0.3)
+    prompts = [[ID["question"], ID["capital"]], [ID["compute"]], [ID["answer"], ID["code"], ID["4"]]]
+    with toy_env(corpus, max_turns=3, max_result_tokens=6) as env:
+        ro = sample_with_tools(
+            params, prompts, jax.random.key(2), cfg=TOY, sampling=SamplingConfig(temperature=1.0, max_new_tokens=24),
+            env=env, group_size=4, encode=toy_encode, decode=toy_decode, bucket=8,
+        )  # fmt: skip
+    assert (ro.num_calls >= 1).sum() >= 4 and (ro.num_calls >= 2).any()  # multi-turn rows exist
+    logp, _ = sequence_logprobs(params, ro.prompt_tokens, ro.prompt_start, ro.tokens, TOY, temperature=1.0)
+    m = ro.mask > 0
+    np.testing.assert_allclose(np.asarray(logp)[m], ro.logp[m], rtol=1e-4)
+    assert ro.env_mask.sum() > 0 and not np.any(m & (ro.env_mask > 0))
+    np.testing.assert_array_equal((ro.mask + ro.env_mask).sum(1), ro.lengths)
