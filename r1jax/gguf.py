@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -94,28 +93,56 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_tensors(path: str, reader=None) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """(HF key, loader) for every tensor, dequantised to float32 and in HF ``[out, in]`` layout."""
-    from gguf.quants import dequantize
+class GGUFTensors:
+    """The tensors of a GGUF file under their HF keys (``names``, ``shape``, ``location``, ``read``). ``read``
+    copies one tensor's bytes from the file (no memory map stays touched) and dequantises them to float32 in HF
+    ``[out, in]`` layout, with llama.cpp's rotary row permutation of q/k undone."""
 
-    reader = reader or _reader(path)
-    cfg = hf_config(path, reader)
-    for t in reader.tensors:
-        m, hf_key = next(((m, k) for p, k in NAMES if (m := re.fullmatch(p, t.name))), (None, None))
-        if m is None:
-            raise CheckpointError(f"{path}: unknown GGUF tensor {t.name!r}")
-        if hf_key is None:
-            continue
-        key = hf_key.format(i=m.group(1)) if m.groups() else hf_key
+    def __init__(self, path: str, reader=None):
+        self.path = path
+        reader = reader or _reader(path)
+        cfg = hf_config(path, reader)
         heads = {".attn_q.": cfg["num_attention_heads"], ".attn_k.": cfg.get("num_key_value_heads")}
-        n_head = next((h for tag, h in heads.items() if tag in t.name), None)
+        self._tensors = {}
+        for t in reader.tensors:
+            m, hf_key = next(((m, k) for p, k in NAMES if (m := re.fullmatch(p, t.name))), (None, None))
+            if m is None:
+                raise CheckpointError(f"{path}: unknown GGUF tensor {t.name!r}")
+            if hf_key is None:
+                continue
+            key = hf_key.format(i=m.group(1)) if m.groups() else hf_key
+            n_head = next((h for tag, h in heads.items() if tag in t.name), None)
+            # what the tensor's bytes read back as: the reader's own (memory-mapped) view gives dtype and shape
+            layout = (int(t.data_offset), int(t.n_bytes), t.data.dtype, tuple(t.data.shape), t.tensor_type)
+            self._tensors[key] = (tuple(int(s) for s in reversed(t.shape)), n_head, layout)
 
-        def load(t=t, n_head=n_head):
-            shape = tuple(int(s) for s in reversed(t.shape))
-            w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
-            return _unpermute(w, n_head) if n_head else w
+    def names(self) -> list[str]:
+        return list(self._tensors)
 
-        yield key, load
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._tensors[key][0]
+
+    def location(self, key: str) -> str:
+        return self.path
+
+    def read(self, key: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        shape, n_head, (offset, n_bytes, dtype, raw_shape, qtype) = self._tensors[key]
+        raw = np.empty(n_bytes, np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(offset)
+            if f.readinto(memoryview(raw)) != n_bytes:
+                raise CheckpointError(f"{self.path}: file ends inside tensor {key!r} (truncated?)")
+        w = np.asarray(dequantize(raw.view(dtype).reshape(raw_shape), qtype), np.float32).reshape(shape)
+        return _unpermute(w, n_head) if n_head else w
+
+
+def iter_tensors(path: str, reader=None):
+    """(HF key, loader) for every tensor, dequantised to float32 in HF ``[out, in]`` layout."""
+    tensors = GGUFTensors(path, reader)
+    for key in tensors.names():
+        yield key, (lambda k=key: tensors.read(k))
 
 
 def tokenizer_files(path: str, reader=None) -> dict[str, str]:

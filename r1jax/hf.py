@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeAlias
 
 import ml_dtypes
 import numpy as np
@@ -25,10 +27,16 @@ import numpy as np
 from r1jax.config import Arch, ModelConfig, RopeConfig
 from r1jax.errors import CheckpointError
 from r1jax.model import ParamSpec, param_specs
-from r1jax.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
+from r1jax.safetensors_io import SafetensorsFile, iter_checkpoint_files, write_sharded
 
 COPY, LINEAR, LINEAR2 = "copy", "linear", "linear2"
-OPTIONAL = (".e_score_correction_bias",)  # tensors that may be absent (left at their zero init)
+# ``read(path, index) -> params[path][index]``: how export and convert pull one parameter slice at a time.
+ParamReader: TypeAlias = Callable[[tuple[str, ...], tuple], np.ndarray]
+OPTIONAL = (".e_score_correction_bias",)
+FP8 = (
+    np.dtype(ml_dtypes.float8_e4m3fn),
+    np.dtype(ml_dtypes.float8_e5m2),
+)  # tensors that may be absent (left at their zero init)
 
 ATTN_MLA = [
     ("self_attn.q_proj.weight", "attn/q", LINEAR),
@@ -256,19 +264,124 @@ def read_config(path: str) -> dict:
 
 # --- tensors ----------------------------------------------------------------------------------------------------------
 def dequant_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128)) -> np.ndarray:
-    """DeepSeek fp8: ``W[i, j] = w[i, j] * scale_inv[i // 128, j // 128]`` (a multiply, despite the name)."""
+    """DeepSeek fp8: ``W[i, j] = w[i, j] * scale_inv[i // b0, j // b1]`` (a multiply, despite the name); computed
+    block row by block row so the only full-size array is the float32 result."""
     rows, cols = w.shape
-    s = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], 0), block[1], 1)[:rows, :cols]
-    if s.shape != w.shape:
+    b0, b1 = block
+    if scale_inv.shape != fp8_scale_shape(w.shape, block):
         raise CheckpointError(f"fp8 scale shape {scale_inv.shape} does not cover weight shape {w.shape}")
-    return w.astype(np.float32) * s
+    out = w.astype(np.float32)
+    s = scale_inv.astype(np.float32)
+    for i in range(s.shape[0]):
+        out[i * b0 : (i + 1) * b0] *= np.repeat(s[i], b1)[:cols]
+    return out
+
+
+def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+
+
+def _decode_scales(s: np.ndarray, scale_fmt: str | None, where: str) -> np.ndarray:
+    """Scales as float32: ``ue8m0`` scales are powers of two, stored as float32 or as biased exponents (e8m0/u8)."""
+    if s.dtype == np.uint8:
+        if scale_fmt != "ue8m0":
+            raise CheckpointError(f"{where}: uint8 scales need quantization_config.scale_fmt='ue8m0'")
+        return np.ldexp(np.float32(1), s.astype(np.int32) - 127)
+    s = s.astype(np.float32)
+    if scale_fmt == "ue8m0" and not np.all(np.frexp(s)[0] == 0.5):
+        raise CheckpointError(f"{where}: scale_fmt is ue8m0 but the scales are not powers of two")
+    return s
+
+
+class HFTensors:
+    """The tensors of a HF directory by key (``names``, ``shape``, ``location``, ``read``), from their safetensors
+    headers (every shard's header is validated up front). ``read`` returns one float32 tensor in HF layout; fp8
+    weights come dequantised with their ``weight_scale_inv`` blocks (``quantization_config``: ``weight_block_size``,
+    ``scale_fmt``), whose shapes are checked here, before anything is read."""
+
+    def __init__(self, directory: str, quantization: dict | None = None):
+        quantization = quantization or {}
+        self.block = tuple(quantization.get("weight_block_size") or (128, 128))
+        self.scale_fmt = quantization.get("scale_fmt")
+        self._files: dict[str, SafetensorsFile] = {}
+        for fname, names in iter_checkpoint_files(directory):
+            f = SafetensorsFile(fname)
+            held = set(f.names())
+            missing = [n for n in names if n not in held]
+            if missing:
+                raise CheckpointError(f"{fname}: index lists tensor {missing[0]!r} that the file does not hold")
+            self._files |= dict.fromkeys(names, f)
+        for key, f in self._files.items():
+            scale = self._files.get(key + "_scale_inv")
+            if f.dtype(key) in FP8 and scale is None:
+                raise CheckpointError(f"{f.path}: fp8 tensor {key!r} has no {key + '_scale_inv'!r}")
+            if scale is not None:
+                want = fp8_scale_shape(f.shape(key), self.block) if len(f.shape(key)) == 2 else None
+                got = scale.shape(key + "_scale_inv")
+                if got != want:
+                    raise CheckpointError(
+                        f"{scale.path}: {key + '_scale_inv'!r} has shape {got}, expected {want} for weight "
+                        f"{f.shape(key)} in {self.block[0]}x{self.block[1]} blocks"
+                    )
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._files[key].shape(key)
+
+    def location(self, key: str) -> str:
+        return self._files[key].path
+
+    def read(self, key: str) -> np.ndarray:
+        f = self._files[key]
+        scale = self._files.get(key + "_scale_inv")
+        if scale is None:
+            return f.read(key).astype(np.float32, copy=False)
+        s = _decode_scales(scale.read(key + "_scale_inv"), self.scale_fmt, scale.path)
+        return dequant_fp8(f.read(key), s, self.block)
+
+
+def hf_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF layout of a parameter slice of ``shape`` (``[out, in]`` for linears; biases flat)."""
+    if entry.transform == COPY:
+        return (math.prod(shape),) if entry.key.endswith(".bias") else tuple(shape)
+    n_in = 2 if entry.transform == LINEAR2 else 1
+    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+
+
+def check_tensors(tensors, cfg: ModelConfig, *, mtp: bool, source: str) -> dict[str, Entry]:
+    """Match a tensor store's keys against the table for ``cfg``, checking every shape once: an unknown key, a
+    wrong shape or a missing tensor is a ``CheckpointError`` naming the file. Returns the table by key."""
+    specs = param_specs(cfg, mtp=mtp)
+    table = {e.key: e for e in entries(cfg, mtp=mtp)}
+    mtp_ids = "|".join(map(str, _mtp_ids(cfg)))
+    for key in tensors.names():
+        entry = table.get(key)
+        if entry is None:
+            if IGNORED.match(key) or (mtp_ids and re.match(rf"model\.layers\.({mtp_ids})\.", key)):
+                continue
+            raise CheckpointError(
+                f"{tensors.location(key)}: tensor {key!r} does not match the config (weights/config mismatch)"
+            )
+        want = hf_shape(entry, _spec_at(specs, entry.path).shape[len(entry.index) :])
+        if tuple(tensors.shape(key)) != want:
+            raise CheckpointError(
+                f"{tensors.location(key)}: tensor {key!r} has shape {tuple(tensors.shape(key))}, expected {want} "
+                "(weights/config mismatch)"
+            )
+    held = set(tensors.names())
+    missing = [k for k in table if k not in held and not k.endswith(OPTIONAL)]
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]!r}")
+    return table
 
 
 def to_param(a: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.ndarray:
     """HF tensor -> parameter slice of ``shape``."""
     if transform != COPY:
         a = a.T
-    if a.size != int(np.prod(shape)):
+    if a.size != math.prod(shape):
         raise ValueError(f"has shape {a.shape}, expected {shape}")
     return a.reshape(shape)
 
@@ -278,41 +391,32 @@ def from_param(a: np.ndarray, transform: str, flat: bool = False) -> np.ndarray:
     if transform == COPY:
         return a.reshape(-1) if flat else a
     n_in = 2 if transform == LINEAR2 else 1
-    return a.reshape(int(np.prod(a.shape[:n_in])), -1).T
+    return a.reshape(math.prod(a.shape[:n_in]), -1).T
+
+
+def _mtp_ids(cfg: ModelConfig) -> list[int]:
+    return [cfg.n_layers + k for k in range(cfg.n_mtp_layers)]
 
 
 def iter_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """(key, loader) over every tensor of a HF directory, one file at a time; fp8 weights come dequantised."""
-    for fname, names in iter_checkpoint_files(path):
-        f = SafetensorsFile(fname)
-        missing = [n for n in names if n not in f.names()]
-        if missing:
-            raise CheckpointError(f"{fname}: index lists tensor {missing[0]!r} that the file does not hold")
-        name_set = set(f.names())
-        for name in names:
-            scale = name + "_scale_inv"
-            if scale in name_set:
-                yield name, (lambda f=f, n=name, s=scale: dequant_fp8(f.get(n), f.get(s)))
-            else:
-                yield name, (lambda f=f, n=name: f.get(n))
-
-
-def load_hf_params(path: str, cfg: ModelConfig, *, mtp: bool = False, dtype=np.float32) -> dict:
-    """Read a HF directory into a nested dict of numpy arrays matching ``param_specs(cfg, mtp=mtp)``."""
-    return assemble(iter_tensors(path), cfg, mtp=mtp, dtype=dtype, source=path)
+    """(key, loader) over every tensor of a HF directory; fp8 weights come dequantised."""
+    tensors = HFTensors(path, read_config(path).get("quantization_config"))
+    for key in tensors.names():
+        yield key, (lambda k=key: tensors.read(k))
 
 
 def assemble(tensors, cfg: ModelConfig, *, mtp: bool, dtype, source: str) -> dict:
-    """Place ``(key, loader)`` pairs into freshly allocated parameter arrays, checking every shape once."""
+    """Place ``(key, loader)`` pairs into freshly allocated parameter arrays (the whole model on the host; reading
+    through ``param_source.open_source`` reads slices instead)."""
     specs = param_specs(cfg, mtp=mtp)
     table = {e.key: e for e in entries(cfg, mtp=mtp)}
     out = _allocate(specs, dtype)
     seen: set[str] = set()
+    mtp_ids = "|".join(map(str, _mtp_ids(cfg)))
     for key, load in tensors:
         entry = table.get(key)
         if entry is None:
-            mtp_key = cfg.n_mtp_layers and re.match(rf"model\.layers\.({'|'.join(map(str, _mtp_ids(cfg)))})\.", key)
-            if IGNORED.match(key) or mtp_key:
+            if IGNORED.match(key) or (mtp_ids and re.match(rf"model\.layers\.({mtp_ids})\.", key)):
                 continue
             raise CheckpointError(f"{source}: tensor {key!r} does not match the config (weights/config mismatch)")
         spec = _spec_at(specs, entry.path)
@@ -328,10 +432,6 @@ def assemble(tensors, cfg: ModelConfig, *, mtp: bool, dtype, source: str) -> dic
     return out
 
 
-def _mtp_ids(cfg: ModelConfig) -> list[int]:
-    return [cfg.n_layers + k for k in range(cfg.n_mtp_layers)]
-
-
 def _allocate(specs: dict, dtype) -> dict:
     return {
         k: np.zeros(v.shape, np.dtype(v.dtype) if v.dtype else np.dtype(dtype))
@@ -341,19 +441,31 @@ def _allocate(specs: dict, dtype) -> dict:
     }
 
 
-def _node(tree: dict, path: tuple[str, ...]) -> np.ndarray:
+def _node(tree: dict, path: tuple[str, ...]):
     for p in path:
         tree = tree[p]
     return tree
 
 
 # --- export -----------------------------------------------------------------------------------------------------------
-def hf_tensors(params: dict, cfg: ModelConfig, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF key, tensor) for every parameter (inverse of ``load_hf_params``)."""
-    for e in entries(cfg, mtp="mtp" in params):
-        a = np.asarray(_node(params, e.path)[e.index])
-        keep = dtype if "router" not in e.path[-1] else np.float32
-        yield e.key, from_param(a, e.transform, flat=e.key.endswith(".bias")).astype(keep)
+def _export_dtype(entry: Entry, dtype) -> np.dtype:
+    return np.dtype(np.float32) if "router" in entry.path[-1] else np.dtype(dtype)
+
+
+def hf_layout(cfg: ModelConfig, *, mtp: bool, dtype) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """``(HF key, dtype, shape)`` of every tensor an export writes, in writing order (routers stay float32)."""
+    specs = param_specs(cfg, mtp=mtp)
+    return [
+        (e.key, _export_dtype(e, dtype), hf_shape(e, _spec_at(specs, e.path).shape[len(e.index) :]))
+        for e in entries(cfg, mtp=mtp)
+    ]
+
+
+def hf_pieces(read: ParamReader, cfg: ModelConfig, *, mtp: bool, dtype) -> Iterator[np.ndarray]:
+    """The tensors of ``hf_layout``, one at a time, each read as the parameter slice it comes from."""
+    for e in entries(cfg, mtp=mtp):
+        a = read(e.path, e.index)
+        yield np.ascontiguousarray(from_param(a, e.transform, flat=e.key.endswith(".bias")), _export_dtype(e, dtype))
 
 
 def hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
@@ -407,39 +519,35 @@ def hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
 
 
 def write_hf(
-    params: dict,
+    read: ParamReader,
     cfg: ModelConfig,
     out_dir: str,
     *,
+    mtp: bool = False,
     base_config: dict | None = None,
     extra_files: dict[str, str] | None = None,
     dtype=np.float32,
     shard_bytes: int = 2 << 30,
+    progress: str | None = None,
 ) -> None:
-    """Write a HF directory (config.json + sharded safetensors + index) atomically: temp dir, then rename."""
+    """Write a HF directory (config.json + safetensors shards + index) one tensor at a time, atomically (temporary
+    directory, renamed when complete). ``read(path, index)`` returns the parameter slice ``params[path][index]``
+    (a nested dict of arrays works too)."""
+    if isinstance(read, dict):
+        params = read
+
+        def read(path, index):
+            return np.asarray(_node(params, path)[index])
+
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".r1jax-export-", dir=parent)
     try:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for key, a in hf_tensors(params, cfg, dtype):
-            if size and size + a.nbytes > shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][key] = a
-            size += a.nbytes
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name))
-            weight_map |= dict.fromkeys(shard, name)
-        if len(shards) > 1:
-            total = sum(a.nbytes for s in shards for a in s.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            Path(tmp, "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        layout = hf_layout(cfg, mtp=mtp, dtype=dtype)
+        pieces = hf_pieces(read, cfg, mtp=mtp, dtype=dtype)
+        write_sharded(tmp, layout, pieces, shard_bytes=shard_bytes, metadata={"format": "pt"}, progress=progress)
         config = hf_config(cfg, base_config)
-        config["torch_dtype"] = config["dtype"] = np.dtype(dtype).name if dtype != ml_dtypes.bfloat16 else "bfloat16"
+        config["torch_dtype"] = config["dtype"] = dtype_name(dtype)
         Path(os.path.join(tmp, "config.json")).write_text(json.dumps(config, indent=2))
         for src_name, src in (extra_files or {}).items():
             shutil.copyfile(src, os.path.join(tmp, src_name))
@@ -447,6 +555,10 @@ def write_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def dtype_name(dtype) -> str:
+    return "bfloat16" if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else np.dtype(dtype).name
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
