@@ -171,10 +171,30 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _select_config(args):
+    """The ``SelectConfig`` of ``r1jax eval --select ...`` (None without ``--select``)."""
+    from r1jax.select import SelectConfig
+
+    if not args.select:
+        return None
+    try:
+        if args.verifier is not None:
+            _reward_config(args.verifier, None)  # an unknown name is refused like --rewards
+        return SelectConfig(
+            selectors=tuple(s.strip() for s in args.select.split(",") if s.strip()), verifier=args.verifier,
+            subsets=args.subsets, judge_subsets=min(args.judge_subsets, args.subsets),
+            judge_max_new_tokens=args.judge_max_new_tokens, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as e:
+        raise R1jaxError(f"--select: {e}") from None
+
+
 def _cmd_eval(args) -> int:
     from r1jax.evaluate import evaluate, metrics_markdown
+    from r1jax.select import plot_selection
 
     _sampling(args, args.temperature)
+    select = _select_config(args)
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise R1jaxError(f"--out {args.out}: its parent directory does not exist")
     model, tok, examples = _load(args)
@@ -182,7 +202,7 @@ def _cmd_eval(args) -> int:
         metrics = evaluate(
             model, tok, examples, k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             template=args.template, system=args.system, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-            rewards=_reward_config("accuracy", None, args.last_number),
+            rewards=_reward_config("accuracy", None, args.last_number), select=select,
         )  # fmt: skip
     except ValueError as e:
         raise R1jaxError(str(e)) from None
@@ -192,6 +212,8 @@ def _cmd_eval(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         write_text_atomic(os.path.join(args.out, "eval.json"), json.dumps({**metrics, **settings}, indent=2) + "\n")
         write_text_atomic(os.path.join(args.out, "eval.md"), metrics_markdown(metrics, title, settings))
+        if select is not None:
+            plot_selection(metrics["selection"], os.path.join(args.out, "selection.png"), title)
     print(json.dumps(metrics))
     return 0
 
@@ -220,6 +242,12 @@ def register(sub) -> None:
     e.add_argument("--k", type=int, default=4, help="samples per problem")
     e.add_argument("--temperature", type=float, default=0.6)
     e.add_argument("--out", default=None, help="directory for eval.json and eval.md (a markdown table)")
+    e.add_argument("--select", default=None, help="choose one answer of the k per problem and report accuracy "
+                   "against k (+ selection.png): comma-separated majority, verifier, judge")  # fmt: skip
+    e.add_argument("--verifier", default=None, help="the verifier selector's reward function (sees no hidden answer)")
+    e.add_argument("--subsets", type=int, default=32, help="subsets of size k' < k averaged per problem")
+    e.add_argument("--judge-subsets", type=int, default=4, help="of those, how many the model judges (a call each)")
+    e.add_argument("--judge-max-new-tokens", type=int, default=16)
     e.set_defaults(fn=_cmd_eval)
 
     r = sub.add_parser("report", help="plots and summary.md from RUN_DIR/metrics.jsonl into RUN_DIR/report/")

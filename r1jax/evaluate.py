@@ -13,22 +13,28 @@ majority answer among the k samples.
   sample with the winning answer was scored correct. No answer at all: not solved.
 
 Correctness is the ``accuracy`` reward (dispatching on the example's ``task``) reaching 1.
+
+Selection over the k samples (tree of agents; ``evaluate(select=SelectConfig(...))``, ``r1jax eval --select``):
+accuracy against k of the majority vote, a verifier reward and the model as judge, estimated without bias over
+subsets of the samples, beside the oracle pass@k. The selectors and the estimate are ``r1jax.select``; here they
+get their inputs: ``verifier_scores`` runs the verifier on ``verifier_view`` (no hidden answer), ``judge_asker``
+asks the model greedily.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from r1jax.config import RewardConfig, SamplingConfig
-from r1jax.data.templates import build_prompt, chat_messages
+from r1jax.data.templates import build_prompt, chat_messages, prompt_of
 from r1jax.rewards.accuracy import gsm8k_prediction
 from r1jax.rewards.extract import extract_answer
+from r1jax.select import SelectConfig, majority_pick, selection_curves, selection_markdown, verifier_view
 
 CORRECT_AT = 1.0 - 1e-6  # a reward at least this is "correct" (countdown gives 0.1 for a well-formed miss)
 
@@ -61,12 +67,8 @@ def majority_vote(answers: Sequence[str | None], correct: Sequence[bool]) -> boo
     """Is the majority answer of one problem correct? ``None`` answers abstain; ties go to the first seen."""
     if len(answers) != len(correct):
         raise ValueError(f"{len(answers)} answers but {len(correct)} correctness flags")
-    votes = Counter(a for a in answers if a is not None)
-    if not votes:
-        return False
-    top = max(votes.values())
-    winner = next(a for a in answers if a is not None and votes[a] == top)
-    return any(bool(c) for a, c in zip(answers, correct, strict=True) if a == winner)
+    pick = majority_pick(answers)
+    return pick is not None and any(bool(c) for a, c in zip(answers, correct, strict=True) if a == answers[pick])
 
 
 def maj_at_k(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]]) -> float:
@@ -112,6 +114,8 @@ def metrics_markdown(metrics: Mapping[str, Any], title: str, settings: Mapping[s
     lines.append(f"| length | mean completion tokens | {metrics['length_mean']:.1f} |")
     if settings:
         lines += ["", "Sampling: " + ", ".join(f"{key} = {value}" for key, value in settings.items()) + "."]
+    if "selection" in metrics:
+        lines += ["", "## Selection over k samples", "", selection_markdown(metrics["selection"]).rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -235,6 +239,57 @@ def _fields(cfg: Any) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+def verifier_scores(
+    samples: Sequence[Mapping[str, Any]], examples: Sequence[Mapping[str, Any]], verifier: str, rewards: RewardConfig
+) -> list[np.ndarray]:
+    """float32[k] per example: reward function ``verifier`` on each sample, given only ``verifier_view(example)``
+    (run like ``rewards``: same workers, timeout and answer rules). With no ``samples``, only checks that the
+    verifier can run on those views (one empty completion per task, in-process). A verifier that needs the hidden
+    reference is refused with ValueError."""
+    cfg = RewardConfig(**{**_fields(rewards), "functions": (verifier,), "weights": (1.0,)})
+    views = [verifier_view(ex) for ex in examples]
+    try:
+        if not samples:
+            from r1jax.rewards import Scorer
+
+            first = list({str(v.get("task")): v for v in reversed(views)}.values())
+            Scorer(RewardConfig(**{**_fields(cfg), "num_workers": 0})).components([""] * len(first), first)
+            return []
+        totals, _ = score_samples(samples, views, cfg)
+    except ValueError as e:
+        raise ValueError(
+            f"verifier {verifier!r}: {e}; a verifier sees each problem without its reference answer"
+        ) from None
+    return totals
+
+
+def judge_asker(
+    model: Any,
+    tokenizer: Any,
+    *,
+    template: str,
+    system: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+) -> Callable[[list[str]], list[str]]:
+    """``ask(prompts) -> replies``: the model's greedy replies to judge prompts, rendered with the evaluation's
+    template; prompts are batched by length (fewer padded shapes to compile) and the replies returned in order."""
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+
+    def ask(prompts: list[str]) -> list[str]:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = sample_completions(
+            model, tokenizer, [{"prompt": prompts[i]} for i in order], k=1, sampling=sampling, template=template,
+            system=system, batch_size=batch_size,
+        )  # fmt: skip
+        replies = [""] * len(prompts)
+        for i, sample in zip(order, out, strict=True):
+            replies[i] = sample["completions"][0]
+        return replies
+
+    return ask
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -251,6 +306,7 @@ def evaluate(
     batch_size: int = 8,
     seed: int = 0,
     rewards: RewardConfig | None = None,
+    select: SelectConfig | None = None,
     return_samples: bool = False,
 ) -> dict:
     """Sample ``k`` completions per problem and score them with the ``accuracy`` reward.
@@ -259,10 +315,15 @@ def evaluate(
     (``maj@k`` / ``pass@k`` keyed with the actual k, e.g. ``"maj@4"``), plus ``"samples"`` (per problem: prompt,
     completions, answers, correct) when ``return_samples``. Defaults follow R1's evaluation (temperature 0.6, top-p
     0.95). ``rewards`` overrides the scoring config (default: the ``accuracy`` reward alone, in worker processes).
+    With ``select``, ``"selection"`` holds accuracy against k per selector (``r1jax.select.selection_curves``)
+    with the oracle row ``"pass@k (oracle)"`` first.
     """
     examples = [dataset[i] for i in range(len(dataset) if limit is None else min(limit, len(dataset)))]
     if not examples:
         raise ValueError("no problems to evaluate")
+    rewards = rewards or RewardConfig(functions=("accuracy",), weights=(1.0,))
+    if select is not None and select.verifier:
+        verifier_scores([], examples, select.verifier, rewards)  # refuse a verifier that needs the answer, early
     sampling = SamplingConfig(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings)
     )
@@ -270,7 +331,6 @@ def evaluate(
         model, tokenizer, examples, k=k, sampling=sampling, template=template, system=system,
         batch_size=batch_size, seed=seed,
     )  # fmt: skip
-    rewards = rewards or RewardConfig(functions=("accuracy",), weights=(1.0,))
     acc = rewards.functions.index("accuracy") if "accuracy" in rewards.functions else None
     if acc is None:
         raise ValueError("evaluation needs the 'accuracy' reward in rewards.functions")
@@ -292,6 +352,18 @@ def evaluate(
         "truncated_frac": float(1.0 - ended.mean()),
         "answered_frac": float(np.mean([a is not None for row in answers for a in row])),
     }
+    if select is not None:
+        scores = verifier_scores(samples, examples, select.verifier, rewards) if select.verifier else None
+        ask = None
+        if "judge" in select.selectors:
+            ask = judge_asker(
+                model, tokenizer, template=template, system=system, max_new_tokens=select.judge_max_new_tokens,
+                batch_size=batch_size,
+            )  # fmt: skip
+        problems = [prompt_of(ex) for ex in examples]
+        selection = selection_curves(correct, answers, problems, select, verifier_scores=scores, ask=ask)
+        oracle = {"pass@k (oracle)": [pass_at_k(correct, size) for size in selection["ks"]]}
+        result["selection"] = {**selection, "curves": oracle | selection["curves"]}
     if return_samples:
         result["samples"] = [
             {"prompt": s["prompt"], "completions": s["completions"], "answers": a, "correct": [bool(x) for x in c]}
