@@ -80,10 +80,6 @@ class World:
     attrs: dict[str, dict[str, str]]
 
 
-def fact_id(entity: str, relation: str) -> str:
-    return f"{entity.lower()}-{relation}"
-
-
 def fact_text(entity: str, relation: str, value: str) -> str:
     return f"The {relation} of {entity} is {value}."
 
@@ -139,23 +135,21 @@ def make_world(cfg: SearchQAConfig) -> World:
     return World(links, attrs)
 
 
+def facts(world: World) -> list[tuple[str, str, str]]:
+    """Every fact as ``(entity, relation, value)`` in corpus order: students' relations, then masters' attributes."""
+    out = [(s, r, m) for split in ("train", "test") for s, rels in world.links[split].items() for r, m in rels.items()]
+    return out + [(m, a, v) for m, values in world.attrs.items() for a, v in values.items()]
+
+
 def corpus_records(world: World) -> list[dict]:
-    """Every fact as a search document ``{"id", "title", "text"}``: students' relations, then masters' attributes."""
-    docs = []
-    for split in ("train", "test"):
-        for student, rels in world.links[split].items():
-            docs += [
-                {"id": fact_id(student, r), "title": student, "text": fact_text(student, r, m)} for r, m in rels.items()
-            ]
-    for master, values in world.attrs.items():
-        docs += [
-            {"id": fact_id(master, a), "title": master, "text": fact_text(master, a, v)} for a, v in values.items()
-        ]
-    return docs
+    """The corpus: fact ``i`` of ``facts`` as the document ``{"id": str(i), "title": entity, "text": sentence}``
+    (short ids: the search tool prints them before every hit, inside the model's context)."""
+    return [{"id": str(i), "title": e, "text": fact_text(e, r, v)} for i, (e, r, v) in enumerate(facts(world))]
 
 
 def questions(world: World, split: str) -> list[dict]:
     """The split's examples: every student x relation x attribute, in a fixed order."""
+    ids = {(e, r): str(i) for i, (e, r, _) in enumerate(facts(world))}
     out = []
     for student, rels in world.links[split].items():
         for relation in RELATIONS:
@@ -168,7 +162,7 @@ def questions(world: World, split: str) -> list[dict]:
                         "task": "exact",
                         "subject": student,
                         "bridge": master,
-                        "facts": [fact_id(student, relation), fact_id(master, attribute)],
+                        "facts": [ids[student, relation], ids[master, attribute]],
                         "queries": [query(relation, student), query(attribute, master)],
                     }
                 )
