@@ -15,3 +15,7 @@ class ConfigError(R1jaxError):
 
 class ToolError(R1jaxError):
     """A tool environment that cannot be built: an unknown tool, a missing or invalid corpus, no sandbox."""
+
+
+class MetadataError(R1jaxError, ValueError):
+    """Example metadata a reward cannot use: a missing key, an unknown task, a code test without check()."""

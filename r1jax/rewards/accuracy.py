@@ -19,6 +19,7 @@ from typing import Any
 
 from r1jax.config import RewardConfig
 from r1jax.rewards.extract import extract_answer, find_boxed, gsm8k_gold, parse_number, split_reasoning
+from r1jax.rewards.outcome import Scored
 
 
 def _mv_timeout(cfg_timeout: float) -> int | None:
@@ -113,8 +114,10 @@ def exact_match_accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardCo
     return 1.0 if answer is not None and normalize_text(answer) in golds else 0.0
 
 
-def accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardConfig) -> float:
-    """Dispatch on ``meta["task"]``: "math" (default), "gsm8k", "countdown" or "exact"."""
+def accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardConfig) -> float | Scored:
+    """Dispatch on ``meta["task"]``: "math" (default), "gsm8k", "countdown", "exact" or "code" (the sandboxed tests
+    of ``r1jax.rewards.code``, which returns its value with counts)."""
+    from r1jax.rewards.code import code_reward
     from r1jax.rewards.countdown import countdown_reward
 
     task = meta.get("task", "math")
@@ -123,6 +126,7 @@ def accuracy(completion: str, meta: Mapping[str, Any], cfg: RewardConfig) -> flo
         "gsm8k": gsm8k_accuracy,
         "countdown": countdown_reward,
         "exact": exact_match_accuracy,
+        "code": code_reward,
     }.get(task)
     if fn is None:
         raise ValueError(f"unknown task {task!r}")

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from r1jax.rewards.outcome import Scored
+
 OK, ERROR, TIMEOUT, CRASH = "ok", "error", "timeout", "crash"
 _PRELOAD = ["r1jax.rewards", "math_verify"]  # imported before the memory bound and in the fork server
 
@@ -58,7 +60,8 @@ def _worker_main(conn: Connection, memory_mb: int) -> None:
             return
         task_id, fn, args = msg
         try:
-            result = (task_id, OK, float(fn(*args)))
+            value = fn(*args)
+            result = (task_id, OK, value if isinstance(value, Scored) else float(value))
         except BaseException as e:  # any failure of untrusted evaluation is a scored error
             result = (task_id, ERROR, f"{type(e).__name__}: {str(e)[:200]}")
         try:
@@ -105,11 +108,15 @@ class RewardPool:
         return _Worker(self._ctx, self.memory_mb)
 
     def run(
-        self, tasks: Sequence[tuple[Callable[..., float], tuple[Any, ...]]], timeout_s: float
+        self, tasks: Sequence[tuple[Callable[..., float], tuple[Any, ...]]], timeout_s: float | Sequence[float]
     ) -> list[tuple[str, Any]]:
         """Evaluate ``fn(*args)`` for every task; returns ``(status, value)`` per task in order. status is "ok"
-        (value: float), "error" (value: message), "timeout" or "crash" (value: None). The deadline of a task starts
-        when a worker receives it."""
+        (value: float, or the ``Scored`` the function returned), "error" (value: message), "timeout" or "crash"
+        (value: None). ``timeout_s`` is one deadline for all tasks or one per task; a task's deadline starts when
+        a worker receives it."""
+        timeouts = [float(timeout_s)] * len(tasks) if isinstance(timeout_s, int | float) else list(timeout_s)
+        if len(timeouts) != len(tasks):
+            raise ValueError(f"{len(timeouts)} timeouts for {len(tasks)} tasks")
         while len(self._workers) < self.num_workers:
             self._workers.append(self._spawn())
         results: list[tuple[str, Any] | None] = [None] * len(tasks)
@@ -134,7 +141,7 @@ class RewardPool:
                     pending.appendleft(i)
                     idle.append(replace(w))
                     continue
-                busy[w.conn] = (w, i, time.monotonic() + timeout_s)
+                busy[w.conn] = (w, i, time.monotonic() + timeouts[i])
             if not busy:
                 continue
             now = time.monotonic()

@@ -4,6 +4,7 @@ worker pool with a timeout; failures score ``cfg.floor``."""
 from __future__ import annotations
 
 import atexit
+import collections
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,7 +12,9 @@ from typing import Any
 import numpy as np
 
 from r1jax.config import RewardConfig
-from r1jax.rewards import registry
+from r1jax.errors import MetadataError
+from r1jax.rewards import code, registry
+from r1jax.rewards.outcome import as_scored
 from r1jax.rewards.pool import CRASH, ERROR, OK, TIMEOUT, RewardPool
 
 
@@ -34,10 +37,18 @@ class Scorer:
         self._own_pool = pool is None and cfg.num_workers > 0
         self.pool = RewardPool(cfg.num_workers, cfg.memory_mb) if self._own_pool else pool
 
-    def _check_meta(self, metadata: Sequence[Mapping[str, Any]]) -> None:
+    def _check_meta(self, metadata: Sequence[Mapping[str, Any]]) -> bool:
+        """Raise ``MetadataError`` for metadata a function cannot use; True when some program runs in the sandbox."""
+        runs_code = False
         for name, spec in zip(self.cfg.functions, self.specs, strict=True):
             for i, meta in enumerate(metadata):
                 missing = [k for k in spec.meta_keys if k not in meta]
+                if name == "code" or (name == "accuracy" and meta.get("task") == "code"):
+                    problem = code.meta_problem(meta)
+                    if problem is not None:
+                        raise MetadataError(f"metadata[{i}] for reward {name!r}: {problem}")
+                    runs_code = True
+                    continue
                 if name == "accuracy":
                     task = meta.get("task", "math")
                     keys = {
@@ -47,20 +58,25 @@ class Scorer:
                         "exact": ("answer",),
                     }.get(task)
                     if keys is None:
-                        raise ValueError(f"metadata[{i}]: unknown task {task!r} for reward 'accuracy'")
+                        raise MetadataError(f"metadata[{i}]: unknown task {task!r} for reward 'accuracy'")
                     missing = [k for k in keys if k not in meta]
                 if missing:
-                    raise ValueError(f"reward {name!r} needs metadata keys {missing} (missing in metadata[{i}])")
+                    raise MetadataError(f"reward {name!r} needs metadata keys {missing} (missing in metadata[{i}])")
+        return runs_code
 
     def components(
         self, completions: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> tuple[np.ndarray, dict[str, float]]:
         """Per-function values float32[n, k] (k = len(cfg.functions)), clipped to each function's range, and metrics:
-        ``rewards/<name>/mean``, ``.../timeouts``, ``.../errors`` (exceptions, crashes, non-finite values) and
-        ``rewards/too_long`` (completions over ``cfg.max_chars``, scored ``floor`` without evaluation)."""
+        ``rewards/<name>/mean``, ``.../timeouts``, ``.../errors`` (exceptions, crashes, non-finite values), the sums
+        of the counts a function returns with its value (``Scored``; the code reward's sandbox outcomes:
+        ``rewards/code/sandbox_timeout``, ...) and ``rewards/too_long`` (completions over ``cfg.max_chars``, scored
+        ``floor`` without evaluation). Raises ``SandboxUnavailable`` before any work when programs are to run in
+        a sandbox this machine cannot make."""
         if len(completions) != len(metadata):
             raise ValueError(f"{len(completions)} completions but {len(metadata)} metadata dicts")
-        self._check_meta(metadata)
+        if self._check_meta(metadata):
+            code.check_available(self.cfg)
         cfg = self.cfg
         texts = [sanitize(c) for c in completions]
         too_long = [len(t) > cfg.max_chars for t in texts]
@@ -71,20 +87,25 @@ class Scorer:
         jobs = [(i, j) for i in range(n) if not too_long[i] for j in range(k)]
         tasks = [(self.specs[j].fn, (texts[i], metas[i], cfg)) for i, j in jobs]
         if self.pool is not None:
-            outcomes = self.pool.run(tasks, cfg.timeout_s)
+            outcomes = self.pool.run(tasks, [self.specs[j].timeout_s(metas[i], cfg) for i, j in jobs])
         else:
             outcomes = [_run_inline(fn, args) for fn, args in tasks]
-        for (i, j), (st, value) in zip(jobs, outcomes, strict=True):
-            if st == OK and not math.isfinite(value):
-                st = ERROR
+        counts: list[collections.Counter] = [collections.Counter() for _ in range(k)]
+        for (i, j), (st, result) in zip(jobs, outcomes, strict=True):
+            scored = as_scored(result) if st == OK else None
+            if scored is not None:
+                counts[j].update(scored.counts)
+                if not math.isfinite(scored.value):
+                    st = ERROR
             status[i, j] = st
             if st == OK:
-                values[i, j] = min(max(value, self.specs[j].low), self.specs[j].high)
+                values[i, j] = min(max(scored.value, self.specs[j].low), self.specs[j].high)
         metrics: dict[str, float] = {"rewards/too_long": float(sum(too_long))}
         for j, name in enumerate(cfg.functions):
             metrics[f"rewards/{name}/mean"] = float(values[:, j].mean()) if n else 0.0
             metrics[f"rewards/{name}/timeouts"] = float(np.sum(status[:, j] == TIMEOUT))
             metrics[f"rewards/{name}/errors"] = float(np.sum((status[:, j] == ERROR) | (status[:, j] == CRASH)))
+            metrics |= {f"rewards/{name}/{key}": float(v) for key, v in sorted(counts[j].items())}
         return values.astype(np.float32), metrics
 
     def score(
@@ -116,7 +137,7 @@ class Scorer:
 
 def _run_inline(fn: Any, args: tuple[Any, ...]) -> tuple[str, Any]:
     try:
-        return OK, float(fn(*args))
+        return OK, as_scored(fn(*args))
     except Exception as e:  # same contract as the pool: a failing evaluation is a scored error
         return ERROR, f"{type(e).__name__}: {e}"
 
@@ -151,7 +172,8 @@ def score(
     """Total reward float32[n] of each completion and per-function metrics.
 
     ``metadata[i]`` holds what the functions read: ``answer`` (accuracy), ``task`` ("math" | "gsm8k" | "countdown" |
-    "exact" for "accuracy"), ``target`` and ``numbers`` (countdown), ``num_tokens`` (overlong), ``language`` (optional).
+    "exact" | "code" for "accuracy"), ``target`` and ``numbers`` (countdown), ``num_tokens`` (overlong), ``language``
+    (optional), ``tests`` or ``test`` + ``entry_point`` (+ ``prefix``) (code).
     Without ``pool``, a pool per (num_workers, memory_mb) is started on first use and kept until exit (workers are
     expensive to start); ``close_shared_pools()`` stops them.
     """

