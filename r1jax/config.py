@@ -322,6 +322,20 @@ class GRPOConfig:
 LANGUAGES = frozenset({"en", "zh", "ja", "ko", "ru", "ar"})  # language-consistency targets
 
 
+class CodeSandbox(enum.StrEnum):
+    """Where the ``code`` reward runs programs: the bubblewrap sandbox, or (unsafe) directly on the host."""
+
+    BWRAP = "bwrap"
+    NONE = "none"  # UNSAFE: no isolation, only rlimits and the deadline; warned about on every program
+
+
+class CodeScore(enum.StrEnum):
+    """The ``code`` reward's value: the fraction of tests passed, or 1 only when all pass."""
+
+    FRACTION = "fraction"
+    ALL = "all"
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """Rule-based rewards: which functions, their weights, and how they are run (see ``r1jax.rewards``).
@@ -341,26 +355,20 @@ class RewardConfig:
     target_language: str = "en"  # language-consistency target: en, zh, ja, ko, ru, ar (meta["language"] overrides)
     gsm8k_last_number: bool = False  # GSM8K: without tags/\boxed/####, fall back to the last number in the answer
     countdown_exact_use: bool = True  # TinyZero: every given number exactly once (False: at most once)
-class CodeSandbox(enum.StrEnum):
-    """Where the ``code`` reward runs programs: the bubblewrap sandbox, or (unsafe) directly on the host."""
-
-    BWRAP = "bwrap"
-    NONE = "none"  # UNSAFE: no isolation, only rlimits and the deadline; warned about on every program
-
-
-class CodeScore(enum.StrEnum):
-    """The ``code`` reward's value: the fraction of tests passed, or 1 only when all pass."""
-
-    FRACTION = "fraction"
-    ALL = "all"
-
-
     countdown_format_score: float = 0.1  # TinyZero: a parseable equation that misses scores this
     overlong_max_tokens: int = 1024  # DAPO soft overlong punishment: L_max
     overlong_buffer_tokens: int = 256  # DAPO: L_cache, the linear ramp before L_max
+    code_sandbox: CodeSandbox = CodeSandbox.BWRAP  # "none" runs model-written code on the host: never for RL
+    code_score: CodeScore = CodeScore.FRACTION
+    code_wall_s: float = 10.0  # per program run (one per stdin/stdout test; one for a check(candidate) test)
+    code_cpu_s: float = 5.0  # per process
+    code_memory_mb: int = 512  # address space per process
+    code_max_procs: int = 8  # processes per run: a run's memory is bounded by code_max_procs x code_memory_mb
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "functions", tuple(self.functions))
+        object.__setattr__(self, "code_sandbox", _as_enum(CodeSandbox, self.code_sandbox, "code_sandbox"))
+        object.__setattr__(self, "code_score", _as_enum(CodeScore, self.code_score, "code_score"))
         object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         if len(self.functions) != len(self.weights):
             raise ValueError(f"{len(self.functions)} reward functions but {len(self.weights)} weights")
@@ -377,17 +385,13 @@ class CodeScore(enum.StrEnum):
         if self.max_chars < 1:
             raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
         if self.target_language not in LANGUAGES:
-    code_sandbox: CodeSandbox = CodeSandbox.BWRAP  # "none" runs model-written code on the host: never for RL
-    code_score: CodeScore = CodeScore.FRACTION
-    code_wall_s: float = 10.0  # per program run (one per stdin/stdout test; one for a check(candidate) test)
-    code_cpu_s: float = 5.0  # per process
-    code_memory_mb: int = 512  # address space per process
-    code_max_procs: int = 8  # processes per run: a run's memory is bounded by code_max_procs x code_memory_mb
             raise ValueError(f"target_language={self.target_language!r}: expected one of {sorted(LANGUAGES)}")
         if not 0 <= self.overlong_buffer_tokens < self.overlong_max_tokens:
             raise ValueError("need 0 <= overlong_buffer_tokens < overlong_max_tokens")
-        object.__setattr__(self, "code_sandbox", _as_enum(CodeSandbox, self.code_sandbox, "code_sandbox"))
-        object.__setattr__(self, "code_score", _as_enum(CodeScore, self.code_score, "code_score"))
+        if not 0 < self.code_cpu_s <= self.code_wall_s:
+            raise ValueError(f"need 0 < code_cpu_s <= code_wall_s, got {self.code_cpu_s}, {self.code_wall_s}")
+        if self.code_memory_mb < 32 or self.code_max_procs < 1:
+            raise ValueError("need code_memory_mb >= 32 and code_max_procs >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,10 +411,6 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.code_cpu_s <= self.code_wall_s:
-            raise ValueError(f"need 0 < code_cpu_s <= code_wall_s, got {self.code_cpu_s}, {self.code_wall_s}")
-        if self.code_memory_mb < 32 or self.code_max_procs < 1:
-            raise ValueError("need code_memory_mb >= 32 and code_max_procs >= 1")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
