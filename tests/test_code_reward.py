@@ -205,7 +205,7 @@ def _hostile(port: int, home_secret: Path, host_pids: list[int]) -> dict[str, tu
             "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
             "timeout",
         ),
-        "allocate without end": ("x = []\nwhile True:\n    x.append(bytearray(1 << 24))\n", "error"),
+        "allocate without end": ("x = []\nwhile True:\n    x.append(bytearray(1 << 24))\n", "error timeout"),
         "loop forever": ("while True:\n    pass\n", "killed timeout"),  # CPU limit, or the wall clock on a busy host
         "kill the parent": (
             "import os, signal, time\n"
