@@ -33,6 +33,7 @@ import numpy as np
 from r1jax.config import RewardConfig, SamplingConfig
 from r1jax.data.templates import build_prompt, chat_messages, prompt_of
 from r1jax.rewards.accuracy import gsm8k_prediction
+from r1jax.rewards.code import extract_program
 from r1jax.rewards.extract import extract_answer
 from r1jax.select import SelectConfig, majority_pick, selection_curves, selection_markdown, verifier_view
 
@@ -87,8 +88,11 @@ def answer_key(
 
     gsm8k: the number the ``accuracy`` reward reads (``gsm8k_prediction``: ``<answer>`` / ``\\boxed`` / ``####``,
     and the last number with ``last_number``) as a reduced fraction string; math: the extracted answer with
-    whitespace removed; countdown and others: the extracted ``<answer>`` / boxed text with whitespace removed.
+    whitespace removed; code: the program the code reward runs, whitespace removed (identical programs vote
+    together); countdown and others: the extracted ``<answer>`` / boxed text with whitespace removed.
     """
+    if meta.get("task") == "code":
+        return "".join(extract_program(completion).split()) or None
     if meta.get("task", "math") == "gsm8k":
         value = gsm8k_prediction(completion, think_prefilled, last_number)
         return None if value is None else str(value)

@@ -305,3 +305,29 @@ def test_hostile_program(pool, listener, home_secret, name):
     if name == "background process":
         time.sleep(1.2)  # past the moment the daemon would have written
         assert not os.path.exists(HOST_CANARY) and not os.path.exists(REPO_CANARY)
+
+
+def test_evaluate_counts_passing_programs_correct(problems, monkeypatch):
+    """``r1jax eval`` on code problems: a sample is correct when its program passes; identical programs vote
+    together in maj@k."""
+    from r1jax import evaluate as ev
+
+    sample = problems[:2]
+    wrong = [_fence(p["prefix"] + "    return None\n") for p in sample]
+    scripted = {p["prompt"]: [p["solution"], w, p["solution"], w] for p, w in zip(sample, wrong, strict=True)}
+    scripted[sample[1]["prompt"]][2] = wrong[1]  # problem 1: one right, three wrong
+
+    def fake_sample(model, tokenizer, examples, *, k, sampling, template, system, batch_size, seed, **kw):
+        return [
+            {"prompt": ex["prompt"], "think_prefilled": False, "completions": scripted[ex["prompt"]],
+             "lengths": [9] * 4, "ended": [True] * 4}
+            for ex in examples
+        ]  # fmt: skip
+
+    monkeypatch.setattr(ev, "sample_completions", fake_sample)
+    cfg = RewardConfig(functions=("accuracy",), weights=(1.0,), **FAST)
+    out = ev.evaluate(None, None, sample, k=4, template="plain", rewards=cfg, return_samples=True)
+    assert out["samples"][0]["correct"] == [True, False, True, False]
+    assert out["samples"][1]["correct"] == [True, False, False, False]
+    assert out["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert out["maj@4"] == pytest.approx(0.5)  # problem 0: a tie, the first seen (right) wins; problem 1: wrong
