@@ -534,7 +534,7 @@ def write_hf(
     directory, renamed when complete). ``read(path, index)`` returns the parameter slice ``params[path][index]``
     (a nested dict of arrays works too)."""
     if isinstance(read, dict):
-        params = read
+        params, mtp = read, "mtp" in read
 
         def read(path, index):
             return np.asarray(_node(params, path)[index])

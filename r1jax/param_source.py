@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from r1jax import gguf, hf
 from r1jax.config import ModelConfig, RopeConfig
 from r1jax.errors import CheckpointError
 from r1jax.model import ParamSpec, param_specs
-from r1jax.safetensors_io import SafetensorsFile, iter_checkpoint_files
+from r1jax.safetensors_io import SafetensorsFile, iter_checkpoint_files, write_sharded
 
 META = "r1jax.json"
 FORMAT = 2
@@ -236,7 +237,7 @@ def _r1jax_source(path: str, mtp: bool) -> ParamSource:
     specs = param_specs(cfg, mtp=mtp)
     common = dict(cfg=cfg, hf_config=meta.get("hf_config") or {}, tokenizer_files=_tokenizer_files(path), mtp=mtp)
     if meta.get("format", 1) == FORMAT:
-        return _stored_source(path, specs, np.dtype(meta.get("dtype", cfg.param_dtype)), common)
+        return _stored_source(path, specs, np.dtype(cfg.param_dtype), common)
     return _orbax_source(path, specs, np.dtype(cfg.param_dtype), common)
 
 
@@ -325,3 +326,74 @@ def _orbax_source(path: str, specs: dict, dtype: np.dtype, common: dict) -> Para
 def nbytes(specs: dict, dtype) -> int:
     """Bytes of the whole parameter tree with undeclared dtypes stored as ``dtype``."""
     return sum(math.prod(s.shape) * np.dtype(s.dtype or dtype).itemsize for _, s in leaves(specs))
+
+
+# --- writing format 2 -------------------------------------------------------------------------------------------------
+def piece_depths(cfg: ModelConfig, *, mtp: bool) -> dict[tuple[str, ...], int]:
+    """Per parameter, how many leading axes one HF tensor covers (layer, expert): the unit a conversion streams."""
+    return {e.path: len(e.index) for e in hf.entries(cfg, mtp=mtp)}
+
+
+def stored_pieces(src: ParamSource, dtype) -> Iterator[np.ndarray]:
+    """The data of ``stored_layout(src.specs, ...)`` in order, one HF-tensor-sized piece at a time."""
+    depths = piece_depths(src.cfg, mtp=src.mtp)
+    for path, spec in leaves(src.specs):
+        dt = np.dtype(spec.dtype) if spec.dtype else np.dtype(dtype)
+        for lead in itertools.product(*map(range, spec.shape[: depths.get(path, 0)])):
+            yield src.read(path, lead, dt)
+
+
+def partial_dir(out_dir: str) -> str:
+    """Where a conversion writes until it is complete: a fixed sibling name, so a rerun after a kill starts over
+    in the same place (and removes what the killed run left)."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, f".r1jax-partial-{name}")
+
+
+def write_checkpoint(
+    src: ParamSource,
+    out_dir: str,
+    *,
+    dtype=None,
+    tokenizer_files: dict[str, str] | None = None,
+    shard_bytes: int = 4 << 30,
+    progress: bool = True,
+) -> ModelConfig:
+    """Stream ``src`` into a format-2 r1jax checkpoint at ``out_dir``, one HF-tensor-sized piece at a time (peak
+    memory: a few tensors). ``dtype`` (default: the source's) is the stored dtype of parameters that declare none;
+    the saved config's ``dtype``/``param_dtype`` say so. The directory appears, complete, only at the end; the
+    same inputs give byte-identical files. Returns the saved config."""
+    dtype = np.dtype(dtype) if dtype is not None else src.dtype
+    name = hf.dtype_name(dtype)
+    cfg = src.cfg if name == src.cfg.param_dtype else src.cfg.replace(dtype=name, param_dtype=name)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{out_dir}: parent directory does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"{out_dir}: parent directory is not writable")
+    tmp = partial_dir(out_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
+    try:
+        layout = stored_layout(src.specs, cfg, dtype)
+        write_sharded(
+            tmp,
+            layout,
+            stored_pieces(src, dtype),
+            shard_bytes=shard_bytes,
+            metadata={"format": "r1jax"},
+            progress="convert" if progress else None,
+        )
+        meta = {"format": FORMAT, "config": config_to_dict(cfg), "hf_config": src.hf_config, "mtp": src.mtp}
+        files = src.tokenizer_files if tokenizer_files is None else tokenizer_files
+        try:
+            for fname, text in sorted(files.items()):
+                Path(tmp, fname).write_text(text)
+            Path(tmp, META).write_text(json.dumps(meta, indent=2))
+        except OSError as e:
+            raise CheckpointError(f"{tmp}: write failed ({e.strerror})") from None
+        hf._replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cfg
