@@ -143,7 +143,8 @@ def _ancestors(path: str) -> list[str]:
 
 
 def _shared_libraries(paths: list[str]) -> set[str]:
-    """Absolute paths of the shared objects (and the dynamic loader) that ``ldd`` resolves for ``paths``."""
+    """Absolute paths of the shared objects (and the dynamic loader) that ``ldd`` resolves for ``paths``, as the
+    loader names them (bwrap binds a symlink's target at the symlink's path)."""
     ldd = shutil.which("ldd")
     if ldd is None:
         raise SandboxUnavailable("cannot find the interpreter's shared libraries: no 'ldd' on PATH")
@@ -155,16 +156,17 @@ def _shared_libraries(paths: list[str]) -> set[str]:
         target = line.split("=>", 1)[-1].split(" (0x", 1)[0].strip()
         if target.startswith("/"):
             libs.add(target)
-            libs.add(os.path.realpath(target))
     return libs
 
 
 def _extension_modules(roots: list[str], skip: tuple[str, ...]) -> list[str]:
+    """The stdlib's extension modules, less Tk's (no display in a sandbox; its X11 and font libraries would double
+    the bind mounts, each of which costs sandbox start-up time)."""
     found = []
     for root in roots:
         for here, dirs, files in os.walk(root):
             dirs[:] = [d for d in dirs if os.path.join(here, d) not in skip]
-            found += [os.path.join(here, name) for name in files if name.endswith(".so")]
+            found += [os.path.join(here, f) for f in files if f.endswith(".so") and not f.startswith("_tkinter")]
     return found
 
 
