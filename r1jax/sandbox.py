@@ -42,6 +42,8 @@ import functools
 import logging
 import math
 import os
+import re
+import select
 import selectors
 import shutil
 import signal
@@ -205,13 +207,13 @@ def _sandbox_uid() -> int:
     return _ROOT_CALLER_UID_BASE + os.getpid() % (1 << 20)
 
 
-def _bwrap_argv(limits: SandboxLimits, program_fd: int) -> list[str]:
+def _bwrap_argv(limits: SandboxLimits, program_fd: int, status_fd: int) -> list[str]:
     """bwrap's command line. A non-root caller gets a user namespace whose uid 65534 is the caller's own uid. Root
     is exempt from RLIMIT_NPROC even as the root of a user namespace (which maps to real root), so a root caller's
     sandbox unshares every other namespace, keeps only CAP_SETUID/CAP_SETGID, and the bootstrap drops to an
     unprivileged uid (and with it every capability) before the program starts."""
     interp = _interpreter()
-    argv = [bwrap_binary(), "--die-with-parent", "--new-session"]
+    argv = [bwrap_binary(), "--die-with-parent", "--new-session", "--json-status-fd", str(status_fd)]
     if os.geteuid() == 0:
         argv += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup"]
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -307,13 +309,16 @@ def run_python(
 
 def _run_sandboxed(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
     fd = os.memfd_create("program.py")
+    status_r, status_w = os.pipe()
     try:
         os.write(fd, source.encode("utf-8", "replace"))
         os.lseek(fd, 0, os.SEEK_SET)
-        argv = _bwrap_argv(limits, fd)
-        return _execute(argv, stdin, limits, cwd="/", env={}, pass_fds=(fd,))
+        argv = _bwrap_argv(limits, fd, status_w)
+        return _execute(argv, stdin, limits, cwd="/", env={}, pass_fds=(fd, status_w), status=(status_r, status_w))
     finally:
-        os.close(fd)
+        for f in (fd, status_r, status_w):
+            with contextlib.suppress(OSError):
+                os.close(f)
 
 
 def _run_unsandboxed(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
@@ -326,9 +331,18 @@ def _run_unsandboxed(source: str, stdin: str, limits: SandboxLimits) -> SandboxR
 
 
 def _execute(
-    argv: list[str], stdin: str, limits: SandboxLimits, *, cwd: str, env: dict[str, str], pass_fds: tuple[int, ...]
+    argv: list[str],
+    stdin: str,
+    limits: SandboxLimits,
+    *,
+    cwd: str,
+    env: dict[str, str],
+    pass_fds: tuple[int, ...],
+    status: tuple[int, int] | None = None,
 ) -> SandboxResult:
-    """Start ``argv`` in its own process group, feed ``stdin``, collect capped output, enforce the deadline."""
+    """Start ``argv`` in its own process group, feed ``stdin``, collect capped output, enforce the deadline.
+    ``status``: the (read, write) ends of bwrap's ``--json-status-fd`` pipe, from which the sandbox's PID-namespace
+    init is learnt, so that the call returns only once it (and with it every process of the sandbox) is gone."""
     start = time.monotonic()
     proc = subprocess.Popen(
         argv,
@@ -340,17 +354,21 @@ def _execute(
         pass_fds=pass_fds,
         start_new_session=True,
     )
+    init = None
     try:
-        status, out, err = _communicate(proc, stdin.encode("utf-8", "replace"), limits, start + limits.wall_s)
+        if status is not None:
+            os.close(status[1])
+            init = _sandbox_init(status[0], start + limits.wall_s)
+        cut, out, err = _communicate(proc, stdin.encode("utf-8", "replace"), limits, start + limits.wall_s)
     finally:
-        _kill_group(proc)
+        _kill_group(proc, init)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             stream.close()
-    returncode = proc.returncode if status is None else None
-    if status is None:
-        status = OK if returncode == 0 else KILLED if returncode < 0 or returncode > 128 else ERROR
+    returncode = proc.returncode if cut is None else None
+    if cut is None:
+        cut = OK if returncode == 0 else KILLED if returncode < 0 or returncode > 128 else ERROR
     return SandboxResult(
-        status,
+        cut,
         returncode,
         out.decode("utf-8", "replace"),
         err.decode("utf-8", "replace"),
@@ -411,14 +429,41 @@ def _cut(chunks: dict[int, bytearray], proc: subprocess.Popen, limits: SandboxLi
     return bytes(chunks[proc.stdout.fileno()][:cap]), bytes(chunks[proc.stderr.fileno()][:cap])
 
 
+def _sandbox_init(status_fd: int, deadline: float) -> int | None:
+    """A pidfd of the sandbox's PID-namespace init (bwrap's first JSON status line names its pid), or None when
+    bwrap ended without starting one."""
+    text = b""
+    while b"\n" not in text and time.monotonic() < deadline:
+        ready, _, _ = select.select([status_fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(status_fd, 4096) if ready else b""
+        if not chunk:
+            break
+        text += chunk
+    found = re.search(rb'"child-pid"\s*:\s*(\d+)', text)
+    if found is None:
+        return None
+    try:
+        return os.pidfd_open(int(found.group(1)))
+    except ProcessLookupError:  # already gone
+        return None
+
+
 def _exited(pid: int) -> bool:
     """Whether ``pid`` has exited, without reaping it (its process group id stays reserved until the kill)."""
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the call's whole process group (bwrap and, through its PID namespace, everything inside), then reap.
-    The leader is not reaped before the kill, so the group id cannot have been reused."""
+def _kill_group(proc: subprocess.Popen, init: int | None) -> None:
+    """SIGKILL the call's process group (bwrap) and the sandbox's init, wait until the init has exited (the kernel
+    kills every other process of its PID namespace before that), then reap bwrap. The group's leader is not reaped
+    before the kill, so its id cannot have been reused; the init is addressed by a pidfd, so neither can its."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    if init is not None:
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(init, signal.SIGKILL)
+            select.select([init], [], [], 30.0)  # readable once the init has exited
+        finally:
+            os.close(init)
     proc.wait()

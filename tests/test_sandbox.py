@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -153,6 +154,9 @@ def test_wall_clock_kills_a_sleeper_and_its_children():
     assert _live_pids_with(marker) == []
     with subprocess.Popen([sys.executable, *sleep[1:]]) as alive:  # the check sees such a process when there is one
         try:
+            deadline = time.monotonic() + 10
+            while not _live_pids_with(marker) and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the child has exec'd
             assert _live_pids_with(marker) == [alive.pid]
         finally:
             alive.kill()
