@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from r1jax import sandbox
 from r1jax.config import RewardConfig
 from r1jax.data.builders import humaneval
 from r1jax.data.datasets import DataError, load_dataset
@@ -169,8 +170,6 @@ def test_code_jsonl_format(tmp_path):
 
 
 def test_no_sandbox_refuses_in_one_line(pool, monkeypatch):
-    from r1jax import sandbox
-
     monkeypatch.setattr(sandbox, "_probe", lambda: "the bubblewrap sandbox does not work here: no user namespaces")
     with pytest.raises(SandboxUnavailable, match="^the bubblewrap sandbox does not work here"):
         _score(pool, ["print(1)"], [{"tests": [{"input": "", "output": "1"}]}])
@@ -242,20 +241,26 @@ def _hostile(port: int, home_secret: Path, host_pids: list[int]) -> dict[str, tu
     }
 
 
-def _descendants(pids: list[int]) -> list[int]:
-    """Live processes below ``pids`` (an idle pool worker has none: no sandbox process may outlive its call)."""
-    parent = {}
+def _leftovers(workers: list[int]) -> list[int]:
+    """Live processes below the pool's workers (an idle worker has none) and, for a root caller, live processes of
+    the uids the workers' sandboxes run as (which catches those reparented away from the worker)."""
+    parent, uid = {}, {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
                 parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{entry}/status") as f:
+                uid[int(entry)] = int(next(line for line in f if line.startswith("Uid:")).split()[1])
+        except (OSError, ValueError, IndexError, StopIteration):
             continue
-    found, frontier = [], set(pids)
+    found, frontier = set(), set(workers)
     while frontier:
         frontier = {p for p, pp in parent.items() if pp in frontier}
-        found += frontier
-    return found
+        found |= frontier
+    if os.geteuid() == 0:
+        uids = {sandbox._ROOT_CALLER_UID_BASE + w % (1 << 20) for w in workers}
+        found |= {p for p, u in uid.items() if u in uids}
+    return sorted(found)
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +300,7 @@ def test_hostile_program(pool, listener, home_secret, name):
     # the host and the pool are unharmed
     assert pool.restarts == restarts and [w.proc.pid for w in pool._workers] == workers
     assert all(w.proc.is_alive() for w in pool._workers)
-    assert _descendants(workers) == []
+    assert _leftovers(workers) == []
     with pytest.raises(BlockingIOError):
         listener.accept()
     assert not os.path.exists(HOST_CANARY) and not os.path.exists(REPO_CANARY)
