@@ -4,7 +4,9 @@ replacement of workers that hang or die.
 Workers are started with the ``forkserver`` method (``spawn`` where it is unavailable), never plain ``fork``: the
 parent holds JAX's threads and device state, which a forked child must not inherit. Each worker bounds its address
 space with ``resource.setrlimit(RLIMIT_AS)`` to its size after imports plus ``memory_mb``; a ``MemoryError`` is
-reported like any other exception. A task that overruns its deadline gets its worker killed (SIGKILL) and replaced;
+reported like any other exception. Processes a worker starts inherit that bound as a ceiling: the code reward's
+sandboxes (``r1jax.sandbox``, started with vfork/exec, which needs no address space of its own) lower it to
+their own limit. A task that overruns its deadline gets its worker killed (SIGKILL) and replaced;
 so does a worker that dies (segfault, OOM kill).
 
 As with any non-fork start method, workers re-import the parent's ``__main__`` module: a script that starts a pool
