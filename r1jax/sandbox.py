@@ -316,7 +316,7 @@ def _run_sandboxed(source: str, stdin: str, limits: SandboxLimits) -> SandboxRes
         argv = _bwrap_argv(limits, fd, status_w)
         return _execute(argv, stdin, limits, cwd="/", env={}, pass_fds=(fd, status_w), status=(status_r, status_w))
     finally:
-        for f in (fd, status_r, status_w):
+        for f in (fd, status_r):  # status_w is closed by _execute, once: a second close could hit another thread's fd
             with contextlib.suppress(OSError):
                 os.close(f)
 
@@ -344,20 +344,23 @@ def _execute(
     ``status``: the (read, write) ends of bwrap's ``--json-status-fd`` pipe, from which the sandbox's PID-namespace
     init is learnt, so that the call returns only once it (and with it every process of the sandbox) is gone."""
     start = time.monotonic()
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=cwd,
-        env=env,
-        pass_fds=pass_fds,
-        start_new_session=True,
-    )
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            pass_fds=pass_fds,
+            start_new_session=True,
+        )
+    finally:
+        if status is not None:  # the child has its copy; ours is closed here and nowhere else
+            os.close(status[1])
     init = None
     try:
         if status is not None:
-            os.close(status[1])
             init = _sandbox_init(status[0], start + limits.wall_s)
         cut, out, err = _communicate(proc, stdin.encode("utf-8", "replace"), limits, start + limits.wall_s)
     finally:
