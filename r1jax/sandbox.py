@@ -13,8 +13,9 @@ A program runs in a fresh sandbox per call:
 - a uid that is not root: for a non-root caller, uid/gid 65534 inside a user namespace (``--unshare-user``) that
   maps it to the caller's own uid. Root is exempt from RLIMIT_NPROC even as the root of a user namespace (it maps
   to real root), so for a root caller every namespace but the user one is unshared and the bootstrap drops to a
-  uid of its own (``2**20 + pid % 2**20``, no account's), losing every capability with it. All capabilities
-  dropped either way, ``--new-session`` (no terminal injection), ``--die-with-parent``, an empty environment;
+  uid of the call's own (``sandbox_uids``: above 2**20, no account's), losing every capability with it. All
+  capabilities dropped either way, ``--new-session`` (no terminal injection), ``--die-with-parent``, an empty
+  environment;
 - rlimits set in the sandbox before the program is exec'd: CPU seconds, address space, processes (effective because
   the uid is not root), file size, open files, no core dumps;
 - a wall-clock deadline, after which the whole process group is killed. When the program exits, or bwrap is
@@ -39,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
@@ -59,6 +61,8 @@ OK, ERROR, TIMEOUT, KILLED, OUTPUT_LIMIT = "ok", "error", "timeout", "killed", "
 STATUSES = (OK, ERROR, TIMEOUT, KILLED, OUTPUT_LIMIT)
 SANDBOX_UID = 65534  # the uid inside a non-root caller's user namespace ("nobody")
 _ROOT_CALLER_UID_BASE = 1 << 20  # a root caller's sandboxes run as uids from here up (no account uses them)
+_UIDS_PER_PROCESS = 64
+_CALLS = itertools.count()  # next() is atomic: calls from several threads get different uids
 _PROGRAM = "/tmp/main.py"
 _log = logging.getLogger(__name__)
 
@@ -201,10 +205,16 @@ def bwrap_binary() -> str:
         return path
 
 
+def sandbox_uids(pid: int) -> range:
+    """The uids a root caller's sandboxes run as, for the calling process ``pid``: 64 of its own (as isolate gives
+    each box its own), taken in turn, so that a fork bomb in one sandbox does not spend the process limit of the
+    others running at the same time (up to 64 of them per process)."""
+    first = _ROOT_CALLER_UID_BASE + (pid % (1 << 16)) * _UIDS_PER_PROCESS
+    return range(first, first + _UIDS_PER_PROCESS)
+
+
 def _sandbox_uid() -> int:
-    """The uid a root caller's sandbox runs as: one per calling process (as isolate gives each box its own), so the
-    process limit of one sandbox is not spent by a fork bomb in another."""
-    return _ROOT_CALLER_UID_BASE + os.getpid() % (1 << 20)
+    return sandbox_uids(os.getpid())[next(_CALLS) % _UIDS_PER_PROCESS]
 
 
 def _bwrap_argv(limits: SandboxLimits, program_fd: int, status_fd: int) -> list[str]:

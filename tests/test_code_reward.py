@@ -258,7 +258,7 @@ def _leftovers(workers: list[int]) -> list[int]:
         frontier = {p for p, pp in parent.items() if pp in frontier}
         found |= frontier
     if os.geteuid() == 0:
-        uids = {sandbox._ROOT_CALLER_UID_BASE + w % (1 << 20) for w in workers}
+        uids = {u for w in workers for u in sandbox.sandbox_uids(w)}
         found |= {p for p, u in uid.items() if u in uids}
     return sorted(found)
 

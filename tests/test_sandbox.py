@@ -1,6 +1,7 @@
 """The bubblewrap sandbox: isolation (files, network, processes), rlimits, the deadline, the output cap, and refusal
 when no sandbox can be had. The hostile programs scored through the reward pool are in test_code_reward.py."""
 
+import concurrent.futures
 import logging
 import os
 import socket
@@ -48,8 +49,8 @@ def test_identity_and_namespaces():
         limits=FAST,
     )
     uid, gid, pid, host, cwd = r.stdout.splitlines()[0].split()
-    expected = sandbox._sandbox_uid() if os.geteuid() == 0 else sandbox.SANDBOX_UID  # never root
-    assert (int(uid), int(gid), host, cwd) == (expected, expected, "sandbox", "/tmp")
+    uids = sandbox.sandbox_uids(os.getpid()) if os.geteuid() == 0 else [sandbox.SANDBOX_UID]  # never root
+    assert int(uid) == int(gid) and int(uid) in uids and (host, cwd) == ("sandbox", "/tmp")
     assert int(pid) <= 3  # a fresh PID namespace: bwrap's init is 1
     assert r.stdout.splitlines()[1] == "['HOME', 'PWD', 'TMPDIR']"  # cleared environment (bwrap sets PWD)
 
@@ -184,6 +185,18 @@ def test_process_limit():
     r = run_python(src, limits=SandboxLimits(max_procs=8, wall_s=3.0))
     forked, error = r.stdout.split()
     assert int(forked) < 8 and error == "BlockingIOError", r.stdout
+
+
+def test_fork_bomb_does_not_starve_a_concurrent_sandbox():
+    """Sandboxes running at the same time do not share a process limit (a root caller's get different uids)."""
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    limits = SandboxLimits(max_procs=8, wall_s=4.0)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bombing = pool.submit(run_python, bomb, limits=limits)
+        time.sleep(1.0)  # the bomb is at its limit by now
+        results = [run_python("import os\nos.fork() or print('forked')", limits=limits) for _ in range(3)]
+        assert bombing.result().status == "timeout"
+    assert [(r.status, r.stdout) for r in results] == [("ok", "forked\n")] * 3
 
 
 def test_output_cap():
