@@ -2,6 +2,7 @@
 stdin/stdout tests, fraction vs all-or-nothing, bad input, and hostile programs that must score 0 within their time
 limit, leave the host and the pool unharmed and show in the metrics."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ from r1jax.data.builders import humaneval
 from r1jax.data.datasets import DataError, load_dataset
 from r1jax.errors import MetadataError
 from r1jax.rewards import RewardPool, Scorer, extract_program
-from r1jax.rewards.code import code_timeout_s, normalize_output
+from r1jax.rewards.code import COUNTS, code_timeout_s, normalize_output
 from r1jax.sandbox import SandboxUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +118,22 @@ def test_stdin_stdout_fraction_and_all(pool):
     rewards, metrics = _score(pool, [adder, "print(3)"], [meta] * 2, cfg)
     np.testing.assert_array_equal(rewards, [0, 0])
     assert metrics["rewards/code/tests_run"] == 4 + 2  # all-or-nothing stops at the first failure
+
+
+def test_pool_deadline_cut_reports_zero_counts_and_leaves_nothing(pool):
+    """When the pool's deadline (here shorter than the sandbox's own) kills a worker in the middle of a run, the
+    code counts are still in the metrics, and the sandbox dies with its worker (``--die-with-parent``)."""
+    scorer = Scorer(CODE, pool=pool)
+    scorer.specs[0] = dataclasses.replace(scorer.specs[0], timeout_s=lambda meta, cfg: 1.0)
+    _score(pool, ["print(1)"], [{"tests": [{"input": "", "output": "1"}]}])  # workers up
+    workers = [w.proc.pid for w in pool._workers]
+    _, metrics = scorer.score(["import time\ntime.sleep(30)"], [{"tests": [{"input": "", "output": ""}]}])
+    assert metrics["rewards/code/timeouts"] == 1
+    assert {k: metrics[f"rewards/code/{k}"] for k in COUNTS} == dict.fromkeys(COUNTS, 0.0)
+    deadline = time.monotonic() + 10
+    while _leftovers(workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _leftovers(workers) == []
 
 
 def test_program_extraction_and_comparison():

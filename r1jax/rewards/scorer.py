@@ -37,17 +37,18 @@ class Scorer:
         self._own_pool = pool is None and cfg.num_workers > 0
         self.pool = RewardPool(cfg.num_workers, cfg.memory_mb) if self._own_pool else pool
 
-    def _check_meta(self, metadata: Sequence[Mapping[str, Any]]) -> bool:
-        """Raise ``MetadataError`` for metadata a function cannot use; True when some program runs in the sandbox."""
-        runs_code = False
-        for name, spec in zip(self.cfg.functions, self.specs, strict=True):
+    def _check_meta(self, metadata: Sequence[Mapping[str, Any]]) -> set[int]:
+        """Raise ``MetadataError`` for metadata a function cannot use; returns the functions (indices) that run
+        programs in the sandbox for this batch."""
+        runs_code = set()
+        for j, (name, spec) in enumerate(zip(self.cfg.functions, self.specs, strict=True)):
             for i, meta in enumerate(metadata):
                 missing = [k for k in spec.meta_keys if k not in meta]
                 if name == "code" or (name == "accuracy" and meta.get("task") == "code"):
                     problem = code.meta_problem(meta)
                     if problem is not None:
                         raise MetadataError(f"metadata[{i}] for reward {name!r}: {problem}")
-                    runs_code = True
+                    runs_code.add(j)
                     continue
                 if name == "accuracy":
                     task = meta.get("task", "math")
@@ -75,7 +76,8 @@ class Scorer:
         a sandbox this machine cannot make."""
         if len(completions) != len(metadata):
             raise ValueError(f"{len(completions)} completions but {len(metadata)} metadata dicts")
-        if self._check_meta(metadata):
+        runs_code = self._check_meta(metadata)
+        if runs_code:
             code.check_available(self.cfg)
         cfg = self.cfg
         texts = [sanitize(c) for c in completions]
@@ -90,7 +92,8 @@ class Scorer:
             outcomes = self.pool.run(tasks, [self.specs[j].timeout_s(metas[i], cfg) for i, j in jobs])
         else:
             outcomes = [_run_inline(fn, args) for fn, args in tasks]
-        counts: list[collections.Counter] = [collections.Counter() for _ in range(k)]
+        # the code counts are reported even when every evaluation failed, so a metric's keys do not vary by batch
+        counts = [collections.Counter(dict.fromkeys(code.COUNTS, 0) if j in runs_code else {}) for j in range(k)]
         for (i, j), (st, result) in zip(jobs, outcomes, strict=True):
             scored = as_scored(result) if st == OK else None
             if scored is not None:
