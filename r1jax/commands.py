@@ -24,7 +24,11 @@ from r1jax.errors import R1jaxError
 
 def _add_model_data_args(p, default_template: str = "r1_zero") -> None:
     p.add_argument("model", help="HF directory, .gguf file or r1jax checkpoint / run directory")
-    p.add_argument("--data", required=True, help="dataset name (gsm8k, math, countdown, arithmetic) or a file/dir")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset name (gsm8k, math, countdown, arithmetic, search_qa, humaneval) or a file/dir",
+    )
     p.add_argument("--split", default="train")
     p.add_argument("--data-dir", default=None, help="where named datasets are prepared (TFDS data_dir)")
     p.add_argument("--template", default=default_template, help="r1_zero | chat | plain | a '{prompt}' string")

@@ -508,7 +508,7 @@ class Stage(enum.StrEnum):
 class DataConfig:
     """Where prompts (GRPO) or prompt + completion pairs (SFT) come from (see ``r1jax.data.datasets``)."""
 
-    name: str = "countdown"  # gsm8k | math | countdown | arithmetic | a .jsonl/.parquet path or directory
+    name: str = "countdown"  # gsm8k | math | countdown | arithmetic | search_qa | humaneval | a jsonl/parquet path
     split: str = "train"
     source: str | None = None  # the file/directory for "math"
     data_dir: str | None = None  # TFDS data_dir for prepared datasets (None: TFDS's default)
