@@ -49,9 +49,9 @@ class SearchQAConfig(tfds.core.BuilderConfig):
     OPTIONS = ("seed", "train_students", "test_students", "train_masters", "test_masters", "cities", "guilds")
 
     seed: int = 0
-    train_students: int = 300  # x 4 questions each = 1,200 training questions
+    train_students: int = 1200  # x 4 questions each = 4,800 training questions (many names: a model learns to copy)
     test_students: int = 50  # 200 test questions
-    train_masters: int = 60
+    train_masters: int = 240
     test_masters: int = 20
     cities: int = 24
     guilds: int = 12
