@@ -7,6 +7,10 @@ strict format); ``--keep correct`` keeps the samples whose total reward reaches 
 give. Each output line is ``{"prompt", "completion", "reward", "answer", "correct", "task"}`` plus ``messages`` (the
 chat turns with the assistant reply) under ``--template chat``; the file is written to a temporary sibling and
 renamed, so a crash never leaves a partial file under the final name.
+
+With ``--tools search[,python]`` (``--corpus``, ``--max-turns``) both commands sample multi-turn tool trajectories
+(``r1jax.tool_rollout``): completions keep their tool turns as text, results included (SFT on such traces masks
+the results out of the loss when the run sets ``tools.tools``), and ``eval`` reports ``tool_calls_mean``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ def _add_model_data_args(p, default_template: str = "r1_zero") -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None)
     p.add_argument("--options", default="", help="generated datasets' options, e.g. min_digits=1,max_digits=2")
+    p.add_argument("--tools", default="", help="tools the model may call, e.g. search,python (multi-turn)")
+    p.add_argument("--corpus", default=None, help="the search tool's corpus: a .jsonl of {id, title, text}")
+    p.add_argument("--max-turns", type=int, default=4, help="tool calls executed per sample (with --tools)")
     p.add_argument("--last-number", action="store_true", help="GSM8K-style answers: accept the last number when "
                    "there are no answer tags, \\boxed{} or ####")  # fmt: skip
 
@@ -58,6 +65,21 @@ def _load(args):
     data = load_dataset(args.data, args.split, data_dir=args.data_dir, seed=args.seed, **options)
     n = len(data) if args.limit is None else min(args.limit, len(data))
     return model, tokenizer_of(model), [data[i] for i in range(n)]
+
+
+def _tools(args, sampling):
+    """The tool environment of ``--tools`` / ``--corpus`` / ``--max-turns``; None without ``--tools``."""
+    from r1jax.config import ToolConfig
+    from r1jax.tools import build_tools
+
+    names = tuple(s.strip() for s in args.tools.split(",") if s.strip())
+    if not names:
+        return None
+    try:
+        cfg = ToolConfig(tools=names, corpus=args.corpus, max_turns=args.max_turns)
+    except ValueError as e:
+        raise R1jaxError(f"--tools/--max-turns: {e}") from None
+    return build_tools(cfg, forbidden=sampling.stop_strings)
 
 
 def _reward_config(names: str, weights: str | None, last_number: bool = False):
@@ -151,12 +173,13 @@ def _cmd_sample(args) -> int:
 
     rewards = _reward_config(args.rewards, args.reward_weights, args.last_number)
     sampling = _sampling(args, args.temperature)
+    tools = _tools(args, sampling)
     model, tok, examples = _load(args)
     t0 = time.time()
     try:
         samples = sample_completions(
             model, tok, examples, k=args.samples, sampling=sampling, template=args.template, system=args.system,
-            batch_size=args.batch_size, seed=args.seed,
+            tools=tools, batch_size=args.batch_size, seed=args.seed,
         )  # fmt: skip
         totals, _ = score_samples(samples, examples, rewards)
     except ValueError as e:  # bad template, metadata the rewards need, ...
@@ -197,7 +220,7 @@ def _cmd_eval(args) -> int:
     from r1jax.evaluate import evaluate, metrics_markdown
     from r1jax.select import plot_selection
 
-    _sampling(args, args.temperature)
+    tools = _tools(args, _sampling(args, args.temperature))
     select = _select_config(args)
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise R1jaxError(f"--out {args.out}: its parent directory does not exist")
@@ -206,7 +229,7 @@ def _cmd_eval(args) -> int:
         metrics = evaluate(
             model, tok, examples, k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             template=args.template, system=args.system, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-            rewards=_reward_config("accuracy", None, args.last_number), select=select,
+            rewards=_reward_config("accuracy", None, args.last_number), select=select, tools=tools,
         )  # fmt: skip
     except ValueError as e:
         raise R1jaxError(str(e)) from None

@@ -36,6 +36,7 @@ from r1jax.rewards.accuracy import gsm8k_prediction
 from r1jax.rewards.code import extract_program
 from r1jax.rewards.extract import extract_answer
 from r1jax.select import SelectConfig, majority_pick, selection_curves, selection_markdown, verifier_view
+from r1jax.tools import ToolEnv
 
 CORRECT_AT = 1.0 - 1e-6  # a reward at least this is "correct" (countdown gives 0.1 for a well-formed miss)
 
@@ -147,18 +148,21 @@ def sample_completions(
     *,
     k: int,
     sampling: SamplingConfig,
+    tools: ToolEnv | None = None,
     template: str = "r1_zero",
     system: str | None = None,
     batch_size: int = 8,
     seed: int = 0,
 ) -> list[dict]:
     """``k`` completions per example. Returns one dict per example: ``prompt`` (rendered text), ``think_prefilled``,
-    ``completions`` (k texts, stop token dropped), ``lengths`` (k token counts), ``ended`` (k bools).
+    ``completions`` (k texts, stop token dropped), ``lengths`` (k token counts), ``ended`` (k bools), ``tool_calls`` (k
+    counts). With ``tools`` the samples are multi-turn tool trajectories (``r1jax.tool_rollout.sample_with_tools``):
+    a completion holds its tool turns as text, the tools' results included, and ``lengths`` count them too.
 
     Prompts go through the jitted group sampler (``r1jax.rollout.sample``, one prefill per prompt) in batches of
     ``batch_size``; the last batch is padded with repeats so every call has the same shape.
     """
-    from r1jax import rollout
+    from r1jax import rollout, tool_rollout
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -167,12 +171,16 @@ def sample_completions(
     ids = [tokenizer.encode(text) for text, _ in rendered]
     params = model.param_dict()
     key = jax.random.key(seed)
+
+    def sample(*args, **kw):
+        return rollout.sample(*args, **kw) if tools is None else tool_rollout.sample_with_tools(*args, env=tools, **kw)
+
     out: list[dict] = []
     for start in range(0, len(examples), batch_size):
         chunk = ids[start : start + batch_size]
         real = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - real) if len(examples) > batch_size else chunk
-        ro = rollout.sample(
+        ro = sample(
             params,
             chunk,
             jax.random.fold_in(key, start),
@@ -191,6 +199,7 @@ def sample_completions(
             include_stop_str=sampling.include_stop_str,
         )
         lengths, ended = np.asarray(ro.lengths), np.asarray(ro.ended)
+        calls = np.asarray(ro.num_calls) if tools is not None else np.zeros(len(lengths), np.int32)
         for i in range(real):
             text, prefilled = rendered[start + i]
             rows = slice(i * k, (i + 1) * k)
@@ -201,6 +210,7 @@ def sample_completions(
                     "completions": texts[rows],
                     "lengths": lengths[rows].tolist(),
                     "ended": ended[rows].tolist(),
+                    "tool_calls": calls[rows].tolist(),
                 }
             )
     return out
@@ -312,6 +322,7 @@ def evaluate(
     rewards: RewardConfig | None = None,
     select: SelectConfig | None = None,
     return_samples: bool = False,
+    tools: ToolEnv | None = None,
 ) -> dict:
     """Sample ``k`` completions per problem and score them with the ``accuracy`` reward.
 
@@ -319,6 +330,8 @@ def evaluate(
     (``maj@k`` / ``pass@k`` keyed with the actual k, e.g. ``"maj@4"``), plus ``"samples"`` (per problem: prompt,
     completions, answers, correct) when ``return_samples``. Defaults follow R1's evaluation (temperature 0.6, top-p
     0.95). ``rewards`` overrides the scoring config (default: the ``accuracy`` reward alone, in worker processes).
+    ``tools``: sample multi-turn tool trajectories with this environment (``sample_completions``); the result then
+    has ``"tool_calls_mean"``, tool calls per sample.
     With ``select``, ``"selection"`` holds accuracy against k per selector (``r1jax.select.selection_curves``)
     with the oracle row ``"pass@k (oracle)"`` first.
     """
@@ -332,7 +345,7 @@ def evaluate(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings)
     )
     samples = sample_completions(
-        model, tokenizer, examples, k=k, sampling=sampling, template=template, system=system,
+        model, tokenizer, examples, k=k, sampling=sampling, template=template, system=system, tools=tools,
         batch_size=batch_size, seed=seed,
     )  # fmt: skip
     acc = rewards.functions.index("accuracy") if "accuracy" in rewards.functions else None
@@ -368,6 +381,8 @@ def evaluate(
         selection = selection_curves(correct, answers, problems, select, verifier_scores=scores, ask=ask)
         oracle = {"pass@k (oracle)": [pass_at_k(correct, size) for size in selection["ks"]]}
         result["selection"] = {**selection, "curves": oracle | selection["curves"]}
+    if tools is not None:
+        result["tool_calls_mean"] = float(np.mean([c for s in samples for c in s["tool_calls"]]))
     if return_samples:
         result["samples"] = [
             {"prompt": s["prompt"], "completions": s["completions"], "answers": a, "correct": [bool(x) for x in c]}

@@ -46,6 +46,8 @@ from r1jax.cache import init_cache
 from r1jax.config import AdvScale, GRPOConfig, LossAgg, ModelConfig, OptimConfig, RatioLevel, TrainConfig
 from r1jax.model import Params, forward, logits_from_hidden, param_specs, token_logprobs
 from r1jax.sharding import batch_sharding, param_shardings
+from r1jax.tool_rollout import sample_with_tools, tool_metrics
+from r1jax.tools import ToolEnv
 
 Array = jax.Array
 
@@ -125,15 +127,17 @@ def kept_sample_indices(rewards: np.ndarray, group_size: int, max_groups: int | 
     return (groups[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1).astype(np.int64)
 
 
-def overlong_filter(mask: Array, ended: Array, max_completion_len: int) -> Array:
+def overlong_filter(mask: Array, ended: Array, max_completion_len: int, lengths: Array | None = None) -> Array:
     """DAPO overlong filtering: zero the mask of completions truncated at the length limit.
 
     mask: [n, t] completion-token mask; ended: bool[n], True when the completion stopped on EOS / a stop string.
-    A completion with ``sum(mask) >= max_completion_len`` that did not end is truncated: its reward says nothing
-    about its reasoning, so it is excluded from the loss (its row becomes all zeros).
+    A completion with ``lengths >= max_completion_len`` that did not end is truncated: its reward says nothing
+    about its reasoning, so it is excluded from the loss (its row becomes all zeros). ``lengths``: int[n] tokens
+    each completion took from the budget, default the mask's row sums (tool rollouts pass their trajectory
+    lengths: result tokens take budget but have mask 0).
     """
     mask = jnp.asarray(mask)
-    lengths = jnp.sum(mask != 0, axis=-1)
+    lengths = jnp.sum(mask != 0, axis=-1) if lengths is None else jnp.asarray(lengths)
     truncated = (lengths >= max_completion_len) & ~jnp.asarray(ended, bool)
     return jnp.where(truncated[:, None], jnp.zeros_like(mask), mask)
 
@@ -692,6 +696,7 @@ class GRPOTrainer:
         encode: Callable[[str], list[int]] | None = None,
         decode: Callable[[list[int]], str] | None = None,
         prompt_bucket: int = 32,
+        tools: ToolEnv | None = None,
     ):
         self.cfg = cfg
         self.model_cfg = model_cfg
@@ -701,6 +706,11 @@ class GRPOTrainer:
         self.encode, self.decode = encode, decode
         self.prompt_bucket = prompt_bucket
         self.optimizer = make_optimizer(cfg.optim)
+        if tools is None and cfg.tools.enabled:
+            from r1jax.tools import build_tools
+
+            tools = build_tools(cfg.tools, forbidden=cfg.sampling.stop_strings)
+        self.tools = tools
 
     # placement -------------------------------------------------------------------------------------------------
     def _place_params(self, params: Params) -> Params:
@@ -739,7 +749,8 @@ class GRPOTrainer:
         rows = (order[:, None] * G + np.arange(G)[None]).reshape(-1)
         mask = np.asarray(ro.mask, np.float32)[rows]
         if g.overlong_filter:
-            mask = np.asarray(overlong_filter(mask, np.asarray(ro.ended)[rows], g.max_completion_len))
+            ended, lengths = np.asarray(ro.ended)[rows], np.asarray(ro.lengths)[rows]
+            mask = np.asarray(overlong_filter(mask, ended, g.max_completion_len, lengths))
         mask = mask * ~np.repeat(dropped, G)[:, None]
         info = {
             "groups/zero_variance_frac": float(zero_var.mean()),
@@ -756,6 +767,16 @@ class GRPOTrainer:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return self._step(state, prompts, metadata, key)
 
+    def _sample(self, params: Params, prompts, key: Array) -> rollout.Rollout:
+        """G samples per prompt: single-turn, or multi-turn trajectories with ``self.tools`` (their result tokens
+        are context with mask 0, so they stay out of the loss, the ratio and the KL; advantages are per trajectory)."""
+        kw = dict(cfg=self.model_cfg, sampling=self.cfg.sampling, group_size=self.cfg.grpo.group_size,
+                  stop_ids=self.stop_ids, encode=self.encode, decode=self.decode, mesh=self.mesh,
+                  bucket=self.prompt_bucket)  # fmt: skip
+        if self.tools is None:
+            return rollout.sample(params, prompts, key, **kw)
+        return sample_with_tools(params, prompts, key, env=self.tools, **kw)
+
     def _step(self, state, prompts, metadata, key):
         cfg, g = self.cfg, self.cfg.grpo
         G = g.group_size
@@ -768,19 +789,7 @@ class GRPOTrainer:
         k_sample, k_shuffle = jax.random.split(key)
 
         t0 = time.perf_counter()
-        ro = rollout.sample(
-            state.params,
-            prompts,
-            k_sample,
-            cfg=self.model_cfg,
-            sampling=cfg.sampling,
-            group_size=G,
-            stop_ids=self.stop_ids,
-            encode=self.encode,
-            decode=self.decode,
-            mesh=self.mesh,
-            bucket=self.prompt_bucket,
-        )
+        ro = self._sample(state.params, prompts, k_sample)
         t_sample = time.perf_counter() - t0
 
         meta_rows = [m for m in metadata for _ in range(G)]
@@ -864,6 +873,8 @@ class GRPOTrainer:
         metrics["response/length_max"] = float(all_lengths.max())
         metrics["response/clipped_frac"] = float(1.0 - np.asarray(ro.ended).mean())
         metrics["response/trained_tokens"] = float(mask.sum())
+        if self.tools is not None:
+            metrics.update(tool_metrics(ro, tuple(self.tools.tools)))
         plen = batch.prompt_tokens.shape[1]
         metrics["perf/sample_s"] = t_sample
         metrics["perf/score_s"] = t_score

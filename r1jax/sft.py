@@ -40,7 +40,8 @@ from r1jax.grpo import _stop_router_bias, update_router_bias
 from r1jax.model import Params, forward, token_logprobs
 
 Array = jax.Array
-Example = tuple[Sequence[int], Sequence[int]]
+# (prompt ids, completion ids) or (prompt ids, completion ids, completion loss weights: 0 on tool results)
+Example = tuple[Sequence[int], Sequence[int]] | tuple[Sequence[int], Sequence[int], Sequence[float]]
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -52,7 +53,8 @@ def pack_examples(
     pad_id: int = 0,
     truncate: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Pack (prompt ids, completion ids) pairs into rows of ``seq_len`` slots.
+    """Pack (prompt ids, completion ids) pairs into rows of ``seq_len`` slots; a third element, one loss weight per
+    completion token (``tokenize_tool_trace``: 0 on tool results), scales that token's ``loss_mask`` entry.
 
     Returns numpy arrays ``tokens`` int32[r, seq_len], ``targets`` int32[r, seq_len], ``loss_mask`` float32[r,
     seq_len] (1 on completion targets), ``segment_ids`` int32[r, seq_len] (1.. per example, 0 on padding) and
@@ -64,10 +66,13 @@ def pack_examples(
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    rows: list[list[tuple[list[int], int]]] = []  # per row: (sequence, prompt length)
+    rows: list[list[tuple[list[int], list[float]]]] = []  # per row: (sequence, loss weight of each of its tokens)
     room: list[int] = []
-    for i, (prompt, completion) in enumerate(examples):
-        prompt, completion = [int(t) for t in prompt], [int(t) for t in completion]
+    for i, example in enumerate(examples):
+        prompt, completion = [int(t) for t in example[0]], [int(t) for t in example[1]]
+        weights = [float(w) for w in example[2]] if len(example) > 2 else [1.0] * len(completion)
+        if len(weights) != len(completion):
+            raise ValueError(f"example {i}: {len(weights)} loss weights for {len(completion)} completion tokens")
         if not prompt:
             raise ValueError(f"example {i}: empty prompt (the first completion token needs a token to follow)")
         if len(prompt) > seq_len:
@@ -83,7 +88,7 @@ def pack_examples(
             rows.append([])
             room.append(seq_len)
             j = len(rows) - 1
-        rows[j].append((seq, len(prompt)))
+        rows[j].append((seq, ([0.0] * len(prompt) + weights)[: len(seq)]))
         room[j] -= need
     n = len(rows) if num_rows is None else num_rows
     if len(rows) > n:
@@ -97,12 +102,12 @@ def pack_examples(
     }
     for r, row in enumerate(rows):
         at = 0
-        for s, (seq, plen) in enumerate(row, 1):
+        for s, (seq, weight) in enumerate(row, 1):
             m = max(len(seq) - 1, 1)
             sl = slice(at, at + m)
             out["tokens"][r, sl] = seq[:m]
             out["targets"][r, at : at + len(seq) - 1] = seq[1:]
-            out["loss_mask"][r, sl] = (np.arange(m) >= plen - 1) & (np.arange(m) < len(seq) - 1)
+            out["loss_mask"][r, at : at + len(seq) - 1] = weight[1:]  # slot a predicts token a + 1
             out["segment_ids"][r, sl] = s
             out["positions"][r, sl] = np.arange(m)
             at += m
@@ -212,3 +217,27 @@ def tokenize_trace(
     so the model learns to stop. Prompt and completion are tokenised separately, so the boundary is exact."""
     ids = list(encode(completion))
     return list(encode(prompt)), ids + ([eos_id] if eos_id is not None else [])
+
+
+def tokenize_tool_trace(
+    prompt: str, completion: str, encode: Any, *, tools: Sequence[str], eos_id: int | None = None
+) -> tuple[list[int], list[int], list[float]]:
+    """(prompt ids, completion ids, completion loss weights) of a trace with tool turns (``r1jax sample`` with tools,
+    or cold-start traces written with the tools' results). The completion is tokenised in pieces split at the result
+    blocks of ``tools`` (``r1jax.tools.result_spans``), as the rollout appended them, and the result pieces get
+    weight 0: the environment wrote them, so they are context, not targets. The EOS id is appended (weight 1)."""
+    from r1jax.tools import result_spans
+
+    ids: list[int] = []
+    weights: list[float] = []
+    at = 0
+    for start, end in [*result_spans(completion, tools), (len(completion), len(completion))]:
+        for text, w in ((completion[at:start], 1.0), (completion[start:end], 0.0)):
+            piece = list(encode(text)) if text else []
+            ids += piece
+            weights += [w] * len(piece)
+        at = end
+    if eos_id is not None:
+        ids.append(eos_id)
+        weights.append(1.0)
+    return list(encode(prompt)), ids, weights

@@ -504,6 +504,11 @@ class Evaluator:
         self.cfg, self.model_cfg, self.tok = cfg, model_cfg, tok
         self.dataset = dataset_for(cfg, cfg.eval.split)
         self.rewards = dataclasses.replace(cfg.rewards, functions=("accuracy",), weights=(1.0,))
+        self.tools = None
+        if cfg.tools.enabled:  # evaluate with the tools the policy is trained with
+            from r1jax.tools import build_tools
+
+            self.tools = build_tools(cfg.tools, forbidden=cfg.sampling.stop_strings)
 
     def due(self, step: int, total: int) -> bool:
         return bool(self.cfg.eval.every) and (step % self.cfg.eval.every == 0 or step == total)
@@ -517,7 +522,7 @@ class Evaluator:
             top_p=e.top_p, max_new_tokens=e.max_new_tokens or self.cfg.sampling.max_new_tokens,
             template=self.cfg.data.template, system=self.cfg.data.system,
             stop_strings=self.cfg.sampling.stop_strings, limit=e.limit, batch_size=e.batch_size, seed=self.cfg.seed,
-            rewards=self.rewards,
+            rewards=self.rewards, tools=self.tools,
         )  # fmt: skip
         out = {f"eval/{k}": float(v) for k, v in m.items() if k not in ("n_problems", "k")}
         return {**out, "time/eval_s": time.perf_counter() - t0}
@@ -604,7 +609,8 @@ class SFTStage:
     """SFT / distillation: (prompt, completion) pairs packed into ``sft_batch_size`` rows of ``data.seq_len``.
 
     The completion is the example's ``completion`` (e.g. ``r1jax sample`` traces, R1 stage 3) or its reference
-    ``solution`` (cold start on worked solutions); the prompt goes through ``data.template``.
+    ``solution`` (cold start on worked solutions); the prompt goes through ``data.template``. With ``tools.tools`` set,
+    the result blocks of those tools in a completion are context with loss weight 0 (``sft.tokenize_tool_trace``).
     """
 
     headline = ("loss", "token_accuracy")
@@ -642,14 +648,19 @@ class SFTStage:
         )
 
     def step(self, state, batch, key):
-        from r1jax.sft import pack_examples, sft_step, tokenize_trace
+        from r1jax.sft import pack_examples, sft_step, tokenize_tool_trace, tokenize_trace
 
         pairs = []
         for ex in batch:
             completion = ex.get("completion", ex.get("solution"))
             if completion is None:
                 raise ConfigError("SFT examples need a 'completion' (or 'solution') field")
-            pairs.append(tokenize_trace(ex["prompt_text"], completion, self.tok.encode, eos_id=self.tok.eos_id))
+            if self.cfg.tools.enabled:
+                tools = self.cfg.tools.tools
+                pairs.append(tokenize_tool_trace(ex["prompt_text"], completion, self.tok.encode, tools=tools,
+                                                 eos_id=self.tok.eos_id))  # fmt: skip
+            else:
+                pairs.append(tokenize_trace(ex["prompt_text"], completion, self.tok.encode, eos_id=self.tok.eos_id))
         packed = pack_examples(pairs, self.cfg.data.seq_len, num_rows=len(pairs), pad_id=self.tok.eos_id or 0)
         micro = max(1, len(pairs) // (self.cfg.micro_batch_size or len(pairs)))
         params, opt, m = sft_step(

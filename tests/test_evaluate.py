@@ -72,8 +72,8 @@ def test_evaluate_aggregates_scripted_samples(monkeypatch):
         "p1": ["<answer>4</answer>", "<answer>4</answer>", "<answer>5</answer>", "<answer>6</answer>"],
     }
 
-    def fake_sample(model, tokenizer, examples, *, k, sampling, template, system, batch_size, seed):
-        assert k == 4 and sampling.temperature == 0.6 and sampling.top_p == 0.95
+    def fake_sample(model, tokenizer, examples, *, k, sampling, template, system, batch_size, seed, tools):
+        assert k == 4 and sampling.temperature == 0.6 and sampling.top_p == 0.95 and tools is None
         return [
             {"prompt": ex["prompt"], "think_prefilled": False, "completions": scripted[ex["prompt"]],
              "lengths": [3, 3, 3, 5], "ended": [True, True, True, False]}

@@ -2,6 +2,7 @@
 calls, result cleaning), the tool config, and bad input (unknown tool, invalid corpus, a call that never closes)."""
 
 import json
+import os
 import re
 import threading
 import time
@@ -11,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax.config import ModelConfig, SamplingConfig, ToolConfig, TrainConfig
+from r1jax.config import GRPOConfig, ModelConfig, OptimConfig, SamplingConfig, ToolConfig, TrainConfig
+from r1jax.data.tokenizer import ByteTokenizer
 from r1jax.errors import ConfigError, ToolError
-from r1jax.grpo import sequence_logprobs
+from r1jax.grpo import GRPOTrainer, group_advantages, grpo_loss, overlong_filter, sequence_logprobs
 from r1jax.model import init_params
-from r1jax.tool_rollout import sample_with_tools, tool_metrics
+from r1jax.sft import pack_examples, tokenize_tool_trace
+from r1jax.tool_rollout import ToolRollout, sample_with_tools, tool_metrics
 from r1jax.tools import TOOL_SYNTAX, BM25Search, ToolCall, ToolEnv, ToolOutput, build_tools, load_corpus, result_spans
 from r1jax.tools.python import SandboxedPython
 from r1jax.train import apply_overrides
@@ -160,6 +163,8 @@ def test_unknown_tool_in_env():
 
 
 class _Result:
+    """What ``r1jax.sandbox.run_python`` returns (``SandboxResult``'s fields)."""
+
     def __init__(self, status, returncode, stdout, stderr):
         self.status, self.returncode, self.stdout, self.stderr, self.wall_s = status, returncode, stdout, stderr, 0.0
 
@@ -170,17 +175,36 @@ def test_python_tool_reports_stdout_and_failures():
     def run(code, **kw):
         calls.append(code)
         if "raise" in code:
-            return _Result("ok", 1, "partial\n", "Traceback ...\nValueError: x\n")
+            return _Result("error", 1, "partial\n", "Traceback ...\nValueError: x\n")
         if "while" in code:
-            return _Result("timeout", -9, "", "")
+            return _Result("timeout", None, "", "")
         return _Result("ok", 0, "42\n", "")
 
     tool = SandboxedPython(run=run)
     assert tool("print(6 * 7)") == ToolOutput("42\n")
     out = tool("raise ValueError('x')")
-    assert out.error == "exit" and out.text == "partial\nTraceback ...\nValueError: x\n[exit 1]"
-    assert tool("while True: pass").error == "timeout"
+    assert out.error == "error" and out.text == "partial\nTraceback ...\nValueError: x\n[error 1]"
+    assert tool("while True: pass") == ToolOutput("[timeout]", "timeout")
     assert calls[0] == "print(6 * 7)"
+
+
+def test_python_tool_in_the_real_sandbox():
+    """The python tool through bubblewrap: stdout comes back; a crash shows its traceback's last line and status;
+    the host's files are not there."""
+    from r1jax.sandbox import SandboxLimits
+
+    tool = SandboxedPython(limits=SandboxLimits(wall_s=5.0))
+    paths = ["/etc/passwd", os.path.abspath(__file__)]  # the host's accounts, this repository
+    assert all(map(os.path.exists, paths))
+    with ToolEnv({"python": tool}, ToolConfig(tools=("python",))) as env:
+        ok, bad, peek = env.run([
+            ToolCall("python", "print(sum(range(10)))"),
+            ToolCall("python", "import json\njson.loads('{')"),
+            ToolCall("python", f"import os\nprint([os.path.exists(p) for p in {paths!r}])"),
+        ])  # fmt: skip
+    assert (ok.result, ok.error) == ("45", None)
+    assert bad.error == "error" and "JSONDecodeError" in bad.result and bad.result.endswith("[error 1]")
+    assert peek.result == "[False, False]"
 
 
 # --- the multi-turn loop -------------------------------------------------------------------------------------------
@@ -282,3 +306,148 @@ def test_sampler_logprobs_equal_teacher_forced_over_trajectories(corpus):
     np.testing.assert_allclose(np.asarray(logp)[m], ro.logp[m], rtol=1e-4)
     assert ro.env_mask.sum() > 0 and not np.any(m & (ro.env_mask > 0))
     np.testing.assert_array_equal((ro.mask + ro.env_mask).sum(1), ro.lengths)
+
+
+def _toy_rollout(corpus, params, key=2):
+    prompts = [[ID["question"], ID["capital"]], [ID["compute"]]]
+    with toy_env(corpus, max_turns=3, max_result_tokens=6) as env:
+        return sample_with_tools(
+            params, prompts, jax.random.key(key), cfg=TOY, sampling=SamplingConfig(temperature=1.0, max_new_tokens=24),
+            env=env, group_size=4, encode=toy_encode, decode=toy_decode, bucket=8,
+        )  # fmt: skip
+
+
+def test_grpo_loss_ignores_tool_tokens(corpus):
+    """The GRPO loss of tool trajectories (ratio, KL, TIS weights): its gradient w.r.t. the parameters is unchanged
+    when old / reference / sampler log-probs are perturbed on the result tokens, and its gradient w.r.t. the policy
+    log-probs is 0 there (nonzero on model tokens)."""
+    params = init_params(TOY, jax.random.key(1), std=0.3)
+    ro = _toy_rollout(corpus, params)
+    env = jnp.asarray(ro.env_mask)
+    assert env.sum() > 0
+    gcfg = GRPOConfig(group_size=4, kl_coef=0.05, tis_cap=2.0, max_completion_len=24)
+    adv = group_advantages(jnp.asarray(ro.num_calls, jnp.float32), gcfg)
+    assert jnp.any(adv != 0)
+
+    def loss_of(p, old, ref, sampler):
+        logp, _ = sequence_logprobs(p, ro.prompt_tokens, ro.prompt_start, ro.tokens, TOY, temperature=1.0)
+        return grpo_loss(logp, old, ref, adv, ro.mask, gcfg, sampler_logp=sampler)[0]
+
+    rng = np.random.default_rng(0)
+    base = jnp.asarray(ro.logp)
+    noise = lambda: base + env * jnp.asarray(rng.normal(0, 3.0, base.shape), jnp.float32)  # noqa: E731
+    g1 = jax.grad(loss_of)(params, base, base - 0.1, base)
+    g2 = jax.grad(loss_of)(params, noise(), noise() - 0.1, noise())
+    jax.tree.map(np.testing.assert_array_equal, g1, g2)
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g1))
+    d_logp = jax.grad(lambda lp: grpo_loss(lp, base, base - 0.1, adv, ro.mask, gcfg, sampler_logp=base)[0])(base)
+    np.testing.assert_array_equal(np.asarray(d_logp)[ro.env_mask > 0], 0.0)
+    assert np.abs(np.asarray(d_logp)[ro.mask > 0]).max() > 0
+
+
+def test_overlong_filter_counts_result_tokens():
+    """A trajectory cut at the budget is overlong even when result tokens (mask 0) took part of the budget."""
+    mask = np.array([[1, 1, 0, 0], [1, 0, 0, 1]], np.float32)  # row 0: 2 model + 2 result tokens, cut at T = 4
+    ended = np.array([False, True])
+    out = np.asarray(overlong_filter(mask, ended, 4, lengths=np.array([4, 4])))
+    np.testing.assert_array_equal(out, [[0, 0, 0, 0], [1, 0, 0, 1]])
+    assert np.asarray(overlong_filter(mask, ended, 4))[0].sum() == 2  # counting model tokens alone misses it
+
+
+def test_grpo_step_with_tools(corpus):
+    """A GRPO step samples tool trajectories, trains on the model tokens only and logs the tool metrics."""
+    cfg = TrainConfig(
+        grpo=GRPOConfig(group_size=4, prompts_per_step=2, max_completion_len=24, kl_coef=0.01, overlong_filter=True),
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=24),
+        optim=OptimConfig(lr=1e-2),
+    )
+    seen = {}
+
+    def reward(ro, metas):
+        seen["ro"] = ro
+        return ro.num_calls.astype(np.float32), {}
+
+    with toy_env(corpus, max_turns=3, max_result_tokens=6) as env:
+        trainer = GRPOTrainer(cfg, TOY, reward, stop_ids=[0], encode=toy_encode, decode=toy_decode, tools=env,
+                              prompt_bucket=8)  # fmt: skip
+        state = trainer.init_state(init_params(TOY, jax.random.key(1), std=0.3))
+        prompts = [[ID["question"], ID["capital"]], [ID["compute"]]]
+        new, m = trainer.grpo_step(state, prompts, [{}, {}], jax.random.key(4))
+    ro = seen["ro"]
+    assert isinstance(ro, ToolRollout) and ro.num_calls.sum() > 0
+    assert m["tools/calls_per_sample"] == pytest.approx(ro.num_calls.mean())
+    kept = ~(~ro.ended & (ro.lengths >= 24))  # the overlong filter drops trajectories cut at the budget
+    assert m["response/trained_tokens"] == ro.mask[kept].sum() < ro.lengths.sum()
+    assert m["response/length_mean"] == pytest.approx(ro.lengths.mean())
+    assert int(new.step) == 1 and np.isfinite(m["loss"])
+
+
+def test_sft_masks_tool_results():
+    """SFT on a trace with tool turns: the result blocks are tokenised as their own pieces and weigh 0 in the loss;
+    every other completion token (and EOS) weighs 1."""
+    tok = ByteTokenizer()
+    completion = "<search>mentor of Qarvel</search><information>[3] Ostrin</information> so <answer>Vexholm</answer>"
+    prompt_ids, ids, weights = tokenize_tool_trace("Q?", completion, tok.encode, tools=("search",), eos_id=tok.EOS)
+    assert tok.decode(ids) == completion and ids[-1] == tok.EOS and len(weights) == len(ids)
+    block = "<information>[3] Ostrin</information>"
+    at = completion.index(block)
+    want = [1.0] * at + [0.0] * len(block) + [1.0] * (len(completion) - at - len(block)) + [1.0]
+    assert weights == want
+    packed = pack_examples([(prompt_ids, ids, weights), (prompt_ids, ids)], seq_len=256)
+    row = packed["loss_mask"][0]
+    first = len(prompt_ids) - 1  # the slot that predicts the first completion token
+    np.testing.assert_array_equal(row[first : first + len(ids)], want)
+    assert row.sum() == len(ids) - len(block) + len(ids)  # the pair without weights counts every token
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--tools", "calc"], "unknown tool 'calc'"),
+        (["--tools", "search"], "needs a corpus"),
+        (["--tools", "search", "--corpus", "BAD"], "BAD:2: not valid JSON"),
+        (["--tools", "search", "--max-turns", "0"], "max_turns"),
+    ],
+)
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_cli_tool_errors_are_one_line(tmp_path, capsys, command, extra, match):
+    """Bad tool options stop ``r1jax eval`` / ``r1jax sample`` with one line and exit status 2, before any model
+    is loaded."""
+    from r1jax.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(DOCS[0]) + "\n{oops\n")
+    extra = [str(bad) if x == "BAD" else x for x in extra]
+    out = ["--out", str(tmp_path / "t.jsonl")] if command == "sample" else []
+    code = main([command, str(tmp_path / "no_model"), "--data", "gsm8k", *out, *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("r1jax: error:"), err
+    assert match.replace("BAD", str(bad)) in err, err
+
+
+def test_evaluate_with_tools(corpus):
+    """``evaluate`` samples with the tools: the scripted model searches, answers "zorblat", and the completions hold
+    the tool turn as text."""
+
+    class Model:
+        cfg = TOY
+
+        def param_dict(self):
+            return bigram_params()
+
+    class Tok:
+        eos_id = 0
+        encode = staticmethod(toy_encode)
+        decode = staticmethod(toy_decode)
+
+    from r1jax.evaluate import sample_completions
+
+    with toy_env(corpus, max_turns=2) as env:
+        out = sample_completions(
+            Model(), Tok(), [{"prompt": "question"}], k=2, sampling=SamplingConfig(temperature=0.0, max_new_tokens=20),
+            tools=env, template="{prompt}",
+        )  # fmt: skip
+    (s,) = out
+    assert s["tool_calls"] == [1, 1] and s["ended"] == [True, True]
+    block = "<information>[1] Zorblat: Zorblat is the capital of Quenland, on the river Ames.</information>"
+    assert s["completions"] == [f"<search> capital </search> {toy_decode(toy_encode(block))} answer zorblat"] * 2

@@ -16,8 +16,8 @@ STDERR_TAIL = 400  # characters of stderr shown to the model when the program fa
 
 class SandboxedPython:
     """``__call__(code) -> ToolOutput``: runs ``code`` with ``run`` (default ``r1jax.sandbox.run_python``) under
-    ``limits`` (default: the sandbox's own defaults). ``error`` is None for exit status 0, else the sandbox's status
-    ("timeout", "killed", ...) or "exit" for a non-zero exit."""
+    ``limits`` (default: the sandbox's own ``SandboxLimits``). ``error`` is None for exit status 0, else the
+    sandbox's status: "error" (another exit status), "timeout", "killed", "output_limit"."""
 
     name = "python"
 
@@ -30,8 +30,8 @@ class SandboxedPython:
     def __call__(self, code: str) -> ToolOutput:
         kw = {} if self._limits is None else {"limits": self._limits}
         res = self._run(code, **kw)
-        if res.status == "ok" and res.returncode == 0:
+        if res.status == "ok":
             return ToolOutput(res.stdout)
-        kind = "exit" if res.status == "ok" else str(res.status)
-        parts = [res.stdout.rstrip("\n"), res.stderr[-STDERR_TAIL:].rstrip("\n"), f"[{kind} {res.returncode}]"]
-        return ToolOutput("\n".join(p for p in parts if p), error=kind)
+        status = res.status if res.returncode is None else f"{res.status} {res.returncode}"
+        parts = [res.stdout.rstrip("\n"), res.stderr[-STDERR_TAIL:].rstrip("\n"), f"[{status}]"]
+        return ToolOutput("\n".join(p for p in parts if p), error=res.status)
