@@ -14,16 +14,19 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax import gguf, hf
+from r1jax import hf, param_source
 from r1jax.config import ModelConfig, RopeConfig
 from r1jax.errors import CheckpointError
 from r1jax.model import Transformer, param_specs
+from r1jax.sharding import check_rules, normalize_mesh, param_shardings
 
 META = "r1jax.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -48,26 +51,6 @@ def config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def _tokenizer_files(directory: str) -> dict[str, str]:
-    return {n: (Path(directory) / n).read_text() for n in TOKENIZER_FILES if (Path(directory) / n).exists()}
-
-
-def _read_source(path: str, mtp: bool):
-    """(ModelConfig, HF config dict, tensor iterator, tokenizer files) for a HF directory or a GGUF file."""
-    if path.endswith(".gguf"):
-        reader = gguf._reader(path)
-        hf_cfg = gguf.hf_config(path, reader)
-        return hf.config_from_hf(hf_cfg), hf_cfg, gguf.iter_tensors(path, reader), gguf.tokenizer_files(path, reader)
-    hf_cfg = hf.read_config(path)
-    cfg = hf.config_from_hf(hf_cfg)
-    files = {
-        n: Path(os.path.join(path, n)).read_text() for n in TOKENIZER_FILES if os.path.exists(os.path.join(path, n))
-    }
-    if mtp and cfg.n_mtp_layers == 0:
-        raise CheckpointError(f"{path}: the config has no multi-token-prediction layers")
-    return cfg, hf_cfg, hf.iter_tensors(path), files
-
-
 def load(
     path: str,
     *,
@@ -75,109 +58,111 @@ def load(
     mesh: jax.sharding.Mesh | None = None,
     mtp: bool = False,
     attention_impl: str | None = None,
+    numerics: ModelConfig | Mapping[str, Any] | None = None,
 ) -> Transformer:
     """Load a HF directory (config.json + safetensors), a ``.gguf`` file or an r1jax checkpoint/run directory.
 
-    ``dtype`` sets both parameter and compute dtype (e.g. "bfloat16"); ``mesh`` places every parameter directly with
-    its sharding from the logical-axis rules; ``mtp`` also loads the multi-token-prediction module.
+    The architecture is the checkpoint's; the numerics (``config.NUMERICS``) are ``numerics`` (a run's model config,
+    or a mapping of some of those fields), else ``dtype`` (parameter and compute dtype, e.g. "bfloat16") and
+    ``attention_impl``. ``mesh`` (any ``jax.sharding.Mesh`` over r1jax's axis names) places every parameter with its
+    sharding from the logical-axis rules. Each process reads only the slices of its own devices, one source tensor
+    at a time, so its peak host memory is its shard plus one tensor. ``mtp`` also loads the multi-token-prediction
+    module.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        return _load_r1jax(path, dtype=dtype, mesh=mesh, attention_impl=attention_impl)
-    if os.path.isfile(path) and not path.endswith(".gguf"):
-        raise CheckpointError(
-            f"{path}: expected a checkpoint directory or a .gguf file"
-            + ("; r1jax never unpickles" if path.endswith((".bin", ".pt", ".pth", ".pkl")) else "")
-        )
-    cfg, hf_cfg, tensors, files = _read_source(path, mtp)
-    cfg = _with_numerics(cfg, dtype, attention_impl)
-    params = hf.assemble(tensors, cfg, mtp=mtp, dtype=np.float32, source=path)
-    return _make_model(cfg, params, mesh, hf_cfg, files)
+    mesh = normalize_mesh(mesh) if mesh is not None else None
+    numerics = _numerics(dtype, attention_impl, numerics)
+    src = param_source.open_source(path, mtp=mtp)
+    cfg = src.cfg.with_numerics(numerics)
+    specs = param_specs(cfg, mtp=src.mtp)
+    _check_mesh(path, specs, mesh)
+    shardings = _shardings(specs, mesh)
+    if os.path.isdir(path) and param_source.params_candidates(path):  # orbax: format 1 and training runs
+        params = _restore_orbax(path, specs, cfg, shardings)
+    else:
+        params = _read_sharded(src, specs, cfg, shardings)
+    return Transformer(cfg, params, hf_config=src.hf_config, tokenizer_files=src.tokenizer_files)
 
 
-def _with_numerics(cfg: ModelConfig, dtype: str | None, attention_impl: str | None) -> ModelConfig:
+def _numerics(dtype: str | None, attention_impl: str | None, numerics) -> dict[str, Any]:
+    """``load``'s numerics arguments as one mapping of ``config.NUMERICS`` fields."""
+    out: dict[str, Any] = {}
     if dtype:
-        cfg = cfg.replace(dtype=str(jnp.dtype(dtype)), param_dtype=str(jnp.dtype(dtype)))
+        out |= {"dtype": str(jnp.dtype(dtype)), "param_dtype": str(jnp.dtype(dtype))}
     if attention_impl:
-        cfg = cfg.replace(attention_impl=attention_impl)
-    return cfg
-
-
-def _place(params: dict, cfg: ModelConfig, mesh) -> dict:
-    """Cast to the declared dtypes and put each leaf on device(s) — sharded by the rules table when ``mesh`` (each
-    device receives only its slice). Host arrays are released leaf by leaf, so host memory peaks at one copy of the
-    model plus one tensor."""
-    from r1jax.sharding import param_shardings
-
-    specs = param_specs(cfg, mtp="mtp" in params)
-    shardings = param_shardings(specs, mesh) if mesh is not None else None
-    out: dict = {}
-    for path, spec in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: hasattr(x, "axes")):
-        keys = [k.key for k in path]
-        host_parent, out_parent = params, out
-        for k in keys[:-1]:
-            host_parent, out_parent = host_parent[k], out_parent.setdefault(k, {})
-        a = np.asarray(host_parent[keys[-1]]).astype(jnp.dtype(spec.dtype or cfg.param_dtype), copy=False)
-        if shardings is None:
-            out_parent[keys[-1]] = jnp.array(a)
-        else:
-            sh = shardings
-            for k in keys:
-                sh = sh[k]
-            out_parent[keys[-1]] = jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx])
-        host_parent[keys[-1]] = None  # release the host copy now
+        out["attention_impl"] = attention_impl
+    if numerics is not None:
+        out |= numerics.numerics() if isinstance(numerics, ModelConfig) else dict(numerics)
     return out
 
 
-def _make_model(cfg, params, mesh, hf_cfg, files) -> Transformer:
-    model = Transformer(cfg, _place(params, cfg, mesh))
-    model.hf_config = json.dumps(hf_cfg)
-    model.tokenizer_files = tuple(sorted(files.items()))
-    return model
+def _check_mesh(path: str, specs: dict, mesh) -> None:
+    """One line naming the checkpoint when its shapes do not fit the mesh under the rules table."""
+    if mesh is None:
+        return
+    try:
+        check_rules(specs, mesh)
+    except ValueError as e:
+        problems = str(e).splitlines()[1:]
+        raise CheckpointError(
+            f"{path}: its architecture does not fit the mesh {dict(mesh.shape)} "
+            f"({len(problems)} problems, e.g. {problems[0].strip()})"
+        ) from None
 
 
-def _params_candidates(path: str) -> list[str]:
-    """Parameter directories to try, newest first: ``params/`` of an r1jax checkpoint, or the finalised steps of a
-    training run (``checkpoints/<step>/params``; orbax renames a step into place only once it is complete)."""
-    if os.path.isdir(os.path.join(path, "params")):
-        return [os.path.join(path, "params")]
-    root = os.path.join(path, "checkpoints")
-    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True) if os.path.isdir(root) else []
-    return [os.path.join(root, str(s), "params") for s in steps if os.path.isdir(os.path.join(root, str(s), "params"))]
+def _shardings(specs: dict, mesh) -> dict:
+    """Where each parameter goes: its rules-table sharding on ``mesh``, else the default device."""
+    if mesh is not None:
+        return param_shardings(specs, mesh)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: one, specs, is_leaf=_is_spec)
 
 
-def _load_r1jax(path: str, *, dtype, mesh, attention_impl) -> Transformer:
+def _is_spec(x) -> bool:
+    return hasattr(x, "axes") and hasattr(x, "shape")
+
+
+def _read_sharded(src: param_source.ParamSource, specs: dict, cfg: ModelConfig, shardings: dict) -> dict:
+    """Every parameter read from ``src`` into its sharding: this process reads each distinct slice its devices hold
+    once, in the declared dtype, and lets it go before the next parameter."""
+
+    def one(path, spec, sh):
+        keys, dt = tuple(k.key for k in path), jnp.dtype(spec.dtype or cfg.param_dtype)
+        slices: dict = {}
+        shards = []
+        for device, index in sh.addressable_devices_indices_map(spec.shape).items():
+            key = tuple((s.start, s.stop) for s in index)
+            if key not in slices:
+                slices[key] = src.read(keys, index, dt)
+            shards.append(jax.device_put(slices[key], device))
+        return jax.make_array_from_single_device_arrays(spec.shape, sh, shards)
+
+    return jax.tree_util.tree_map_with_path(one, specs, shardings, is_leaf=_is_spec)
+
+
+def _restore_orbax(path: str, specs: dict, cfg: ModelConfig, shardings: dict) -> dict:
+    """The newest restorable orbax parameters of a format-1 checkpoint or a training run, each restored straight into
+    its target sharding and dtype (every process reads only its devices' slices); a damaged newest step is skipped
+    with a warning."""
     import orbax.checkpoint as ocp
 
-    candidates = _params_candidates(path)
-    if not os.path.exists(os.path.join(path, META)) or not candidates:
-        raise CheckpointError(
-            f"{path}: not a checkpoint (no config.json, or {META} with params/ or checkpoints/) "
-            "— pass a HF directory, a .gguf file, an r1jax checkpoint or a training run"
-        )
-    meta = json.loads(Path(os.path.join(path, META)).read_text())
-    saved_cfg = config_from_dict(meta["config"])
-    cfg = _with_numerics(saved_cfg, dtype, attention_impl)
-    specs = param_specs(saved_cfg, mtp=meta.get("mtp", False))
     target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or saved_cfg.param_dtype)),
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.param_dtype), sharding=sh),
         specs,
-        is_leaf=lambda x: hasattr(x, "axes"),
+        shardings,
+        is_leaf=_is_spec,
     )
     errors = []
-    for params_dir in candidates:
+    for params_dir in param_source.params_candidates(path):
         try:
             with ocp.StandardCheckpointer() as ckptr:
-                params = ckptr.restore(os.path.abspath(params_dir), target)
-            break
+                return ckptr.restore(os.path.abspath(params_dir), target)
         except Exception as e:  # orbax raises many types for damaged checkpoints: fall back to an older step
             errors.append(f"{params_dir}: {e.__class__.__name__}")
             warnings.warn(f"cannot restore {params_dir} ({e.__class__.__name__}); trying an older one", stacklevel=2)
-    else:
-        raise CheckpointError(f"{path}: no restorable parameters ({'; '.join(errors)[:300]})")
-    return _make_model(cfg, jax.tree.map(np.asarray, params), mesh, meta.get("hf_config") or {}, _tokenizer_files(path))
+    raise CheckpointError(f"{path}: no restorable parameters ({'; '.join(errors)[:300]})")
 
 
 def save(model: Transformer, out_dir: str) -> None:
@@ -192,7 +177,7 @@ def save(model: Transformer, out_dir: str) -> None:
             ckptr.wait_until_finished()
         meta = {
             "config": config_to_dict(model.cfg),
-            "hf_config": json.loads(getattr(model, "hf_config", "{}")),
+            "hf_config": model.hf_config,
             "mtp": "mtp" in params,
             "format": 1,
         }
@@ -205,7 +190,7 @@ def save(model: Transformer, out_dir: str) -> None:
 
 
 def _write_tokenizer(model: Transformer, directory: str) -> None:
-    for name, text in getattr(model, "tokenizer_files", ()):
+    for name, text in model.tokenizer_files.items():
         with open(os.path.join(directory, name), "w") as f:
             f.write(text)
 
@@ -232,7 +217,7 @@ def export_hf(model: Transformer, out_dir: str, *, dtype: str | None = None, sha
 
     dt = np.dtype(ml_dtypes.bfloat16) if (dtype or model.cfg.param_dtype) == "bfloat16" else np.dtype(np.float32)
     params = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), model.param_dict())
-    base = json.loads(getattr(model, "hf_config", "{}") or "{}")
+    base = dict(model.hf_config)
     base.pop("quantization_config", None)  # weights are written dequantised
     with tempfile.TemporaryDirectory() as tok_dir:
         _write_tokenizer(model, tok_dir)

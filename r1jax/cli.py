@@ -31,21 +31,21 @@ def _cmd_export(args) -> int:
 
 def _cmd_generate(args) -> int:
     from r1jax.checkpoint import load
-    from r1jax.data.tokenizer import Tokenizer
+    from r1jax.data.tokenizer import for_model, stop_ids
+    from r1jax.errors import CheckpointError
     from r1jax.rollout import generate
 
-    model = load(args.model, dtype=args.dtype)
-    files = dict(getattr(model, "tokenizer_files", ()))
-    if "tokenizer.json" not in files:
-        raise SystemExit(f"r1jax: error: {args.model}: no tokenizer files in the checkpoint")
-    import json
-
-    tok = Tokenizer(files["tokenizer.json"], json.loads(files.get("tokenizer_config.json", "{}")))
+    mesh = model_mesh(args)
+    model = load(args.model, dtype=args.dtype, mesh=mesh)
+    try:
+        tok = for_model(model.cfg, model.tokenizer_files)
+    except CheckpointError as e:
+        raise CheckpointError(f"{args.model}: {e}") from None
     text = args.prompt
     if tok.chat_template and not args.raw:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     ids = tok.encode(text)
-    stops = sorted({*model.cfg.eos_token_ids, *([tok.eos_id] if tok.eos_id is not None else [])})
+    stops = stop_ids(model.cfg, tok)
     t0 = time.time()
     out = generate(
         model,
@@ -56,6 +56,7 @@ def _cmd_generate(args) -> int:
         top_k=args.top_k,
         seed=args.seed,
         stop_ids=stops,
+        mesh=mesh,
     )[0]
     dt = time.time() - t0
     print(tok.decode(out))
@@ -75,13 +76,41 @@ def _mesh(spec: str):
         raise ConfigError(f"--mesh {spec}: {e}") from None
 
 
+def add_mesh_args(p: argparse.ArgumentParser, default_help: str) -> None:
+    """``--mesh`` and the multi-host flags, for every command that runs a model."""
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help=f"device mesh, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert); {default_help}",
+    )
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    p.add_argument("--coordinator", default=None, help="with --distributed: HOST:PORT (default: detected)")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed (default: detected)")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed (default: detected)")
+
+
+def init_distributed(args) -> None:
+    """Join the multi-host job when ``--distributed``: TPU pods and SLURM detect the coordinator and the process ids;
+    elsewhere (e.g. several processes on one host) pass them. CPU processes talk over gloo."""
+    if not args.distributed:
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def model_mesh(args, run_mesh: str = ""):
+    """The mesh a command runs on: ``--mesh``, else ``run_mesh`` (a config's), else none (one device)."""
+    init_distributed(args)
+    spec = args.mesh or run_mesh
+    return _mesh(spec) if spec else None
+
+
 def _cmd_train(args) -> int:
     from r1jax import train
 
-    if args.distributed:
-        import jax
-
-        jax.distributed.initialize()  # TPU pods / SLURM: coordinator and process ids are detected
+    init_distributed(args)
     cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
     mesh_spec = args.mesh or cfg.mesh
     mesh = _mesh(mesh_spec) if mesh_spec else None
@@ -122,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default=None)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_mesh_args(g, "default: one device")
     g.set_defaults(fn=_cmd_generate)
     t = sub.add_parser("train", help="train (sft or grpo stage) into a run directory; re-run to resume")
     t.add_argument("config", help="preset name in configs/ or a .py file defining config()")
@@ -129,12 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. grpo.group_size=16")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument(
-        "--mesh",
-        default=None,
-        help="device mesh, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert); default: the config's mesh",
-    )
-    t.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    add_mesh_args(t, "default: the config's mesh")
     t.set_defaults(fn=_cmd_train)
     for register in COMMANDS:
         register(sub)

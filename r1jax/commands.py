@@ -49,22 +49,43 @@ def _add_model_data_args(p, default_template: str = "r1_zero") -> None:
     p.add_argument("--max-turns", type=int, default=4, help="tool calls executed per sample (with --tools)")
     p.add_argument("--last-number", action="store_true", help="GSM8K-style answers: accept the last number when "
                    "there are no answer tags, \\boxed{} or ####")  # fmt: skip
+    from r1jax.cli import add_mesh_args
+
+    add_mesh_args(p, "default: the run's mesh when MODEL is a run directory, else one device")
 
 
 def _load(args):
     import r1jax
+    from r1jax.cli import model_mesh
     from r1jax.config import DataConfig
     from r1jax.data.datasets import load_dataset
-    from r1jax.evaluate import tokenizer_of
+    from r1jax.data.tokenizer import for_model
 
     try:
         options = DataConfig(options=args.options).option_dict()
     except ValueError as e:
         raise R1jaxError(f"--options: {e}") from None
-    model = r1jax.load(args.model, dtype=args.dtype)
+    mesh = model_mesh(args, _run_mesh(args.model))
+    model = r1jax.load(args.model, dtype=args.dtype, mesh=mesh)
     data = load_dataset(args.data, args.split, data_dir=args.data_dir, seed=args.seed, **options)
     n = len(data) if args.limit is None else min(args.limit, len(data))
-    return model, tokenizer_of(model), [data[i] for i in range(n)]
+    return model, for_model(model.cfg, model.tokenizer_files), [data[i] for i in range(n)], mesh
+
+
+def _writes() -> bool:
+    """Whether this process writes the outputs: the first one of a multi-host job (all computed the same)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _run_mesh(path: str) -> str:
+    """The mesh a training run directory was trained on (its ``train_config.json``), or ""."""
+    config = os.path.join(path, "train_config.json")
+    if not os.path.isfile(config):
+        return ""
+    with open(config) as f:
+        return json.load(f).get("mesh", "")
 
 
 def _tools(args, sampling):
@@ -174,12 +195,12 @@ def _cmd_sample(args) -> int:
     rewards = _reward_config(args.rewards, args.reward_weights, args.last_number)
     sampling = _sampling(args, args.temperature)
     tools = _tools(args, sampling)
-    model, tok, examples = _load(args)
+    model, tok, examples, mesh = _load(args)
     t0 = time.time()
     try:
         samples = sample_completions(
             model, tok, examples, k=args.samples, sampling=sampling, template=args.template, system=args.system,
-            tools=tools, batch_size=args.batch_size, seed=args.seed,
+            tools=tools, batch_size=args.batch_size, seed=args.seed, mesh=mesh,
         )  # fmt: skip
         totals, _ = score_samples(samples, examples, rewards)
     except ValueError as e:  # bad template, metadata the rewards need, ...
@@ -188,6 +209,8 @@ def _cmd_sample(args) -> int:
         examples, samples, totals, best=max_total_reward(rewards), keep=args.keep, chat=args.template == "chat",
         system=args.system,
     )  # fmt: skip
+    if not _writes():
+        return 0
     n = write_jsonl_atomic(args.out, records)
     total = sum(len(s["completions"]) for s in samples)
     print(
@@ -224,15 +247,17 @@ def _cmd_eval(args) -> int:
     select = _select_config(args)
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise R1jaxError(f"--out {args.out}: its parent directory does not exist")
-    model, tok, examples = _load(args)
+    model, tok, examples, mesh = _load(args)
     try:
         metrics = evaluate(
             model, tok, examples, k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             template=args.template, system=args.system, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-            rewards=_reward_config("accuracy", None, args.last_number), select=select, tools=tools,
+            rewards=_reward_config("accuracy", None, args.last_number), select=select, tools=tools, mesh=mesh,
         )  # fmt: skip
     except ValueError as e:
         raise R1jaxError(str(e)) from None
+    if not _writes():
+        return 0
     if args.out:
         title = f"{args.model} on {args.data} ({args.split})"
         settings = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}

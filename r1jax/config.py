@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 
 from r1jax.tools.protocol import syntax_of
 
@@ -205,6 +206,24 @@ class ModelConfig:
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+    def numerics(self) -> dict[str, object]:
+        """The ``NUMERICS`` fields: how this model computes, as opposed to what it is."""
+        return {name: getattr(self, name) for name in NUMERICS}
+
+    def with_numerics(self, numerics: ModelConfig | Mapping[str, object]) -> ModelConfig:
+        """This architecture with the numerics of a run's model config (or a mapping of some ``NUMERICS`` fields):
+        the one place where a checkpoint's config and a run's precision, kernels and remat meet."""
+        values = numerics.numerics() if isinstance(numerics, ModelConfig) else dict(numerics)
+        unknown = set(values) - set(NUMERICS)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} are architecture, not numerics ({', '.join(NUMERICS)})")
+        return dataclasses.replace(self, **values)
+
+
+# ModelConfig fields that a run sets and a checkpoint never does (``ModelConfig.with_numerics``); the optimiser's
+# moment dtype is the run's too (``OptimConfig.moment_dtype``).
+NUMERICS = ("dtype", "param_dtype", "attention_impl", "remat", "remat_policy", "dispatch_slack")
 
 
 # --- RL --------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ asks the model greedily.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from r1jax.config import RewardConfig, SamplingConfig
 from r1jax.data.templates import build_prompt, chat_messages, prompt_of
+from r1jax.data.tokenizer import stop_ids
 from r1jax.rewards.accuracy import gsm8k_prediction
 from r1jax.rewards.code import extract_program
 from r1jax.rewards.extract import extract_answer
@@ -125,22 +125,6 @@ def metrics_markdown(metrics: Mapping[str, Any], title: str, settings: Mapping[s
 
 
 # --- sampling shared by eval and rejection sampling -----------------------------------------------------------------
-def tokenizer_of(model: Any):
-    """The ``r1jax.data.tokenizer.Tokenizer`` stored with a loaded model (``R1jaxError`` when it has none)."""
-    from r1jax.data.tokenizer import Tokenizer
-    from r1jax.errors import CheckpointError
-
-    files = dict(getattr(model, "tokenizer_files", ()))
-    if "tokenizer.json" not in files:
-        raise CheckpointError("the model has no tokenizer files (tokenizer.json)")
-    return Tokenizer(files["tokenizer.json"], json.loads(files.get("tokenizer_config.json") or "{}"))
-
-
-def stop_ids_of(model: Any, tokenizer: Any) -> list[int]:
-    eos = getattr(tokenizer, "eos_id", None)
-    return sorted({*model.cfg.eos_token_ids, *([eos] if eos is not None else [])})
-
-
 def sample_completions(
     model: Any,
     tokenizer: Any,
@@ -153,6 +137,7 @@ def sample_completions(
     system: str | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> list[dict]:
     """``k`` completions per example. Returns one dict per example: ``prompt`` (rendered text), ``think_prefilled``,
     ``completions`` (k texts, stop token dropped), ``lengths`` (k token counts), ``ended`` (k bools), ``tool_calls`` (k
@@ -160,13 +145,14 @@ def sample_completions(
     a completion holds its tool turns as text, the tools' results included, and ``lengths`` count them too.
 
     Prompts go through the jitted group sampler (``r1jax.rollout.sample``, one prefill per prompt) in batches of
-    ``batch_size``; the last batch is padded with repeats so every call has the same shape.
+    ``batch_size``; the last batch is padded with repeats so every call has the same shape. With ``mesh`` they are
+    sampled on it, rows split over its data axes.
     """
     from r1jax import rollout, tool_rollout
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    stops = stop_ids_of(model, tokenizer)
+    stops = stop_ids(model.cfg, tokenizer)
     rendered = [build_prompt(ex, tokenizer, template, system) for ex in examples]
     ids = [tokenizer.encode(text) for text, _ in rendered]
     params = model.param_dict()
@@ -190,6 +176,7 @@ def sample_completions(
             stop_ids=stops,
             encode=tokenizer.encode,
             decode=tokenizer.decode,
+            mesh=mesh,
         )
         texts = rollout.completion_texts(
             ro,
@@ -323,6 +310,7 @@ def evaluate(
     select: SelectConfig | None = None,
     return_samples: bool = False,
     tools: ToolEnv | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict:
     """Sample ``k`` completions per problem and score them with the ``accuracy`` reward.
 
@@ -333,7 +321,7 @@ def evaluate(
     ``tools``: sample multi-turn tool trajectories with this environment (``sample_completions``); the result then
     has ``"tool_calls_mean"``, tool calls per sample.
     With ``select``, ``"selection"`` holds accuracy against k per selector (``r1jax.select.selection_curves``)
-    with the oracle row ``"pass@k (oracle)"`` first.
+    with the oracle row ``"pass@k (oracle)"`` first. ``mesh``: sample on it (see ``sample_completions``).
     """
     examples = [dataset[i] for i in range(len(dataset) if limit is None else min(limit, len(dataset)))]
     if not examples:
@@ -346,7 +334,7 @@ def evaluate(
     )
     samples = sample_completions(
         model, tokenizer, examples, k=k, sampling=sampling, template=template, system=system, tools=tools,
-        batch_size=batch_size, seed=seed,
+        batch_size=batch_size, seed=seed, mesh=mesh,
     )  # fmt: skip
     acc = rewards.functions.index("accuracy") if "accuracy" in rewards.functions else None
     if acc is None:

@@ -45,7 +45,7 @@ from r1jax import moe, rollout
 from r1jax.cache import init_cache
 from r1jax.config import AdvScale, GRPOConfig, LossAgg, ModelConfig, OptimConfig, RatioLevel, TrainConfig
 from r1jax.model import Params, forward, logits_from_hidden, param_specs, token_logprobs
-from r1jax.sharding import batch_sharding, param_shardings
+from r1jax.sharding import batch_sharding, normalize_mesh, param_shardings, put, to_host
 from r1jax.tool_rollout import sample_with_tools, tool_metrics
 from r1jax.tools import ToolEnv
 
@@ -701,7 +701,7 @@ class GRPOTrainer:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.reward_fn = reward_fn
-        self.mesh = mesh
+        self.mesh = normalize_mesh(mesh) if mesh is not None else None
         self.stop_ids = list(model_cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
         self.encode, self.decode = encode, decode
         self.prompt_bucket = prompt_bucket
@@ -719,10 +719,10 @@ class GRPOTrainer:
         return jax.device_put(params, _param_shardings(params, self.model_cfg, self.mesh))
 
     def _place_rows(self, x):
+        """Host rows (the same on every process) -> split over the mesh's data axes."""
         if x is None:
             return None
-        x = jnp.asarray(x)
-        return x if self.mesh is None else jax.device_put(x, batch_sharding(self.mesh, x.shape))
+        return jnp.asarray(x) if self.mesh is None else put(np.asarray(x), batch_sharding(self.mesh, x.shape))
 
     def init_state(self, params: Params) -> GRPOState:
         params = self._place_params(params)
@@ -834,7 +834,7 @@ class GRPOTrainer:
             for j in range(g.num_minibatches):
                 if g.num_minibatches > 1:
                     idx = perm[j * mb : (j + 1) * mb]
-                    minibatch = jax.tree.map(lambda x, idx=idx: place(np.asarray(x)[idx]), batch)
+                    minibatch = jax.tree.map(lambda x, idx=idx: place(to_host(x)[idx]), batch)
                 else:
                     minibatch = batch
                 params, opt_state, m = update_minibatch(

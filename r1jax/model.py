@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -204,16 +204,31 @@ def _build(tree: dict, values: dict) -> _Group:
 
 
 class Transformer(nnx.Module):
-    """Holds the parameters of ``param_specs(cfg)``; ``model(tokens)`` -> f32 logits [b, t, V]."""
+    """Holds the parameters of ``param_specs(cfg)``; ``model(tokens)`` -> f32 logits [b, t, V].
 
-    def __init__(self, cfg: ModelConfig, params: Params, *, tokenizer_dir: str | None = None):
+    ``hf_config`` is the source checkpoint's HF ``config.json`` (what ``export_hf`` starts from; empty for a random
+    model) and ``tokenizer_files`` maps file names (``tokenizer.json``, ``tokenizer_config.json``, ...) to their text.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        *,
+        hf_config: Mapping[str, Any] | None = None,
+        tokenizer_files: Mapping[str, str] | None = None,
+    ):
         self.cfg = cfg
-        self.tokenizer_dir = tokenizer_dir
+        self.hf_config: dict[str, Any] = dict(hf_config or {})
+        self.tokenizer_files: dict[str, str] = dict(tokenizer_files or {})
         self.params = _build(param_specs(cfg, mtp="mtp" in params), params)
 
     @classmethod
-    def random(cls, cfg: ModelConfig, seed: int = 0, *, mtp: bool = False) -> Transformer:
-        return cls(cfg, jax.jit(lambda k: init_params(cfg, k, mtp=mtp))(jax.random.key(seed)))
+    def random(cls, cfg: ModelConfig, seed: int = 0, *, mtp: bool = False, mesh=None) -> Transformer:
+        """``init_params`` from ``seed``; with ``mesh`` each parameter is created sharded by the rules table (the
+        same values: the random stream does not depend on the sharding)."""
+        out = None if mesh is None else sharding.param_shardings(param_specs(cfg, mtp=mtp), mesh)
+        return cls(cfg, jax.jit(lambda k: init_params(cfg, k, mtp=mtp), out_shardings=out)(jax.random.key(seed)))
 
     def param_dict(self) -> Params:
         """The parameters as a plain nested dict of arrays (what the pure functions take)."""

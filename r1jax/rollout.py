@@ -30,13 +30,13 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.cache import Cache, init_cache
 from r1jax.config import ModelConfig, SamplingConfig
 from r1jax.model import Params, forward, unstack_layers
 from r1jax.sampling import left_pad, sample_logits
-from r1jax.sharding import logical_to_spec
+from r1jax.sharding import logical_to_spec, normalize_mesh, on_mesh, put, to_host
 
 Array = jax.Array
 
@@ -198,6 +198,13 @@ def stop_token_seqs(stop_strings: Sequence[str], encode: Callable[[str], list[in
     return out
 
 
+def _inputs(mesh: Mesh | None, *xs) -> tuple[Array, ...]:
+    """Host arrays for the jitted loop: replicated on ``mesh`` (every process holds them whole), else as they are."""
+    if mesh is None:
+        return tuple(jnp.asarray(x) for x in xs)
+    return tuple(put(x, NamedSharding(mesh, PartitionSpec())) for x in xs)
+
+
 def sample(
     params: Params,
     prompts: Sequence[Sequence[int]],
@@ -215,26 +222,29 @@ def sample(
     """Token-list prompts -> a ``Rollout`` of ``len(prompts) * group_size`` rows (numpy arrays on the host).
 
     ``stop_ids`` default to the model's EOS ids. ``sampling.stop_strings`` are matched as token sequences inside the
-    loop when ``encode`` is given, and as text on the host when ``decode`` is given (``apply_stop_strings``).
+    loop when ``encode`` is given, and as text on the host when ``decode`` is given (``apply_stop_strings``). With
+    ``mesh`` (any mesh over r1jax's axis names) sampling runs on it: every process passes the same prompts, the rows
+    are split over the data axes, and every process gets the whole rollout back.
     """
     stops = list(cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
     tokens, start = left_pad([list(p) for p in prompts], pad_id=cfg.pad_token_id or 0, bucket=bucket)
-    out = sample_groups(
-        params,
-        jnp.asarray(tokens),
-        jnp.asarray(start),
-        jnp.asarray(stops, jnp.int32).reshape(-1),
-        jnp.asarray(stop_token_seqs(sampling.stop_strings, encode)),
-        key,
-        cfg=cfg,
-        group_size=group_size,
-        max_new_tokens=sampling.max_new_tokens,
-        temperature=float(sampling.temperature),
-        top_p=float(sampling.top_p),
-        top_k=int(sampling.top_k),
-        mesh=mesh,
-    )
-    out = jax.tree.map(np.asarray, out)
+    mesh = normalize_mesh(mesh) if mesh is not None else None
+    inputs = _inputs(mesh, tokens, start, np.asarray(stops, np.int32).reshape(-1))
+    with on_mesh(mesh):
+        out = sample_groups(
+            params,
+            *inputs,
+            *_inputs(mesh, stop_token_seqs(sampling.stop_strings, encode)),
+            key,
+            cfg=cfg,
+            group_size=group_size,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=float(sampling.temperature),
+            top_p=float(sampling.top_p),
+            top_k=int(sampling.top_k),
+            mesh=mesh,
+        )
+    out = jax.tree.map(to_host, out)
     if decode is not None and sampling.stop_strings:
         out = apply_stop_strings(out, decode, sampling.stop_strings)
     return out
@@ -312,6 +322,7 @@ def generate_tokens(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    mesh: Mesh | None = None,
 ) -> tuple[Array, Array, Array]:
     """``sample_groups`` with one sample per prompt and no stop sequences -> (tokens int32[b, N], log-probs f32[b, N]
     of the tempered distribution, lengths int32[b]). A sequence ends after its first token in ``stop_ids`` (included
@@ -329,6 +340,7 @@ def generate_tokens(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
+        mesh=mesh,
     )
     return ro.tokens, ro.logp, ro.lengths
 
@@ -343,27 +355,30 @@ def generate(
     top_k: int = 0,
     seed: int = 0,
     stop_ids: list[int] | None = None,
+    mesh: Mesh | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` for each prompt; returns the new tokens, without the stop token.
 
-    ``stop_ids`` default to the model's EOS ids. Greedy at ``temperature=0``.
+    ``stop_ids`` default to the model's EOS ids. Greedy at ``temperature=0``. ``mesh``: generate on it (the model's
+    parameters placed there, e.g. by ``r1jax.load(..., mesh=mesh)``), rows split over its data axes.
     """
     cfg: ModelConfig = model.cfg
     stops = list(cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
     tokens, start = left_pad(prompts, pad_id=cfg.pad_token_id or 0)
-    toks, _, lengths = generate_tokens(
-        model.param_dict(),
-        jnp.asarray(tokens),
-        jnp.asarray(start),
-        jnp.asarray(stops, jnp.int32),
-        jax.random.key(seed),
-        cfg=cfg,
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-    )
-    toks, lengths = np.asarray(toks), np.asarray(lengths)
+    mesh = normalize_mesh(mesh) if mesh is not None else None
+    with on_mesh(mesh):
+        toks, _, lengths = generate_tokens(
+            model.param_dict(),
+            *_inputs(mesh, tokens, start, np.asarray(stops, np.int32)),
+            jax.random.key(seed),
+            cfg=cfg,
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            mesh=mesh,
+        )
+    toks, lengths = to_host(toks), to_host(lengths)
     out = []
     for row, n in zip(toks, lengths, strict=True):
         seq = row[:n].tolist()

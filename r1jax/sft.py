@@ -19,6 +19,10 @@ so every completion token weighs the same, whatever the packing (a packed batch 
 examples' losses), and with gradient accumulation the micro-batch losses (each divided by the whole batch's N) sum to
 the batch loss.
 
+Mesh. Under ``jax.set_mesh`` (``r1jax train`` sets the run's mesh) the rows are split over the data axes, the
+model's activation constraints and expert-parallel dispatch apply, and the updated parameters keep the rules
+table's layout; the result equals one device's.
+
 MoE. The router correction bias gets no gradient (``stop_gradient`` here and a frozen label in
 ``r1jax.grpo.make_optimizer``); when ``router_bias_gamma`` is set it is moved by the aux-loss-free sign rule from the
 batch's expert loads after the optimiser step, as in the GRPO step.
@@ -37,7 +41,8 @@ import optax
 
 from r1jax.config import ModelConfig
 from r1jax.grpo import _stop_router_bias, update_router_bias
-from r1jax.model import Params, forward, token_logprobs
+from r1jax.model import Params, forward, param_specs, token_logprobs
+from r1jax.sharding import constrain, constrain_params
 
 Array = jax.Array
 # (prompt ids, completion ids) or (prompt ids, completion ids, completion loss weights: 0 on tool results)
@@ -171,7 +176,9 @@ def sft_step(
     if n % micro_batches:
         raise ValueError(f"{n} rows do not split into {micro_batches} micro-batches")
     num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-    micro = jax.tree.map(lambda x: x.reshape(micro_batches, n // micro_batches, *x.shape[1:]), batch)
+    # micro-batch j = rows j, j + k, j + 2k, ...: with rows split over the data axes every device keeps its own rows
+    k = micro_batches
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(n // k, k, *x.shape[1:]), 0, 1), batch)
 
     def loss_fn(p, mb):
         return sft_loss(_stop_router_bias(p), mb, cfg, num_tokens=num_tokens)
@@ -179,6 +186,7 @@ def sft_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(acc, mb):
+        mb = {name: constrain(x, ("batch", None)) for name, x in mb.items()}
         (loss, aux), grads = grad_fn(params, mb)
         acc_grads, acc_load = acc
         acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
@@ -193,6 +201,7 @@ def sft_step(
     # a non-finite loss or gradient skips the step: parameters and optimiser state stay as they were
     finite = jnp.isfinite(jnp.sum(losses)) & jnp.isfinite(optax.tree.norm(grads))
     params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params, params)
+    params = constrain_params(params, param_specs(cfg, mtp="mtp" in params))  # as they came in, on a mesh
     opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_opt_state, opt_state)
     metrics = {
         "skipped": 1.0 - finite.astype(jnp.float32),

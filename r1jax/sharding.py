@@ -29,6 +29,7 @@ with ``jax.set_mesh`` (the mesh belongs to the caller, never to a config), so th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -82,6 +83,25 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> jax.shardi
             f"{len(devices)} available"
         )
     return jax.sharding.Mesh(np.asarray(devices).reshape(dims), MESH_AXES)
+
+
+def normalize_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """Any mesh over some of ``MESH_AXES`` — ``jax.make_mesh``'s (Explicit axes by default), ``make_mesh``'s (Auto),
+    in any axis order — as the mesh r1jax computes on: every one of ``MESH_AXES``, in order (missing ones of size 1),
+    with Auto axis types (shardings come from the rules table and ``constrain``, not from sharding-in-types). The
+    public entry points that take a mesh call this; the devices keep their places."""
+    from r1jax.errors import ConfigError
+
+    names = tuple(mesh.axis_names)
+    unknown = set(names) - set(MESH_AXES)
+    if unknown:
+        raise ConfigError(f"mesh axes {sorted(unknown)} are not r1jax's; name the mesh axes from {MESH_AXES}")
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if names == MESH_AXES and tuple(mesh.axis_types) == auto:
+        return mesh
+    order = [names.index(a) for a in MESH_AXES if a in names]
+    devices = np.asarray(mesh.devices).transpose(order).reshape([dict(mesh.shape).get(a, 1) for a in MESH_AXES])
+    return jax.sharding.Mesh(devices, MESH_AXES, axis_types=auto)
 
 
 def abstract_mesh(shape: dict[str, int] | Sequence[int]) -> jax.sharding.AbstractMesh:
@@ -206,6 +226,37 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
+def constrain_params(params, specs_tree):
+    """``with_sharding_constraint`` of a parameter tree to its rules-table shardings under the current mesh (inside
+    jit: outputs keep the layout the parameters came in with); identity without one."""
+    mesh = current_mesh()
+    if mesh is None or not set(MESH_AXES) <= set(mesh.axis_names):
+        return params
+    return jax.lax.with_sharding_constraint(params, param_partition_specs(specs_tree, mesh))
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, shape: Sequence[int]) -> NamedSharding:
     """Sharding of a batch-major array (tokens, masks, advantages...): leading axis split by the ``batch`` rule."""
     return NamedSharding(mesh, logical_to_spec(("batch", *[None] * (len(shape) - 1)), shape, mesh))
+
+
+# --- host <-> mesh (one process or many) ----------------------------------------------------------------------------
+def on_mesh(mesh: jax.sharding.Mesh | None):
+    """``jax.set_mesh(mesh)`` (the model's activation constraints and expert-parallel dispatch apply), or nothing."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def put(x, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array that every process holds whole, placed with ``sharding``: each process copies only the slices of
+    its own devices (unlike ``device_put`` of process-local data, this means the same thing on one host or many)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x) -> np.ndarray:
+    """An array as numpy on every process: gathered across processes where this one does not hold all of it."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -179,7 +179,7 @@ def check_output_dir(out_dir: str, need_bytes: int) -> None:
     path = Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{jax.process_index()}"  # one per process of a multi-host run
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as e:
@@ -292,42 +292,37 @@ class Checkpoints:
 
 
 # --- model, tokenizer, data -------------------------------------------------------------------------------------------
-def _tokenizer_for(model, model_cfg: ModelConfig):
-    from r1jax.data.tokenizer import ByteTokenizer, Tokenizer
-
-    files = dict(getattr(model, "tokenizer_files", ()))
-    if "tokenizer.json" in files:
-        tok = Tokenizer(files["tokenizer.json"], json.loads(files.get("tokenizer_config.json", "{}")))
-    else:
-        tok = ByteTokenizer()
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_cfg.vocab_size}: "
-            "use the tokenizer that belongs to the checkpoint"
-        )
-    return tok
-
-
-def init_model(cfg: TrainConfig):
-    """The policy to start from: ``cfg.init`` (HF dir, GGUF, r1jax checkpoint) or a random ``cfg.model``."""
+def init_model(cfg: TrainConfig, mesh=None):
+    """The policy to start from, placed on ``mesh``: ``cfg.init`` (HF dir, GGUF, r1jax checkpoint; its architecture,
+    with the numerics of ``cfg.model`` when the config has one) or a random ``cfg.model``."""
     from r1jax.checkpoint import load
     from r1jax.model import Transformer
 
     if cfg.init:
-        model = load(cfg.init, dtype=cfg.model.dtype if cfg.model else None)
-        if cfg.model is not None and cfg.model.attention_impl != model.cfg.attention_impl:
-            model.cfg = model.cfg.replace(attention_impl=cfg.model.attention_impl)
-    elif cfg.model is not None:
-        model = Transformer.random(cfg.model, cfg.seed)
-        model.hf_config = "{}"
-        model.tokenizer_files = ()
+        return load(cfg.init, mesh=mesh, numerics=cfg.model)
+    if cfg.model is not None:
+        return Transformer.random(cfg.model, cfg.seed, mesh=mesh)
+    raise ConfigError("the config has neither init (a checkpoint to start from) nor model (to initialise)")
+
+
+def check_mesh(cfg: TrainConfig, mesh) -> None:
+    """Every batch the run places must split evenly over the mesh's data axes (the ``batch`` rule)."""
+    from r1jax.sharding import RULES
+
+    if mesh is None:
+        return
+    sizes = dict(mesh.shape)
+    data = math.prod(sizes.get(a, 1) for a in RULES["batch"])
+    if cfg.stage == Stage.GRPO:
+        rows = {"grpo.prompts_per_step x grpo.group_size": cfg.grpo.samples_per_step, "micro_batch": cfg.micro_batch}
     else:
-        raise ConfigError("the config has neither init (a checkpoint to start from) nor model (to initialise)")
-    return model
-
-
-def _stop_ids(model_cfg: ModelConfig, tok) -> list[int]:
-    return sorted({*model_cfg.eos_token_ids, *([tok.eos_id] if tok.eos_id is not None else [])})
+        rows = {"sft_batch_size": cfg.sft_batch_size}
+    for name, n in rows.items():
+        if n % data:
+            raise ConfigError(
+                f"mesh {sizes}: its data axes ({' x '.join(RULES['batch'])} = {data} devices) do not divide {name} "
+                f"= {n}; choose a mesh or batch size that divides"
+            )
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------------
@@ -370,10 +365,16 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
     """Train (or resume) into ``out_dir``; returns the last step's metrics. ``mesh`` (the caller's) shards the
     model and batch; ``max_steps`` stops early, resumably."""
     from r1jax.checkpoint import META, config_to_dict
+    from r1jax.data.tokenizer import for_model
+    from r1jax.sharding import normalize_mesh
 
     run_dir = Path(out_dir)
     saved_cfg = run_dir / "train_config.json"
-    resolved = config_to_json(cfg)
+    mesh = normalize_mesh(mesh) if mesh is not None else None
+    check_mesh(cfg, mesh)
+    model = init_model(cfg, mesh)
+    model_cfg = model.cfg
+    resolved = config_to_json(dataclasses.replace(cfg, model=model_cfg))  # the model as it trains
     if saved_cfg.exists():
         before = json.loads(saved_cfg.read_text())
         if before != resolved:
@@ -383,9 +384,7 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
                 "use a new --out or the same config to resume"
             )
 
-    model = init_model(cfg)
-    model_cfg = model.cfg
-    tok = _tokenizer_for(model, model_cfg)
+    tok = for_model(model_cfg, model.tokenizer_files, byte_fallback=True)
     params = model.param_dict()
     check_output_dir(out_dir, _need_bytes(params, cfg.checkpoint.keep))
 
@@ -394,12 +393,12 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
         saved_cfg.write_text(json.dumps(resolved, indent=2))
         meta = {
             "config": config_to_dict(model_cfg),
-            "hf_config": json.loads(getattr(model, "hf_config", "{}") or "{}"),
+            "hf_config": model.hf_config,
             "mtp": False,
             "format": 1,
         }
         (run_dir / META).write_text(json.dumps(meta, indent=2))
-        for name, text in getattr(model, "tokenizer_files", ()):
+        for name, text in model.tokenizer_files.items():
             (run_dir / name).write_text(text)
 
     stage = _make_stage(cfg, model_cfg, tok, mesh)
@@ -415,7 +414,7 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
     log = MetricsLog(run_dir, start, enabled=is_main)
     data = stage.data(start)
     total = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
-    evaluator = Evaluator(cfg, model_cfg, tok) if cfg.eval.every else None
+    evaluator = Evaluator(cfg, model_cfg, tok, mesh) if cfg.eval.every else None
     if evaluator is not None and start == 0:
         log.write({"step": 0, **evaluator(stage.params(state))})
     bar = _progress(cfg.steps, start, progress and is_main)
@@ -500,8 +499,8 @@ class _Policy:
 class Evaluator:
     """``cfg.eval``: accuracy of the current policy on held-out problems, as ``eval/*`` metrics."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok):
-        self.cfg, self.model_cfg, self.tok = cfg, model_cfg, tok
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok, mesh=None):
+        self.cfg, self.model_cfg, self.tok, self.mesh = cfg, model_cfg, tok, mesh
         self.dataset = dataset_for(cfg, cfg.eval.split)
         self.rewards = dataclasses.replace(cfg.rewards, functions=("accuracy",), weights=(1.0,))
         self.tools = None
@@ -522,10 +521,15 @@ class Evaluator:
             top_p=e.top_p, max_new_tokens=e.max_new_tokens or self.cfg.sampling.max_new_tokens,
             template=self.cfg.data.template, system=self.cfg.data.system,
             stop_strings=self.cfg.sampling.stop_strings, limit=e.limit, batch_size=e.batch_size, seed=self.cfg.seed,
-            rewards=self.rewards, tools=self.tools,
+            rewards=self.rewards, tools=self.tools, mesh=self.mesh,
         )  # fmt: skip
         out = {f"eval/{k}": float(v) for k, v in m.items() if k not in ("n_problems", "k")}
         return {**out, "time/eval_s": time.perf_counter() - t0}
+
+
+def _abstract(tree):
+    """Restore targets: each leaf's shape, dtype and sharding (orbax then reads only this process's slices)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def _make_stage(cfg: TrainConfig, model_cfg: ModelConfig, tok, mesh=None):
@@ -543,7 +547,8 @@ def dataset_for(cfg: TrainConfig, split: str | None = None):
 
 
 def training_batches(cfg: TrainConfig, tok, batch_size: int, start: int, max_prompt_tokens: int):
-    """This process's batches from step ``start`` on (a pure function of seed and step: resumes exactly)."""
+    """The global batches from step ``start`` on (a pure function of seed and step: resumes exactly), the same on
+    every process: each places only its own devices' rows (``r1jax.sharding.put``)."""
     from r1jax.data.datasets import batches
 
     d = cfg.data
@@ -552,8 +557,6 @@ def training_batches(cfg: TrainConfig, tok, batch_size: int, start: int, max_pro
         batch_size,
         cfg.seed,
         start,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
         tokenizer=tok,
         template=d.template,
         system=d.system,
@@ -568,9 +571,10 @@ class GRPOStage:
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok, mesh=None):
         from r1jax import grpo
+        from r1jax.data.tokenizer import stop_ids
 
         self.cfg, self.model_cfg, self.tok = cfg, model_cfg, tok
-        stops = _stop_ids(model_cfg, tok)
+        stops = stop_ids(model_cfg, tok)
         reward = grpo.text_reward(cfg, tok.decode, stops)
         self.trainer = grpo.GRPOTrainer(
             cfg, model_cfg, reward, mesh=mesh, stop_ids=stops, encode=tok.encode, decode=tok.decode
@@ -580,8 +584,7 @@ class GRPOStage:
         return self.trainer.init_state(params)
 
     def abstract(self, state):
-        train = {"opt": state.opt_state, "ref": state.ref_params or {}}
-        return jax.eval_shape(lambda: state.params), jax.eval_shape(lambda: train)
+        return _abstract(state.params), _abstract({"opt": state.opt_state, "ref": state.ref_params or {}})
 
     def restore(self, state, params, train):
         from r1jax.grpo import GRPOState
@@ -622,15 +625,15 @@ class SFTStage:
         self.optimizer = make_optimizer(cfg.optim)
 
     def init(self, params):
-        if self.mesh is not None:
-            from r1jax.model import param_specs
-            from r1jax.sharding import param_shardings
+        from r1jax.grpo import opt_shardings
 
-            params = jax.device_put(params, param_shardings(param_specs(self.model_cfg), self.mesh))
-        return {"params": params, "opt": jax.jit(self.optimizer.init)(params)}
+        if self.mesh is None:
+            return {"params": params, "opt": jax.jit(self.optimizer.init)(params)}
+        out = opt_shardings(jax.eval_shape(self.optimizer.init, params), params, self.model_cfg, self.mesh)
+        return {"params": params, "opt": jax.jit(self.optimizer.init, out_shardings=out)(params)}
 
     def abstract(self, state):
-        return jax.eval_shape(lambda: state["params"]), jax.eval_shape(lambda: {"opt": state["opt"]})
+        return _abstract(state["params"]), _abstract({"opt": state["opt"]})
 
     def restore(self, state, params, train):
         return {"params": params, "opt": train["opt"]}
@@ -649,6 +652,7 @@ class SFTStage:
 
     def step(self, state, batch, key):
         from r1jax.sft import pack_examples, sft_step, tokenize_tool_trace, tokenize_trace
+        from r1jax.sharding import batch_sharding, on_mesh, put
 
         pairs = []
         for ex in batch:
@@ -662,14 +666,17 @@ class SFTStage:
             else:
                 pairs.append(tokenize_trace(ex["prompt_text"], completion, self.tok.encode, eos_id=self.tok.eos_id))
         packed = pack_examples(pairs, self.cfg.data.seq_len, num_rows=len(pairs), pad_id=self.tok.eos_id or 0)
+        if self.mesh is not None:  # every process packed the whole batch; each places its devices' rows
+            packed = {k: put(v, batch_sharding(self.mesh, v.shape)) for k, v in packed.items()}
         micro = max(1, len(pairs) // (self.cfg.micro_batch_size or len(pairs)))
-        params, opt, m = sft_step(
-            state["params"],
-            state["opt"],
-            packed,
-            cfg=self.model_cfg,
-            optimizer=self.optimizer,
-            micro_batches=micro,
-            router_bias_gamma=self.cfg.optim.router_bias_gamma,
-        )
+        with on_mesh(self.mesh):
+            params, opt, m = sft_step(
+                state["params"],
+                state["opt"],
+                packed,
+                cfg=self.model_cfg,
+                optimizer=self.optimizer,
+                micro_batches=micro,
+                router_bias_gamma=self.cfg.optim.router_bias_gamma,
+            )
         return {"params": params, "opt": opt}, {k: float(v) for k, v in jax.device_get(m).items()}

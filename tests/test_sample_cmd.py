@@ -38,8 +38,8 @@ def char_tokenizer_files() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
-    model = Transformer.random(configs.tiny_model(), seed=3)
-    model.tokenizer_files = tuple(sorted(char_tokenizer_files().items()))
+    random = Transformer.random(configs.tiny_model(), seed=3)
+    model = Transformer(random.cfg, random.param_dict(), tokenizer_files=char_tokenizer_files())
     checkpoint.save(model, str(root / "ckpt"))
     (root / "data.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     return root

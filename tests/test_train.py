@@ -13,6 +13,7 @@ import pytest
 
 import r1jax
 from r1jax import train
+from r1jax.data.tokenizer import for_model
 from r1jax.errors import ConfigError
 
 FAST = [
@@ -71,7 +72,8 @@ def test_eval_during_training(tmp_path):
     evals = {m["step"]: m for m in lines if "eval/pass@1" in m}
     assert sorted(evals) == [0, 3, 4] and [m["step"] for m in lines] == [0, 1, 2, 3, 4]
     model = r1jax.load(str(out))
-    again = train.Evaluator(cfg, model.cfg, train._tokenizer_for(model, model.cfg))(model.param_dict())
+    tok = for_model(model.cfg, model.tokenizer_files, byte_fallback=True)
+    again = train.Evaluator(cfg, model.cfg, tok)(model.param_dict())
     for key in ("eval/pass@1", "eval/length_mean", "eval/truncated_frac", "eval/answered_frac"):
         assert again[key] == evals[4][key], key
     assert 1 <= evals[4]["eval/length_mean"] <= 8

@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 
-from r1jax.errors import CheckpointError
+from r1jax.errors import CheckpointError, ConfigError
 
 
 class Tokenizer:
@@ -123,3 +124,28 @@ class ByteTokenizer:
 
     def to_files(self) -> dict[str, str]:
         return {}
+
+
+def for_model(cfg, files: Mapping[str, str], *, byte_fallback: bool = False) -> Tokenizer | ByteTokenizer:
+    """The tokenizer of a model (``cfg`` its ModelConfig, ``files`` its ``Transformer.tokenizer_files``): the saved
+    ``tokenizer.json``, or with ``byte_fallback`` the byte tokenizer when there is none (randomly initialised
+    models). The one place every command builds its tokenizer. ``CheckpointError`` when there is none to use,
+    ``ConfigError`` when it has more tokens than the model's vocabulary."""
+    if "tokenizer.json" in files:
+        tok = Tokenizer(files["tokenizer.json"], json.loads(files.get("tokenizer_config.json") or "{}"))
+    elif byte_fallback:
+        tok = ByteTokenizer()
+    else:
+        raise CheckpointError("the model has no tokenizer files (tokenizer.json)")
+    if tok.vocab_size > cfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}: "
+            "use the tokenizer that belongs to the checkpoint"
+        )
+    return tok
+
+
+def stop_ids(cfg, tokenizer) -> list[int]:
+    """Token ids that end a completion: the model config's EOS ids and the tokenizer's."""
+    eos = tokenizer.eos_id
+    return sorted({*cfg.eos_token_ids, *([eos] if eos is not None else [])})
