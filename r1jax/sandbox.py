@@ -16,6 +16,9 @@ A program runs in a fresh sandbox per call:
   uid of the call's own (``sandbox_uids``: above 2**20, no account's), losing every capability with it. All
   capabilities dropped either way, ``--new-session`` (no terminal injection), ``--die-with-parent``, an empty
   environment;
+- a seccomp filter (x86_64; ``seccomp_filter``): EPERM for ptrace, bpf, perf events, userfaultfd, io_uring,
+  keyrings, new namespaces (``unshare``, ``setns``, namespace flags of ``clone``), mounts and the privileged calls;
+  calls of another ABI (i386, x32) refused;
 - rlimits set in the sandbox before the program is exec'd: CPU seconds, address space, processes (effective because
   the uid is not root), file size, open files, no core dumps;
 - a wall-clock deadline, after which the whole process group is killed. When the program exits, or bwrap is
@@ -49,6 +52,7 @@ import select
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -205,6 +209,55 @@ def bwrap_binary() -> str:
         return path
 
 
+# x86_64 system calls a sandboxed program gets EPERM for: debugging other processes, kernel interfaces that are
+# frequent sources of privilege escalations (bpf, perf events, userfaultfd, io_uring, keyrings), new namespaces and
+# mounts, and what is privileged anyway (modules, kexec, reboot, swap, clocks, raw I/O ports). Numbers from
+# <asm/unistd_64.h>. clone3 gets ENOSYS (its flags are in memory a filter cannot read; glibc then uses clone, whose
+# namespace flags are checked).
+_X86_64_DENIED = {
+    "ptrace": 101, "syslog": 103, "vhangup": 153, "pivot_root": 155, "adjtimex": 159, "acct": 163,
+    "settimeofday": 164, "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "iopl": 172,
+    "ioperm": 173, "init_module": 175, "delete_module": 176, "quotactl": 179, "lookup_dcookie": 212,
+    "clock_settime": 227, "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272,
+    "perf_event_open": 298, "name_to_handle_at": 303, "open_by_handle_at": 304, "clock_adjtime": 305, "setns": 308,
+    "process_vm_readv": 310, "process_vm_writev": 311, "finit_module": 313, "kexec_file_load": 320, "bpf": 321,
+    "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428,
+    "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+}  # fmt: skip
+_X86_64_CLONE, _X86_64_CLONE3 = 56, 435
+_CLONE_NAMESPACES = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+_AUDIT_ARCH_X86_64 = 0xC000003E
+
+
+def seccomp_filter() -> bytes | None:
+    """The sandbox's seccomp program (classic BPF, as bwrap's ``--seccomp`` reads it): the denied calls above, any
+    call of another ABI (i386 ``int 0x80``, x32) refused, everything else allowed. None off x86_64, where the
+    sandbox runs without one."""
+    if os.uname().machine != "x86_64":
+        return None
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ALLOW / ERRNO(EPERM, ENOSYS)
+    prog: list[tuple[int, int | str, int | str, int]] = [
+        (ld, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 0, "eperm", _AUDIT_ARCH_X86_64),
+        (ld, 0, 0, 0),  # seccomp_data.nr
+        (jge, "eperm", 0, 0x40000000),  # the x32 ABI
+        (jeq, "enosys", 0, _X86_64_CLONE3),
+        (jeq, "clone", 0, _X86_64_CLONE),
+        *[(jeq, "eperm", 0, nr) for nr in sorted(_X86_64_DENIED.values())],
+        (ret, 0, 0, allow),
+    ]
+    labels = {"clone": len(prog)}
+    prog += [(ld, 0, 0, 16), (jset, "eperm", 0, _CLONE_NAMESPACES), (ret, 0, 0, allow)]  # clone's flags (args[0])
+    labels |= {"eperm": len(prog), "enosys": len(prog) + 1}
+    prog += [(ret, 0, 0, eperm), (ret, 0, 0, enosys)]
+
+    def jump(target: int | str, at: int) -> int:
+        return target if isinstance(target, int) else labels[target] - at - 1
+
+    return b"".join(struct.pack("<HBBI", c, jump(t, i), jump(f, i), k) for i, (c, t, f, k) in enumerate(prog))
+
+
 def sandbox_uids(pid: int) -> range:
     """The uids a root caller's sandboxes run as, for the calling process ``pid``: 64 of its own (as isolate gives
     each box its own), taken in turn, so that a fork bomb in one sandbox does not spend the process limit of the
@@ -217,13 +270,15 @@ def _sandbox_uid() -> int:
     return sandbox_uids(os.getpid())[next(_CALLS) % _UIDS_PER_PROCESS]
 
 
-def _bwrap_argv(limits: SandboxLimits, program_fd: int, status_fd: int) -> list[str]:
+def _bwrap_argv(limits: SandboxLimits, program_fd: int, status_fd: int, seccomp_fd: int | None) -> list[str]:
     """bwrap's command line. A non-root caller gets a user namespace whose uid 65534 is the caller's own uid. Root
     is exempt from RLIMIT_NPROC even as the root of a user namespace (which maps to real root), so a root caller's
     sandbox unshares every other namespace, keeps only CAP_SETUID/CAP_SETGID, and the bootstrap drops to an
     unprivileged uid (and with it every capability) before the program starts."""
     interp = _interpreter()
     argv = [bwrap_binary(), "--die-with-parent", "--new-session", "--json-status-fd", str(status_fd)]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     if os.geteuid() == 0:
         argv += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup"]
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -317,16 +372,28 @@ def run_python(
     return _run_sandboxed(source, stdin, limits)
 
 
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def _run_sandboxed(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
-    fd = os.memfd_create("program.py")
+    program = _memfd("program.py", source.encode("utf-8", "replace"))
+    bpf = seccomp_filter()
+    seccomp = _memfd("seccomp.bpf", bpf) if bpf is not None else None
+    mine = tuple(f for f in (program, seccomp) if f is not None)
     status_r, status_w = os.pipe()
     try:
-        os.write(fd, source.encode("utf-8", "replace"))
-        os.lseek(fd, 0, os.SEEK_SET)
-        argv = _bwrap_argv(limits, fd, status_w)
-        return _execute(argv, stdin, limits, cwd="/", env={}, pass_fds=(fd, status_w), status=(status_r, status_w))
+        argv = _bwrap_argv(limits, program, status_w, seccomp)
+        fds = (*mine, status_w)
+        return _execute(argv, stdin, limits, cwd="/", env={}, pass_fds=fds, status=(status_r, status_w))
     finally:
-        for f in (fd, status_r):  # status_w is closed by _execute, once: a second close could hit another thread's fd
+        for f in (
+            *mine,
+            status_r,
+        ):  # status_w is closed by _execute, once: a second close could hit another thread's fd
             with contextlib.suppress(OSError):
                 os.close(f)
 

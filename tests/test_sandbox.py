@@ -4,6 +4,7 @@ when no sandbox can be had. The hostile programs scored through the reward pool 
 import concurrent.futures
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -197,6 +198,39 @@ def test_fork_bomb_does_not_starve_a_concurrent_sandbox():
         results = [run_python("import os\nos.fork() or print('forked')", limits=limits) for _ in range(3)]
         assert bombing.result().status == "timeout"
     assert [(r.status, r.stdout) for r in results] == [("ok", "forked\n")] * 3
+
+
+@pytest.mark.skipif(sandbox.seccomp_filter() is None, reason="the seccomp filter is x86_64 only")
+def test_seccomp_denies_kernel_attack_surface_and_keeps_threads_and_fork():
+    src = (
+        "import ctypes, errno, multiprocessing, os, threading\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def call(nr, *args):\n"
+        "    ctypes.set_errno(0)\n"
+        "    return errno.errorcode.get(ctypes.get_errno()) if libc.syscall(nr, *args) == -1 else 'allowed'\n"
+        "print(call(101, 0, 0, 0, 0), call(272, 0x10000000), call(321, 0, 0, 0), call(425, 8, 0),"
+        " call(323, 0), call(298, 0, 0, -1, -1, 0), call(250, 0), call(435, 0, 0), call(56, 0x10000011, 0, 0, 0, 0))\n"
+        "t = threading.Thread(target=print, args=('thread',))\n"
+        "t.start()\n"
+        "t.join()\n"
+        "with multiprocessing.get_context('fork').Pool(2) as pool:\n"
+        "    print(pool.map(abs, [-1, -2]))\n"
+    )
+    r = run_python(src, limits=FAST)
+    assert r.ok, r.stderr
+    denied, thread, pool = r.stdout.splitlines()
+    # ptrace, unshare(CLONE_NEWUSER), bpf, io_uring_setup, userfaultfd, perf_event_open, keyctl: EPERM; clone3:
+    # ENOSYS (so glibc falls back to clone); clone with CLONE_NEWUSER: EPERM. Threads and fork still work.
+    assert denied.split() == ["EPERM"] * 7 + ["ENOSYS", "EPERM"] and thread == "thread" and pool == "[1, 2]"
+
+
+def test_seccomp_numbers_match_the_kernel_headers():
+    header = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+    if not header.is_file():
+        pytest.skip("no x86_64 kernel headers here")
+    numbers = dict(re.findall(r"#define __NR_(\w+) (\d+)", header.read_text()))
+    table = {**sandbox._X86_64_DENIED, "clone": sandbox._X86_64_CLONE, "clone3": sandbox._X86_64_CLONE3}
+    assert {name: int(numbers[name]) for name in table} == table
 
 
 def test_output_cap():
