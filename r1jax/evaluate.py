@@ -272,6 +272,7 @@ def judge_asker(
     system: str | None,
     max_new_tokens: int,
     batch_size: int,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[list[str]], list[str]]:
     """``ask(prompts) -> replies``: the model's greedy replies to judge prompts, rendered with the evaluation's
     template; prompts are batched by length (fewer padded shapes to compile) and the replies returned in order."""
@@ -281,7 +282,7 @@ def judge_asker(
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out = sample_completions(
             model, tokenizer, [{"prompt": prompts[i]} for i in order], k=1, sampling=sampling, template=template,
-            system=system, batch_size=batch_size,
+            system=system, batch_size=batch_size, mesh=mesh,
         )  # fmt: skip
         replies = [""] * len(prompts)
         for i, sample in zip(order, out, strict=True):
@@ -361,9 +362,9 @@ def evaluate(
         scores = verifier_scores(samples, examples, select.verifier, rewards) if select.verifier else None
         ask = None
         if "judge" in select.selectors:
-            ask = judge_asker(
+            ask = judge_asker(  # one judge prompt per row: batches of as many rows as the sampler's
                 model, tokenizer, template=template, system=system, max_new_tokens=select.judge_max_new_tokens,
-                batch_size=batch_size,
+                batch_size=batch_size * k, mesh=mesh,
             )  # fmt: skip
         problems = [prompt_of(ex) for ex in examples]
         selection = selection_curves(correct, answers, problems, select, verifier_scores=scores, ask=ask)

@@ -20,11 +20,14 @@ What a verifier may read. ``verifier_view(example)`` is the only metadata a veri
 the reference answer (``HIDDEN_KEYS``) are removed, and code tests are cut to the visible ones: a HumanEval
 ``check(candidate)`` keeps its first half of top-level ``assert`` statements (``split_check``; the rest stay
 hidden; a check with a single assert shows none, so its verifier only learns whether the program runs), and a list
-of stdin/stdout ``tests`` keeps its first half (or ``public_tests`` when the example has them). A reward that
-needs a removed field (``accuracy`` on GSM8K or MATH needs ``answer``) is refused: for such tasks there is no
-ground-truth-free verifier beyond format rewards and self-consistency (the majority vote). For Countdown the
-``accuracy`` reward *is* a verifier: it checks the equation against the problem's own numbers and target.
-Correctness itself is always judged with the full hidden reference.
+of stdin/stdout ``tests`` keeps its first half (or ``public_tests`` when the example has them; a single test
+shows none, and the code reward refuses the problem). For HumanEval the verifier is ``--verifier code`` (or
+``accuracy``, which dispatches to it); a program can pass the visible asserts and fail the hidden ones, which is
+what the split measures. A reward that needs a removed field (``accuracy`` on GSM8K or MATH needs ``answer``) is
+refused: for such tasks there is no ground-truth-free verifier beyond format rewards and self-consistency (the
+majority vote). For Countdown the ``accuracy`` reward *is* a verifier: it checks the equation against the
+problem's own numbers and target. Correctness itself is always judged with the full hidden reference. For code,
+the answers that vote and that the judge sees are the programs (``answer_key``).
 
 Accuracy against k without bias (``selection_curves``). With k samples drawn per problem, the accuracy of a
 selector at k' <= k is the mean, over problems, of its correctness on uniformly drawn subsets of size k' of that

@@ -283,3 +283,32 @@ def test_eval_select_cli(run, tmp_path, capsys):  # noqa: F811 (the fixture impo
     assert cli.main([*base, "--select", "verifier", "--verifier", "accuracy"]) == 2  # GSM8K accuracy reads the answer
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "without its reference answer" in err[0]
+
+
+def test_humaneval_verifier_runs_the_visible_tests_in_the_sandbox():
+    from r1jax import sandbox
+    from r1jax.config import RewardConfig
+
+    try:
+        sandbox.check_sandbox()
+    except sandbox.SandboxUnavailable as e:
+        pytest.skip(str(e))
+    p = _humaneval()[0]  # has_close_elements: 7 asserts, the first 3 visible
+    # as the humaneval dataset builds it
+    example = {"prompt": p["prompt"], "prefix": p["prompt"], "test": p["test"], "entry_point": p["entry_point"],
+               "task": "code", "solution": "```python\n" + p["prompt"] + p["canonical_solution"] + "```"}  # fmt: skip
+    head = "def has_close_elements(numbers, threshold):\n"
+    canonical = "```python\n" + p["prompt"] + p["canonical_solution"] + "```"
+    wrong = "```python\n" + head + "    return False\n```"
+    # passes exactly the visible asserts (hard-coded), fails the hidden ones
+    overfit = "```python\n" + head + "    return threshold in (0.3, 0.95)\n```"
+    samples = [{"think_prefilled": False, "completions": [wrong, overfit, wrong, canonical], "lengths": [9] * 4}]
+    rewards = RewardConfig(functions=("accuracy",), weights=(1.0,), num_workers=0, code_score="all")
+    visible = ev.verifier_scores(samples, [example], "code", rewards)[0].tolist()
+    assert visible == [0.0, 1.0, 0.0, 1.0]  # the overfit program fools the visible tests
+    _, comps = ev.score_samples(samples, [example], rewards)
+    assert comps[0][:, 0].tolist() == [0.0, 0.0, 0.0, 1.0]  # the hidden ones catch it
+    answers = [ev.answer_key(c, example) for c in samples[0]["completions"]]
+    assert sel.majority_pick(answers) == 0  # the wrong program is the majority
+    assert sel.verifier_pick(answers, visible) == 1  # the verifier keeps a passing one: here the first, the overfit
+    assert sel.verifier_pick(answers[2:], visible[2:]) == 1  # ... and the canonical one when it is the only one
