@@ -451,3 +451,27 @@ def test_evaluate_with_tools(corpus):
     assert s["tool_calls"] == [1, 1] and s["ended"] == [True, True]
     block = "<information>[1] Zorblat: Zorblat is the capital of Quenland, on the river Ames.</information>"
     assert s["completions"] == [f"<search> capital </search> {toy_decode(toy_encode(block))} answer zorblat"] * 2
+
+
+@pytest.mark.slow  # ~65 s of CPU (3.5 min wall at load average 17 on 2 cores): dataset, GRPO and eval compiles
+def test_train_run_with_tools(tmp_path, monkeypatch, corpus):
+    """``r1jax train ... --set tools.tools=search --set tools.corpus=...``: the GRPO stage and the in-training eval
+    build the tool environment from the config and log the tool metrics (a random byte model rarely closes a call:
+    this checks the wiring, the loop itself is tested above)."""
+    from r1jax import train
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    sets = ["steps=1", "checkpoint.every=1", "data.template=plain", "data.max_prompt_tokens=384",
+            "rewards.num_workers=0", "tools.tools=search", f"tools.corpus={corpus}", "tools.max_turns=2",
+            "eval.every=1", "eval.limit=2", "eval.batch_size=2", "eval.max_new_tokens=8"]  # fmt: skip
+    out = tmp_path / "run"
+    train.run(train.apply_overrides(train.load_config("tiny_text"), sets), str(out), progress=False)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1]
+    step = lines[1]
+    for key in ("tools/calls_per_sample", "tools/search/errors", "tools/truncated_calls", "perf/sample_tools_s"):
+        assert key in step, key
+    assert "eval/tool_calls_mean" in lines[0] and "eval/tool_calls_mean" in step
+    with pytest.raises(ToolError, match="no such corpus file"):
+        train.run(train.apply_overrides(train.load_config("tiny_text"), [*sets[:-7], "tools.tools=search",
+                                        f"tools.corpus={tmp_path / 'nope.jsonl'}"]), str(tmp_path / "r2"))  # fmt: skip
