@@ -13,7 +13,7 @@ from r1jax.config import TrainConfig
 
 from . import r1_distill_qwen_1_5b, r1_distill_qwen_7b, v3_671b
 from .dapo import dapo
-from .demo import demo_distill, demo_grpo, demo_sft
+from .demo import demo_distill, demo_grpo, demo_search_grpo, demo_search_sft, demo_sft
 from .dr_grpo import dr_grpo
 from .r1 import r1
 from .smollm2 import smollm2_arith, smollm2_gsm8k
@@ -29,6 +29,8 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "demo_sft": demo_sft,
     "demo_grpo": demo_grpo,
     "demo_distill": demo_distill,
+    "demo_search_sft": demo_search_sft,
+    "demo_search_grpo": demo_search_grpo,
     "smollm2_arith": smollm2_arith,
     "smollm2_gsm8k": smollm2_gsm8k,
     "r1_distill_qwen_1_5b": r1_distill_qwen_1_5b.train,  # TPU v5e-8 (the module has v6e/v5p/H200 variants)

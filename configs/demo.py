@@ -32,6 +32,8 @@ Stages (step counts sized for the 15-minute budget; measured times land in runs/
 
 from __future__ import annotations
 
+import dataclasses
+
 from r1jax.config import (
     CheckpointConfig,
     DataConfig,
@@ -40,6 +42,7 @@ from r1jax.config import (
     OptimConfig,
     RewardConfig,
     SamplingConfig,
+    ToolConfig,
     TrainConfig,
 )
 
@@ -93,18 +96,29 @@ def demo_student_model() -> ModelConfig:
     )
 
 
-def _sft(model: ModelConfig | None, *, steps: int, lr: float, data: str) -> TrainConfig:
+def _sft(
+    model: ModelConfig | None,
+    *,
+    steps: int,
+    lr: float,
+    data: str,
+    seq_len: int = SEQ_LEN,
+    max_len: int = MAX_LEN,
+    max_prompt_tokens: int = 32,
+    tools: ToolConfig | None = None,
+) -> TrainConfig:
     return TrainConfig(
         stage="sft",
         model=model,
         steps=steps,
         sft_batch_size=32,
         optim=OptimConfig(lr=lr, warmup_steps=20, decay_steps=steps - 20, weight_decay=0.0),
-        data=DataConfig(name=data, template=TEMPLATE, max_prompt_tokens=32, seq_len=SEQ_LEN),
+        data=DataConfig(name=data, template=TEMPLATE, max_prompt_tokens=max_prompt_tokens, seq_len=seq_len),
         checkpoint=CheckpointConfig(every=steps, keep=1),
+        tools=tools or ToolConfig(),
         # GRPO fields are unused by SFT but must agree with each other
-        grpo=GRPOConfig(max_completion_len=MAX_LEN),
-        sampling=SamplingConfig(max_new_tokens=MAX_LEN),
+        grpo=GRPOConfig(max_completion_len=max_len),
+        sampling=SamplingConfig(max_new_tokens=max_len),
     )
 
 
@@ -137,3 +151,59 @@ def demo_grpo() -> TrainConfig:
 
 def demo_distill() -> TrainConfig:
     return _sft(demo_student_model(), steps=300, lr=3e-3, data="runs/demo/distill_data")
+
+
+# --- search in the loop (``r1jax demo --task search``, ``r1jax.search_demo``) -----------------------------------------
+# Two-hop questions over a generated corpus (``r1jax.data.builders.search_qa``): prompts <= 45 bytes; a cold-start
+# trace is <= 271 bytes + EOS, two <information> results of one document (~50 bytes each) included, so SFT rows hold
+# 45 + 272 - 1 <= 320 slots and a trajectory (model + result tokens) fits 288.
+SEARCH_DATA_DIR = "runs/demo_search/data"
+SEARCH_SEQ_LEN = 320
+SEARCH_MAX_LEN = 288
+SEARCH_PROMPT_TOKENS = 48
+
+
+def demo_search_model() -> ModelConfig:
+    return demo_model().replace(max_position_embeddings=SEARCH_PROMPT_TOKENS + SEARCH_MAX_LEN)
+
+
+def search_tools(corpus: str = f"{SEARCH_DATA_DIR}/corpus.jsonl") -> ToolConfig:
+    """BM25 search over the corpus, one document per query (a result block is ~50 tokens), up to 3 calls."""
+    return ToolConfig(tools=("search",), corpus=corpus, max_turns=3, top_k=1, max_result_tokens=96, num_threads=4)
+
+
+def demo_search_sft() -> TrainConfig:
+    """Cold start on tool-use traces, 300 steps of 16: one epoch of the 4,800 training questions' traces (distinct
+    names: the model must learn to copy them, it cannot memorise them); the ``<information>`` blocks are context,
+    masked out of the loss (``tools``)."""
+    cfg = _sft(
+        demo_search_model(), steps=300, lr=3e-3, data="runs/demo_search/sft_data", seq_len=SEARCH_SEQ_LEN,
+        max_len=SEARCH_MAX_LEN, max_prompt_tokens=SEARCH_PROMPT_TOKENS, tools=search_tools(),
+    )  # fmt: skip
+    return dataclasses.replace(cfg, sft_batch_size=16)
+
+
+def demo_search_grpo() -> TrainConfig:
+    """GRPO with the search tool in the loop: 8 prompts x G = 8 per step, the main demo's clip and KL; lr 1e-4 (the
+    main demo's 3e-5 moves a policy little in 20 steps)."""
+    steps = 20
+    return TrainConfig(
+        stage="grpo",
+        init="runs/demo_search/sft",
+        steps=steps,
+        grpo=GRPOConfig(
+            group_size=8,
+            prompts_per_step=8,
+            clip_eps_low=0.2,
+            clip_eps_high=0.28,
+            kl_coef=0.02,
+            loss_agg="grpo",
+            max_completion_len=SEARCH_MAX_LEN,
+        ),  # fmt: skip
+        sampling=SamplingConfig(temperature=0.7, top_p=1.0, max_new_tokens=SEARCH_MAX_LEN),
+        rewards=RewardConfig(functions=("accuracy", "format_strict"), weights=(1.0, 1.0), num_workers=0),
+        optim=OptimConfig(lr=1e-4, weight_decay=0.0, max_grad_norm=1.0),
+        data=DataConfig(name=SEARCH_DATA_DIR, template=TEMPLATE, max_prompt_tokens=SEARCH_PROMPT_TOKENS),
+        checkpoint=CheckpointConfig(every=steps, keep=1),
+        tools=search_tools(),
+    )

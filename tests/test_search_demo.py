@@ -123,3 +123,110 @@ def test_scorer_checks_exact_metadata():
     assert totals.tolist() == [1.0] and metrics["rewards/accuracy/mean"] == 1.0
     with pytest.raises(ValueError, match="answer"):
         score(["<answer>x</answer>"], [{"task": "exact"}], CFG)
+
+
+# --- traces -----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def search_data(tmp_path_factory):
+    from r1jax.search_demo import make_search_data
+
+    out = tmp_path_factory.mktemp("search")
+    sizes = make_search_data(out, n_traces=40, seed=0, top_k=1, **SMALL)
+    return out, sizes
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_bm25_finds_each_hop_first():
+    """The real search tool ranks the fact each query needs first: every test question of the default task and every
+    12th training question (each cold-start trace is checked again when it is written)."""
+    from r1jax.tools.search import BM25Search, Document
+
+    cfg = SearchQAConfig.make(seed=0)
+    world = make_world(cfg)
+    search = BM25Search([Document(**d) for d in corpus_records(world)], top_k=1)
+    splits = generate_search_qa(cfg)
+    for ex in splits["test"] + splits["train"][::12]:
+        assert [search.search(q)[0][0].id for q in ex["queries"]] == ex["facts"], ex["prompt"]
+
+
+def test_tool_traces_round_trip(search_data):
+    """A cold-start trace is the two calls with the tool's own results, then the answer; it scores 1 on accuracy and
+    strict format; SFT tokenisation puts loss weight 0 exactly on the result blocks."""
+    from r1jax.data.tokenizer import ByteTokenizer
+    from r1jax.rewards.format import format_strict
+    from r1jax.search_demo import search_calls
+    from r1jax.sft import tokenize_tool_trace
+    from r1jax.tools.search import BM25Search
+
+    out, sizes = search_data
+    assert sizes["traces"] == 40
+    search = BM25Search.from_file(str(out / "data" / "corpus.jsonl"), top_k=1)
+    questions = {ex["prompt"]: ex for ex in _jsonl(out / "data" / "train.jsonl")}
+    tok = ByteTokenizer()
+    for rec in _jsonl(out / "sft_data" / "train.jsonl"):
+        ex = questions[rec["prompt"]]
+        q1, q2 = ex["queries"]
+        r1, r2 = search(q1).text, search(q2).text
+        assert rec["completion"] == (
+            f"<think><search>{q1}</search><information>{r1}</information>"
+            f"<search>{q2}</search><information>{r2}</information></think> <answer>{ex['answer']}</answer>"
+        )
+        assert ex["bridge"] in r1 and ex["answer"] in r2 and search_calls(rec["completion"]) == 2
+        assert accuracy(rec["completion"], ex, CFG) == 1.0 and format_strict(rec["completion"], ex, CFG) == 1.0
+        _, ids, weights = tokenize_tool_trace(rec["prompt"], rec["completion"], tok.encode, tools=("search",),
+                                              eos_id=tok.eos_id)  # fmt: skip
+        kept = tok.decode([t for t, w in zip(ids, weights, strict=True) if w and t != tok.eos_id])
+        assert kept == rec["completion"].replace(f"<information>{r1}</information>", "").replace(
+            f"<information>{r2}</information>", ""
+        )
+    closed = _jsonl(out / "closed_sft_data" / "train.jsonl")
+    assert [r["prompt"] for r in closed] == [r["prompt"] for r in _jsonl(out / "sft_data" / "train.jsonl")]
+    for rec in closed:
+        ex = questions[rec["prompt"]]
+        assert "<search>" not in rec["completion"] and ex["bridge"] in rec["completion"]
+        assert accuracy(rec["completion"], ex, CFG) == 1.0 and format_strict(rec["completion"], ex, CFG) == 1.0
+
+
+def test_trace_refuses_a_result_without_the_fact():
+    from r1jax.errors import R1jaxError
+    from r1jax.search_demo import tool_trace
+    from r1jax.tools import ToolOutput
+
+    ex = generate_search_qa(SearchQAConfig.make(seed=0, **SMALL))["train"][0]
+    with pytest.raises(R1jaxError, match="does not return"):
+        tool_trace(ex, lambda q: ToolOutput("no results"))
+
+
+# --- the pipeline -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # 4 stages and 5 evaluations, each compiling its shapes: minutes (15 at a load average of 15)
+def test_search_demo_pipeline_end_to_end(tmp_path):
+    """Every stage runs and connects at a toy size (not the learning targets: those need the full-size run)."""
+    from r1jax.search_demo import SearchPlan, run_search_demo
+
+    budget = (
+        "sampling.max_new_tokens=64",
+        "grpo.max_completion_len=64",
+        "grpo.prompts_per_step=2",
+        "grpo.group_size=2",
+    )
+    plan = SearchPlan(
+        sft_steps=2, grpo_steps=1, sft_traces=8, data=tuple(SMALL.items()), n_test=4, eval_batch=4,
+        overrides=(("search_sft", "sft_batch_size=4"), *(("search_grpo", kv) for kv in budget)),
+    )  # fmt: skip
+    lines = []
+    summary = run_search_demo(tmp_path / "demo", 15.0, plan=plan, progress=False, log=lines.append)
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["tool_pass@1"] == summary["tool_pass@1"]
+    assert set(summary["stages"]) == {"sft", "grpo", "closed_sft", "closed_grpo"}
+    assert set(summary["stages"]["grpo"]["eval"]) == {"tool", "no_tool"}
+    for st in summary["stages"].values():
+        for e in st["eval"].values():
+            assert 0.0 <= e["pass@1"] <= 1.0 and e["n_problems"] == 4
+    assert summary["stages"]["closed_sft"]["eval"]["no_tool"]["search_calls_per_answer"] == 0.0
+    [window] = summary["search_calls_over_training"]
+    assert window["steps"] == "1-1" and window["search_calls_per_sample"] >= 0.0
+    for name in ("report.md", "search_calls.png", "data/corpus.jsonl", "grpo/metrics.jsonl", "sft/report/summary.md"):
+        assert (tmp_path / "demo" / name).exists(), name
+    assert "SFT on tool-use traces" in (tmp_path / "demo" / "report.md").read_text()
