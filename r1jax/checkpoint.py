@@ -1,18 +1,17 @@
-"""Loading and saving models: HF directories, GGUF files and r1jax checkpoints (orbax).
+"""Loading and saving models: HF directories, GGUF files, r1jax checkpoints and training runs.
 
 An r1jax checkpoint directory holds ``r1jax.json`` (the ModelConfig and the source's HF config), the tokenizer files,
-and ``params/`` (an orbax checkpoint of the parameter tree). Every write goes to a temporary directory that is renamed
-into place when complete, so an interrupted convert or export leaves nothing half-written.
+and the parameters: format 2 (what ``convert`` writes) as safetensors shards keyed by parameter path
+(``param_source``), format 1 (``save``, and a run's steps) as an orbax checkpoint under ``params/``. Every write goes
+to a temporary directory that is renamed into place when complete, so an interrupted convert or export leaves
+nothing half-written.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,32 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import hf, param_source
-from r1jax.config import ModelConfig, RopeConfig
+from r1jax.config import ModelConfig
 from r1jax.errors import CheckpointError
 from r1jax.model import Transformer, param_specs
+from r1jax.param_source import META, config_to_dict
 from r1jax.sharding import check_rules, normalize_mesh, param_shardings
-
-META = "r1jax.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-
-def config_to_dict(cfg: ModelConfig) -> dict:
-    def enc(v):
-        if isinstance(v, enum.Enum):
-            return v.value
-        if isinstance(v, RopeConfig):
-            return {f.name: enc(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        return list(v) if isinstance(v, tuple) else v
-
-    return {f.name: enc(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(d) - known
-    if unknown:
-        raise CheckpointError(f"unknown model config fields {sorted(unknown)}")
-    return ModelConfig(**d)
 
 
 def load(
@@ -169,7 +147,7 @@ def save(model: Transformer, out_dir: str) -> None:
     """Write an r1jax checkpoint directory atomically."""
     import orbax.checkpoint as ocp
 
-    tmp = _tmp_sibling(out_dir)
+    tmp = hf.partial_dir(out_dir)
     try:
         params = model.param_dict()
         with ocp.StandardCheckpointer() as ckptr:
@@ -195,33 +173,41 @@ def _write_tokenizer(model: Transformer, directory: str) -> None:
             f.write(text)
 
 
-def _tmp_sibling(out_dir: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"{out_dir}: parent directory does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"{out_dir}: parent directory is not writable")
-    return tempfile.mkdtemp(prefix=".r1jax-tmp-", dir=parent)
+def convert(src: str, out_dir: str, *, dtype: str | None = None, mtp: bool = False) -> ModelConfig:
+    """HF directory, GGUF file or r1jax checkpoint -> format-2 r1jax checkpoint, streamed one tensor at a time
+    (``param_source.write_checkpoint``); returns the saved model config."""
+    return param_source.write_checkpoint(param_source.open_source(src, mtp=mtp), out_dir, dtype=dtype)
 
 
-def convert(src: str, out_dir: str, *, dtype: str | None = None, mtp: bool = False) -> Transformer:
-    """HF directory or GGUF file -> r1jax checkpoint."""
-    model = load(src, dtype=dtype, mtp=mtp)
-    save(model, out_dir)
-    return model
-
-
-def export_hf(model: Transformer, out_dir: str, *, dtype: str | None = None, shard_bytes: int = 2 << 30) -> None:
-    """Write a HF directory (config.json + safetensors + tokenizer files) that transformers loads."""
+def export_hf(
+    model: Transformer | param_source.ParamSource,
+    out_dir: str,
+    *,
+    dtype: str | None = None,
+    shard_bytes: int = 2 << 30,
+    progress: bool = False,
+) -> None:
+    """Write a HF directory (config.json + safetensors shards + tokenizer files) that transformers loads, one tensor
+    at a time, from a ``ParamSource`` or a model (its possibly sharded arrays gathered one HF tensor at a time). On
+    several processes all take part in the gathers and process 0 writes."""
     import ml_dtypes
 
-    dt = np.dtype(ml_dtypes.bfloat16) if (dtype or model.cfg.param_dtype) == "bfloat16" else np.dtype(np.float32)
-    params = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), model.param_dict())
-    base = dict(model.hf_config)
+    src = model if isinstance(model, param_source.ParamSource) else param_source.from_model(model)
+    dt = np.dtype(ml_dtypes.bfloat16) if (dtype or src.cfg.param_dtype) == "bfloat16" else np.dtype(np.float32)
+    if jax.process_index() != 0:
+        for _ in hf.hf_pieces(src.read, src.cfg, mtp=src.mtp, dtype=dt):
+            pass
+        return
+    base = dict(src.hf_config)
     base.pop("quantization_config", None)  # weights are written dequantised
-    with tempfile.TemporaryDirectory() as tok_dir:
-        _write_tokenizer(model, tok_dir)
-        extra = {n: os.path.join(tok_dir, n) for n in os.listdir(tok_dir)}
-        hf.write_hf(
-            params, model.cfg, out_dir, base_config=base or None, extra_files=extra, dtype=dt, shard_bytes=shard_bytes
-        )
+    hf.write_hf(
+        src.read,
+        src.cfg,
+        out_dir,
+        mtp=src.mtp,
+        base_config=base or None,
+        files=src.tokenizer_files,
+        dtype=dt,
+        shard_bytes=shard_bytes,
+        progress="export" if progress else None,
+    )

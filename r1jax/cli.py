@@ -7,24 +7,28 @@ exits with status 2; nothing is left half-written.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 
 def _cmd_convert(args) -> int:
     from r1jax.checkpoint import convert
+    from r1jax.model import param_specs
+    from r1jax.param_source import leaves
 
     t0 = time.time()
-    model = convert(args.src, args.out, dtype=args.dtype, mtp=args.mtp)
-    n = sum(x.size for x in __import__("jax").tree.leaves(model.param_dict()))
-    print(f"wrote {args.out}: {model.cfg.arch.value}, {n / 1e6:.1f}M parameters ({time.time() - t0:.1f}s)")
+    cfg = convert(args.src, args.out, dtype=args.dtype, mtp=args.mtp)
+    n = sum(math.prod(spec.shape) for _, spec in leaves(param_specs(cfg, mtp=args.mtp)))
+    print(f"wrote {args.out}: {cfg.arch.value}, {n / 1e6:.1f}M parameters ({time.time() - t0:.1f}s)")
     return 0
 
 
 def _cmd_export(args) -> int:
-    from r1jax.checkpoint import export_hf, load
+    from r1jax.checkpoint import export_hf
+    from r1jax.param_source import open_source
 
-    export_hf(load(args.ckpt), args.out, dtype=args.dtype)
+    export_hf(open_source(args.ckpt), args.out, dtype=args.dtype, progress=True)
     print(f"wrote {args.out}")
     return 0
 
@@ -131,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="HF directory or .gguf file -> r1jax checkpoint")
     c.add_argument("src")
     c.add_argument("out")
-    c.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: float32)")
+    c.add_argument(
+        "--dtype", default=None, choices=["bfloat16", "float32"], help="stored dtype (default: float32 for HF/GGUF)"
+    )
     c.add_argument("--mtp", action="store_true", help="also convert the multi-token-prediction module")
     c.set_defaults(fn=_cmd_convert)
 
-    e = sub.add_parser("export", help="r1jax checkpoint (or any loadable model) -> HF directory")
+    e = sub.add_parser("export", help="r1jax checkpoint, training run (or any loadable model) -> HF directory")
     e.add_argument("ckpt")
     e.add_argument("out")
     e.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])

@@ -138,13 +138,6 @@ class GGUFTensors:
         return _unpermute(w, n_head) if n_head else w
 
 
-def iter_tensors(path: str, reader=None):
-    """(HF key, loader) for every tensor, dequantised to float32 in HF ``[out, in]`` layout."""
-    tensors = GGUFTensors(path, reader)
-    for key in tensors.names():
-        yield key, (lambda k=key: tensors.read(k))
-
-
 def tokenizer_files(path: str, reader=None) -> dict[str, str]:
     """``tokenizer.json`` and ``tokenizer_config.json`` contents built from the GGUF vocabulary (byte-level BPE)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers

@@ -3,9 +3,9 @@
 The mapping is one declarative table: a row per HF key template (``{i}`` layer, ``{j}`` expert), the parameter path
 it fills, and its transform. ``LINEAR``: HF stores ``[out, in]``; r1jax stores ``[in..., out...]`` (einsum layout)
 so the tensor is transposed and reshaped to the parameter's declared shape (``LINEAR2``: two input axes, e.g. the
-output projection ``[h, v, d]``). ``COPY``: reshaped only. Shapes are checked against the abstract parameter tree
-once, before anything is placed. DeepSeek fp8 weights (``weight_scale_inv`` 128x128 block scales) are dequantised
-with numpy/ml_dtypes while streaming.
+output projection ``[h, v, d]``). ``COPY``: reshaped only. Every shape is checked against the abstract parameter
+tree once (``check_tensors``), before anything is read. ``HFTensors`` reads one tensor at a time, DeepSeek fp8
+weights (``weight_scale_inv`` block scales) dequantised as they are read; ``write_hf`` writes one at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeAlias
@@ -398,55 +397,6 @@ def _mtp_ids(cfg: ModelConfig) -> list[int]:
     return [cfg.n_layers + k for k in range(cfg.n_mtp_layers)]
 
 
-def iter_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """(key, loader) over every tensor of a HF directory; fp8 weights come dequantised."""
-    tensors = HFTensors(path, read_config(path).get("quantization_config"))
-    for key in tensors.names():
-        yield key, (lambda k=key: tensors.read(k))
-
-
-def assemble(tensors, cfg: ModelConfig, *, mtp: bool, dtype, source: str) -> dict:
-    """Place ``(key, loader)`` pairs into freshly allocated parameter arrays (the whole model on the host; reading
-    through ``param_source.open_source`` reads slices instead)."""
-    specs = param_specs(cfg, mtp=mtp)
-    table = {e.key: e for e in entries(cfg, mtp=mtp)}
-    out = _allocate(specs, dtype)
-    seen: set[str] = set()
-    mtp_ids = "|".join(map(str, _mtp_ids(cfg)))
-    for key, load in tensors:
-        entry = table.get(key)
-        if entry is None:
-            if IGNORED.match(key) or (mtp_ids and re.match(rf"model\.layers\.({mtp_ids})\.", key)):
-                continue
-            raise CheckpointError(f"{source}: tensor {key!r} does not match the config (weights/config mismatch)")
-        spec = _spec_at(specs, entry.path)
-        target = _node(out, entry.path)
-        try:
-            target[entry.index] = to_param(np.asarray(load()), entry.transform, spec.shape[len(entry.index) :])
-        except ValueError as e:
-            raise CheckpointError(f"{source}: tensor {key!r} {e} (weights/config mismatch)") from None
-        seen.add(key)
-    missing = [k for k in table if k not in seen and not k.endswith(OPTIONAL)]
-    if missing:
-        raise CheckpointError(f"{source}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]!r}")
-    return out
-
-
-def _allocate(specs: dict, dtype) -> dict:
-    return {
-        k: np.zeros(v.shape, np.dtype(v.dtype) if v.dtype else np.dtype(dtype))
-        if isinstance(v, ParamSpec)
-        else _allocate(v, dtype)
-        for k, v in specs.items()
-    }
-
-
-def _node(tree: dict, path: tuple[str, ...]):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 # --- export -----------------------------------------------------------------------------------------------------------
 def _export_dtype(entry: Entry, dtype) -> np.dtype:
     return np.dtype(np.float32) if "router" in entry.path[-1] else np.dtype(dtype)
@@ -525,23 +475,15 @@ def write_hf(
     *,
     mtp: bool = False,
     base_config: dict | None = None,
-    extra_files: dict[str, str] | None = None,
+    files: dict[str, str] | None = None,
     dtype=np.float32,
     shard_bytes: int = 2 << 30,
     progress: str | None = None,
 ) -> None:
     """Write a HF directory (config.json + safetensors shards + index) one tensor at a time, atomically (temporary
-    directory, renamed when complete). ``read(path, index)`` returns the parameter slice ``params[path][index]``
-    (a nested dict of arrays works too)."""
-    if isinstance(read, dict):
-        params, mtp = read, "mtp" in read
-
-        def read(path, index):
-            return np.asarray(_node(params, path)[index])
-
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".r1jax-export-", dir=parent)
+    directory, renamed when complete). ``read(path, index)`` returns the parameter slice ``params[path][index]``;
+    ``files`` maps further file names (tokenizer files) to their text."""
+    tmp = partial_dir(out_dir)
     try:
         layout = hf_layout(cfg, mtp=mtp, dtype=dtype)
         pieces = hf_pieces(read, cfg, mtp=mtp, dtype=dtype)
@@ -549,8 +491,8 @@ def write_hf(
         config = hf_config(cfg, base_config)
         config["torch_dtype"] = config["dtype"] = dtype_name(dtype)
         Path(os.path.join(tmp, "config.json")).write_text(json.dumps(config, indent=2))
-        for src_name, src in (extra_files or {}).items():
-            shutil.copyfile(src, os.path.join(tmp, src_name))
+        for name, text in sorted((files or {}).items()):
+            Path(tmp, name).write_text(text)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -559,6 +501,20 @@ def write_hf(
 
 def dtype_name(dtype) -> str:
     return "bfloat16" if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else np.dtype(dtype).name
+
+
+def partial_dir(out_dir: str) -> str:
+    """A fresh, empty ``.r1jax-partial-<name>`` beside ``out_dir``, where a write goes until it is complete: a fixed
+    name, so a rerun after a kill starts over in the same place and removes what the killed run left."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{out_dir}: parent directory does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"{out_dir}: parent directory is not writable")
+    tmp = os.path.join(parent, f".r1jax-partial-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
+    return tmp
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:

@@ -323,6 +323,47 @@ def _orbax_source(path: str, specs: dict, dtype: np.dtype, common: dict) -> Para
     return source
 
 
+GATHER_WHOLE = 64 << 20  # bytes: parameters up to this size come to the host whole, larger ones slice by slice
+
+
+def from_model(model) -> ParamSource:
+    """A loaded ``Transformer``'s parameters as a source: a read brings only its slice to the host (gathered from
+    every process's shards when the arrays span several processes, which must then all read the same slices), so
+    exporting a sharded model holds one tensor at a time."""
+    params = model.param_dict()
+    mtp = "mtp" in params
+    specs = param_specs(model.cfg, mtp=mtp)
+    last: dict = {}  # the last small parameter, gathered whole: one collective per parameter, not per slice
+
+    def pieces(path: tuple[str, ...]) -> Pieces:
+        a = params
+        for k in path:
+            a = a[k]
+
+        def load(lead, rest):
+            if a.nbytes > GATHER_WHOLE:
+                return _gather(a[rest] if rest else a)
+            if path not in last:
+                last.clear()
+                last[path] = _gather(a)
+            return last[path][rest]
+
+        return Pieces(0, load)
+
+    dtype = np.dtype(jax.numpy.dtype(model.cfg.param_dtype))
+    return ParamSource(
+        model.cfg, dict(model.hf_config), dict(model.tokenizer_files), mtp, specs, "<model>", dtype, pieces
+    )
+
+
+def _gather(a: jax.Array) -> np.ndarray:
+    if a.is_fully_addressable:
+        return np.asarray(jax.device_get(a))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
 def nbytes(specs: dict, dtype) -> int:
     """Bytes of the whole parameter tree with undeclared dtypes stored as ``dtype``."""
     return sum(math.prod(s.shape) * np.dtype(s.dtype or dtype).itemsize for _, s in leaves(specs))
@@ -343,13 +384,6 @@ def stored_pieces(src: ParamSource, dtype) -> Iterator[np.ndarray]:
             yield src.read(path, lead, dt)
 
 
-def partial_dir(out_dir: str) -> str:
-    """Where a conversion writes until it is complete: a fixed sibling name, so a rerun after a kill starts over
-    in the same place (and removes what the killed run left)."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    return os.path.join(parent, f".r1jax-partial-{name}")
-
-
 def write_checkpoint(
     src: ParamSource,
     out_dir: str,
@@ -366,14 +400,7 @@ def write_checkpoint(
     dtype = np.dtype(dtype) if dtype is not None else src.dtype
     name = hf.dtype_name(dtype)
     cfg = src.cfg if name == src.cfg.param_dtype else src.cfg.replace(dtype=name, param_dtype=name)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"{out_dir}: parent directory does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"{out_dir}: parent directory is not writable")
-    tmp = partial_dir(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)
+    tmp = hf.partial_dir(out_dir)
     try:
         layout = stored_layout(src.specs, cfg, dtype)
         write_sharded(

@@ -177,11 +177,15 @@ def main() -> None:
         n = write_fp8_checkpoint(src, hf_cfg, shard_bytes=args.shard_mb << 20)
         Path(meta).write_text(json.dumps({"config": hf_cfg, "params": n}))
         print(f"generated {src}: {n / 1e9:.3f}B parameters in {time.time() - t0:.1f}s", file=sys.stderr)
-    n = json.loads(Path(meta).read_text())["params"]
+    from r1jax import hf
+    from r1jax.model import param_specs
+    from r1jax.param_source import nbytes
+
+    f32 = nbytes(param_specs(hf.config_from_hf(hf_cfg), mtp=True), "float32")  # what r1jax holds (with MTP)
+    n = f32 // 4
     disk_in = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
     shards = sum(f.endswith(".safetensors") for f in os.listdir(src))
     largest = max(math.prod(s) for _, s, _ in hf_tensors(hf_cfg))
-    f32 = n * 4
 
     rows = []
     base_dt, base = measure([*PY, BASELINE])
@@ -201,7 +205,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
     gb = 1 << 30
-    print(f"\ncheckpoint: {n / 1e9:.3f}B parameters (with MTP), {shards} shards, {disk_in / gb:.2f} GiB fp8 on disk; ")
+    print(f"\ncheckpoint: {n / 1e9:.3f}B parameters (with MTP), {shards} shards, {disk_in / gb:.2f} GiB on disk")
     print(
         f"float32 model {f32 / gb:.2f} GiB, half of it {f32 / 2 / gb:.2f} GiB; "
         f"{args.dtype} output {out_bytes / gb:.2f} GiB"
