@@ -268,10 +268,13 @@ def dequant_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (
     b0, b1 = block
     if scale_inv.shape != fp8_scale_shape(w.shape, block):
         raise CheckpointError(f"fp8 scale shape {scale_inv.shape} does not cover weight shape {w.shape}")
-    out = _FP8_TO_F32[w.dtype][w.view(np.uint8)] if w.dtype in _FP8_TO_F32 else w.astype(np.float32)
+    lut = _FP8_TO_F32.get(w.dtype)
+    out = np.empty(w.shape, np.float32)
     s = scale_inv.astype(np.float32)
     for i in range(s.shape[0]):
-        out[i * b0 : (i + 1) * b0] *= np.repeat(s[i], b1)[:cols]
+        rows = slice(i * b0, (i + 1) * b0)
+        out[rows] = lut[w[rows].view(np.uint8)] if lut is not None else w[rows]  # the lookup's index temp: one block
+        out[rows] *= np.repeat(s[i], b1)[:cols]
     return out
 
 
