@@ -104,7 +104,7 @@ def _is_spec(x) -> bool:
 
 def _read_sharded(src: param_source.ParamSource, specs: dict, cfg: ModelConfig, shardings: dict) -> dict:
     """Every parameter read from ``src`` into its sharding: this process reads each distinct slice its devices hold
-    once, in the declared dtype, and lets it go before the next parameter."""
+    once, in the declared dtype, and lets it go (its copies to the devices done) before the next parameter."""
 
     def one(path, spec, sh):
         keys, dt = tuple(k.key for k in path), jnp.dtype(spec.dtype or cfg.param_dtype)
@@ -115,7 +115,8 @@ def _read_sharded(src: param_source.ParamSource, specs: dict, cfg: ModelConfig, 
             if key not in slices:
                 slices[key] = src.read(keys, index, dt)
             shards.append(jax.device_put(slices[key], device))
-        return jax.make_array_from_single_device_arrays(spec.shape, sh, shards)
+        # wait for the copies: transfers are asynchronous, and host slices queued behind them would add up
+        return jax.block_until_ready(jax.make_array_from_single_device_arrays(spec.shape, sh, shards))
 
     return jax.tree_util.tree_map_with_path(one, specs, shardings, is_leaf=_is_spec)
 
