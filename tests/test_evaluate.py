@@ -72,7 +72,7 @@ def test_evaluate_aggregates_scripted_samples(monkeypatch):
         "p1": ["<answer>4</answer>", "<answer>4</answer>", "<answer>5</answer>", "<answer>6</answer>"],
     }
 
-    def fake_sample(model, tokenizer, examples, *, k, sampling, template, system, batch_size, seed, tools):
+    def fake_sample(model, tokenizer, examples, *, k, sampling, template, system, batch_size, seed, tools, mesh):
         assert k == 4 and sampling.temperature == 0.6 and sampling.top_p == 0.95 and tools is None
         return [
             {"prompt": ex["prompt"], "think_prefilled": False, "completions": scripted[ex["prompt"]],
