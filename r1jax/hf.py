@@ -468,7 +468,33 @@ def hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
         }
     out["rope_parameters"] = rope
     out["rope_theta"] = r.theta
+    if cfg.is_mla:
+        out |= _mla_moe_config(cfg)
     return out
+
+
+def _mla_moe_config(cfg: ModelConfig) -> dict:
+    """The DeepSeek-V2/V3 fields of ``config.json`` (what ``config_from_hf`` reads back)."""
+    return {
+        "q_lora_rank": cfg.q_lora_rank,
+        "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_nope_head_dim": cfg.qk_nope_dim,
+        "qk_rope_head_dim": cfg.qk_rope_dim,
+        "v_head_dim": cfg.v_head_dim,
+        "n_routed_experts": cfg.n_experts or None,
+        "n_shared_experts": cfg.n_shared_experts or None,
+        "num_experts_per_tok": cfg.experts_per_token or None,
+        "moe_intermediate_size": cfg.moe_ffw,
+        "first_k_dense_replace": cfg.first_k_dense,
+        "n_group": cfg.n_group,
+        "topk_group": cfg.topk_group,
+        "scoring_func": cfg.scoring.value,
+        "topk_method": cfg.topk_method.value,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "num_nextn_predict_layers": cfg.n_mtp_layers,
+        "rope_interleave": cfg.rope_interleave,
+    }
 
 
 def write_hf(

@@ -206,6 +206,23 @@ def test_export_loads_in_transformers(case, tmp_path, capsys, monkeypatch):
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "from_orbax" / name).read_bytes()
 
 
+def test_export_of_a_model_without_hf_config(tmp_path):
+    """A model trained from scratch (no source config.json) exports a config that transformers and r1jax read back
+    to the same architecture and logits."""
+    from transformers import AutoModelForCausalLM
+
+    from r1jax.model import Transformer
+    from tests.test_sharding import V3
+
+    model = Transformer.random(V3.replace(rope_interleave=True), 0)
+    r1jax.export_hf(model, str(tmp_path / "hf"))
+    back = r1jax.load(str(tmp_path / "hf"))
+    assert back.cfg == model.cfg.replace(n_kv_heads=model.cfg.num_kv_heads)  # None means n_heads
+    tokens = np.random.RandomState(1).randint(3, V3.vocab_size, (2, 8))
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    np.testing.assert_allclose(hf_tiny.hf_logits(theirs, tokens), np.asarray(model(tokens)), rtol=1e-4, atol=1e-5)
+
+
 # --- bad input --------------------------------------------------------------------------------------------------------
 def _assert_fails(capsys, src, out, *, names: str, match: str):
     code = main(["convert", str(src), str(out)])
