@@ -230,6 +230,7 @@ def big_checkpoints(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # 3-6 min: two processes load a 0.2B checkpoint
 def test_two_processes_load_only_their_shards(big_checkpoints, tmp_path):
     """Each of 2 processes (4 devices each, one fsdp x expert mesh) reads only its devices' slices: its peak RSS
     through the load stays below the float32 size of the whole model (about half of it: its shard in bf16 plus the
