@@ -183,6 +183,16 @@ def _params(run_dir: Path) -> int:
 
 
 # --- the pipeline -----------------------------------------------------------------------------------------------------
+def fresh_output(out_dir: str, stage_dirs) -> Path:
+    """``out_dir`` ready for a new demo: its stage directories and summary from an earlier run removed."""
+    out = Path(out_dir)
+    for name in stage_dirs:
+        shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    return out
+
+
 def run_demo(
     out_dir: str | os.PathLike = "runs/demo",
     minutes_budget: float = 15.0,
@@ -196,11 +206,7 @@ def run_demo(
     to fit; the summary says whether it did."""
     plan = plan or DemoPlan()
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    for name in STAGE_DIRS:
-        shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
+    out = fresh_output(out_dir, STAGE_DIRS)
 
     def elapsed() -> float:
         return (time.perf_counter() - t_start) / 60

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -196,16 +195,12 @@ def run_search_demo(
 ) -> dict:
     """Run the search miniature into ``out_dir`` (its stage directories are replaced) and return the summary that is
     also written to ``out_dir/summary.json``."""
-    from r1jax.demo import _json_default, _params, _stage_config, _train
+    from r1jax.demo import _json_default, _params, _stage_config, _train, fresh_output
     from r1jax.report import write_report
 
     plan = plan or SearchPlan()
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    for name in STAGE_DIRS:
-        shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
+    out = fresh_output(out_dir, STAGE_DIRS)
 
     def elapsed() -> float:
         return (time.perf_counter() - t_start) / 60
