@@ -1,4 +1,9 @@
-"""Test setup: CPU with 8 fake devices, float32 matmuls, JAX's persistent compilation cache."""
+"""Test setup: CPU with 8 fake devices, float32 matmuls; JAX's persistent compilation cache only on request.
+
+The persistent cache is off by default: writing some CPU executables to it (the Pallas kernels in interpret mode,
+which call back into Python) crashes the process inside jaxlib (``put_executable_and_time``), which takes a pytest
+worker and every test left in its file down with it. ``R1JAX_TEST_JAX_CACHE=DIR`` turns it on for local reruns.
+"""
 
 import os
 
@@ -9,9 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "jax")
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+if os.environ.get("R1JAX_TEST_JAX_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.environ["R1JAX_TEST_JAX_CACHE"]))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
