@@ -1,20 +1,17 @@
 """Loading and saving models: HF directories, GGUF files, r1jax checkpoints and training runs.
 
 An r1jax checkpoint directory holds ``r1jax.json`` (the ModelConfig and the source's HF config), the tokenizer files,
-and the parameters: format 2 (what ``convert`` writes) as safetensors shards keyed by parameter path
-(``param_source``), format 1 (``save``, and a run's steps) as an orbax checkpoint under ``params/``. Every write goes
-to a temporary directory that is renamed into place when complete, so an interrupted convert or export leaves
-nothing half-written.
+and the parameters: format 2 (what ``convert`` and ``save`` write) as safetensors shards keyed by parameter path
+(``param_source``); format 1 (still read) and a run's steps as orbax checkpoints under ``params/`` and
+``checkpoints/<step>/params``. Every write goes to a temporary directory that is renamed into place when complete, so
+an interrupted convert, save or export leaves nothing half-written.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,7 +22,6 @@ from r1jax import hf, param_source
 from r1jax.config import ModelConfig
 from r1jax.errors import CheckpointError
 from r1jax.model import Transformer, param_specs
-from r1jax.param_source import META, config_to_dict
 from r1jax.sharding import check_rules, normalize_mesh, param_shardings
 
 
@@ -37,6 +33,7 @@ def load(
     mtp: bool = False,
     attention_impl: str | None = None,
     numerics: ModelConfig | Mapping[str, Any] | None = None,
+    abstract: bool = False,
 ) -> Transformer:
     """Load a HF directory (config.json + safetensors), a ``.gguf`` file or an r1jax checkpoint/run directory.
 
@@ -45,7 +42,8 @@ def load(
     ``attention_impl``. ``mesh`` (any ``jax.sharding.Mesh`` over r1jax's axis names) places every parameter with its
     sharding from the logical-axis rules. Each process reads only the slices of its own devices, one source tensor
     at a time, so its peak host memory is its shard plus one tensor. ``mtp`` also loads the multi-token-prediction
-    module.
+    module. ``abstract`` reads no parameters: the model holds each one's shape, dtype and sharding (what a resumed
+    run restores its own checkpoint into).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -57,7 +55,9 @@ def load(
     specs = param_specs(cfg, mtp=src.mtp)
     _check_mesh(path, specs, mesh)
     shardings = _shardings(specs, mesh)
-    if os.path.isdir(path) and param_source.params_candidates(path):  # orbax: format 1 and training runs
+    if abstract:
+        params = jax.tree.map(lambda s, sh: _target(s, cfg, sh), specs, shardings, is_leaf=_is_spec)
+    elif os.path.isdir(path) and param_source.params_candidates(path):  # orbax: format 1 and training runs
         params = _restore_orbax(path, specs, cfg, shardings)
     else:
         params = _read_sharded(src, specs, cfg, shardings)
@@ -102,6 +102,10 @@ def _is_spec(x) -> bool:
     return hasattr(x, "axes") and hasattr(x, "shape")
 
 
+def _target(spec, cfg: ModelConfig, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(spec.shape, jnp.dtype(spec.dtype or cfg.param_dtype), sharding=sharding)
+
+
 def _read_sharded(src: param_source.ParamSource, specs: dict, cfg: ModelConfig, shardings: dict) -> dict:
     """Every parameter read from ``src`` into its sharding: this process reads each distinct slice its devices hold
     once, in the declared dtype, and lets it go (its copies to the devices done) before the next parameter."""
@@ -127,12 +131,7 @@ def _restore_orbax(path: str, specs: dict, cfg: ModelConfig, shardings: dict) ->
     with a warning."""
     import orbax.checkpoint as ocp
 
-    target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.param_dtype), sharding=sh),
-        specs,
-        shardings,
-        is_leaf=_is_spec,
-    )
+    target = jax.tree.map(lambda s, sh: _target(s, cfg, sh), specs, shardings, is_leaf=_is_spec)
     errors = []
     for params_dir in param_source.params_candidates(path):
         try:
@@ -144,34 +143,10 @@ def _restore_orbax(path: str, specs: dict, cfg: ModelConfig, shardings: dict) ->
     raise CheckpointError(f"{path}: no restorable parameters ({'; '.join(errors)[:300]})")
 
 
-def save(model: Transformer, out_dir: str) -> None:
-    """Write an r1jax checkpoint directory atomically."""
-    import orbax.checkpoint as ocp
-
-    tmp = hf.partial_dir(out_dir)
-    try:
-        params = model.param_dict()
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, "params"), params)
-            ckptr.wait_until_finished()
-        meta = {
-            "config": config_to_dict(model.cfg),
-            "hf_config": model.hf_config,
-            "mtp": "mtp" in params,
-            "format": 1,
-        }
-        _write_tokenizer(model, tmp)
-        Path(os.path.join(tmp, META)).write_text(json.dumps(meta, indent=2))
-        hf._replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_tokenizer(model: Transformer, directory: str) -> None:
-    for name, text in model.tokenizer_files.items():
-        with open(os.path.join(directory, name), "w") as f:
-            f.write(text)
+def save(model: Transformer, out_dir: str, *, dtype: str | None = None) -> None:
+    """Write ``model`` as a format-2 r1jax checkpoint (what ``convert`` writes), one HF-tensor-sized piece at a time
+    (a sharded model's pieces gathered one by one), atomically; ``dtype`` (default: the parameters') is stored."""
+    param_source.write_checkpoint(param_source.from_model(model), out_dir, dtype=dtype, progress=False)
 
 
 def convert(src: str, out_dir: str, *, dtype: str | None = None, mtp: bool = False) -> ModelConfig:

@@ -286,41 +286,59 @@ def params_candidates(path: str) -> list[str]:
 
 
 def _orbax_source(path: str, specs: dict, dtype: np.dtype, common: dict) -> ParamSource:
-    """Format 1 and training runs (orbax, newest complete step): a read restores only the parameter it needs (the
-    others are orbax placeholders); the last parameter read is kept for the next slice of it."""
-    import orbax.checkpoint as ocp
-
+    """Format 1 and training runs (orbax, newest complete step): a read opens the parameter's stored array with
+    tensorstore (orbax's own storage layer) and reads only the requested box, so a slice of one layer or expert of a
+    stacked parameter costs that slice, not the stack."""
     candidates = params_candidates(path)
     if not candidates:
         raise CheckpointError(f"{path}: {META} but no params/ or checkpoints/<step>/params")
     params_dir = os.path.abspath(candidates[0])
-    last: dict = {}
+    layout = _orbax_layout(params_dir)
+    arrays: dict = {}
 
-    def restore(p: tuple[str, ...]) -> np.ndarray:
-        if p not in last:
-            last.clear()
-            target = jax.tree.map(lambda _: ocp.PLACEHOLDER, specs, is_leaf=lambda x: isinstance(x, ParamSpec))
-            node = target
-            for k in p[:-1]:
-                node = node[k]
-            spec = source.spec(p)
-            node[p[-1]] = jax.ShapeDtypeStruct(spec.shape, np.dtype(spec.dtype) if spec.dtype else dtype)
-            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    def array(p: tuple[str, ...]):
+        if p not in arrays:
+            import tensorstore as ts
+
+            name = ".".join(p)  # orbax names a dict leaf by its keys joined with "."
+            kv = {"driver": "ocdbt", "base": f"file://{params_dir}", "path": name} if layout["use_ocdbt"] else {
+                "driver": "file", "path": os.path.join(params_dir, name)
+            }  # fmt: skip
             try:
-                with ocp.PyTreeCheckpointer() as ckptr:
-                    tree = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
-            except Exception as e:  # orbax raises many types for damaged checkpoints
-                raise CheckpointError(f"{params_dir}: cannot restore {'/'.join(p)} ({e.__class__.__name__})") from None
-            for k in p:
-                tree = tree[k]
-            last[p] = np.asarray(tree)
-        return last[p]
+                driver = "zarr3" if layout["use_zarr3"] else "zarr"  # a missing chunk is an error, not zeros:
+                a = ts.open({"driver": driver, "kvstore": kv, "fill_missing_data_reads": False}, read=True).result()
+            except Exception as e:  # tensorstore reports a missing or damaged array as ValueError
+                why = str(e).splitlines()[0][:120]
+                raise CheckpointError(f"{params_dir}: cannot open {'/'.join(p)} ({why})") from None
+            shape = source.spec(p).shape
+            if tuple(a.shape) != tuple(shape):
+                raise CheckpointError(f"{params_dir}: {'/'.join(p)} is {list(a.shape)}, expected {list(shape)}")
+            arrays[p] = a
+        return arrays[p]
 
     def pieces(p: tuple[str, ...]) -> Pieces:
-        return Pieces(0, lambda lead, rest: restore(p)[rest])
+        def load(lead, rest):
+            try:
+                return np.asarray(array(p)[rest].read().result())
+            except CheckpointError:
+                raise
+            except Exception as e:  # a truncated or missing chunk
+                why = str(e).splitlines()[0][:120]
+                raise CheckpointError(f"{params_dir}: cannot read {'/'.join(p)} ({why})") from None
+
+        return Pieces(0, load)
 
     source = ParamSource(specs=specs, location=path, dtype=dtype, pieces=pieces, **common)
     return source
+
+
+def _orbax_layout(params_dir: str) -> dict:
+    """How orbax stored a parameter tree (``_METADATA``: OCDBT or one directory per array; zarr v2 or v3)."""
+    try:
+        meta = json.loads(Path(params_dir, "_METADATA").read_text())
+        return {"use_ocdbt": bool(meta.get("use_ocdbt", True)), "use_zarr3": bool(meta.get("use_zarr3", False))}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{params_dir}/_METADATA: unreadable orbax metadata ({e.__class__.__name__})") from None
 
 
 GATHER_WHOLE = 64 << 20  # bytes: parameters up to this size come to the host whole, larger ones slice by slice
@@ -396,10 +414,15 @@ def write_checkpoint(
     """Stream ``src`` into a format-2 r1jax checkpoint at ``out_dir``, one HF-tensor-sized piece at a time (peak
     memory: a few tensors). ``dtype`` (default: the source's) is the stored dtype of parameters that declare none;
     the saved config's ``dtype``/``param_dtype`` say so. The directory appears, complete, only at the end; the
-    same inputs give byte-identical files. Returns the saved config."""
+    same inputs give byte-identical files. On several processes (a sharded model's reads are collectives) every
+    process reads and process 0 writes. Returns the saved config."""
     dtype = np.dtype(dtype) if dtype is not None else src.dtype
     name = hf.dtype_name(dtype)
     cfg = src.cfg if name == src.cfg.param_dtype else src.cfg.replace(dtype=name, param_dtype=name)
+    if jax.process_index() != 0:
+        for _ in stored_pieces(src, dtype):
+            pass
+        return cfg
     tmp = hf.partial_dir(out_dir)
     try:
         layout = stored_layout(src.specs, cfg, dtype)

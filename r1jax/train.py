@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from r1jax.config import ModelConfig, Stage, TrainConfig
@@ -292,16 +293,17 @@ class Checkpoints:
 
 
 # --- model, tokenizer, data -------------------------------------------------------------------------------------------
-def init_model(cfg: TrainConfig, mesh=None):
+def init_model(cfg: TrainConfig, mesh=None, *, abstract: bool = False):
     """The policy to start from, placed on ``mesh``: ``cfg.init`` (HF dir, GGUF, r1jax checkpoint; its architecture,
-    with the numerics of ``cfg.model`` when the config has one) or a random ``cfg.model``."""
+    with the numerics of ``cfg.model`` when the config has one) or a random ``cfg.model``. ``abstract``: its
+    parameters' shapes, dtypes and shardings only (a resumed run restores its own checkpoint instead)."""
     from r1jax.checkpoint import load
     from r1jax.model import Transformer
 
     if cfg.init:
-        return load(cfg.init, mesh=mesh, numerics=cfg.model)
+        return load(cfg.init, mesh=mesh, numerics=cfg.model, abstract=abstract)
     if cfg.model is not None:
-        return Transformer.random(cfg.model, cfg.seed, mesh=mesh)
+        return Transformer.random(cfg.model, cfg.seed, mesh=mesh, abstract=abstract)
     raise ConfigError("the config has neither init (a checkpoint to start from) nor model (to initialise)")
 
 
@@ -364,15 +366,16 @@ def _progress(total: int, start: int, enabled: bool):
 def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max_steps: int | None = None) -> dict:
     """Train (or resume) into ``out_dir``; returns the last step's metrics. ``mesh`` (the caller's) shards the
     model and batch; ``max_steps`` stops early, resumably."""
-    from r1jax.checkpoint import META, config_to_dict
     from r1jax.data.tokenizer import for_model
+    from r1jax.param_source import META, config_to_dict, params_candidates
     from r1jax.sharding import normalize_mesh
 
     run_dir = Path(out_dir)
     saved_cfg = run_dir / "train_config.json"
     mesh = normalize_mesh(mesh) if mesh is not None else None
     check_mesh(cfg, mesh)
-    model = init_model(cfg, mesh)
+    resuming = bool(params_candidates(out_dir))  # then the start point is never read, only its shapes
+    model = init_model(cfg, mesh, abstract=resuming)
     model_cfg = model.cfg
     resolved = config_to_json(dataclasses.replace(cfg, model=model_cfg))  # the model as it trains
     if saved_cfg.exists():
@@ -402,15 +405,17 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
             (run_dir / name).write_text(text)
 
     stage = _make_stage(cfg, model_cfg, tok, mesh)
-    state = stage.init(params)
+    state = _abstract_init(stage.init, params) if resuming else stage.init(params)
     ckpts = Checkpoints(run_dir, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
     counters = {"skipped_steps": 0, "consecutive_skips": 0}
     restored = ckpts.restore_newest(*stage.abstract(state))
     if restored is not None:
         start, r_params, r_train, r_meta = restored
-        state = stage.restore(state, r_params, r_train)
+        state = stage.restore(start, r_params, r_train)
         counters.update(r_meta.get("counters", {}))
+    elif resuming:  # every saved step was damaged: start over from the start point
+        state = stage.init(init_model(cfg, mesh).param_dict())
     log = MetricsLog(run_dir, start, enabled=is_main)
     data = stage.data(start)
     total = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
@@ -532,6 +537,14 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _abstract_init(init, params):
+    """What ``init(params)`` returns, as shapes, dtypes and shardings, with nothing computed: the targets a resumed
+    run restores into, so that its start point (model and optimiser state) never sits in memory beside them."""
+    shapes = jax.eval_shape(init, params)
+    shardings = jax.jit(init).lower(params).compile().output_shardings
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
+
+
 def _make_stage(cfg: TrainConfig, model_cfg: ModelConfig, tok, mesh=None):
     if cfg.stage == Stage.GRPO:
         return GRPOStage(cfg, model_cfg, tok, mesh)
@@ -586,10 +599,11 @@ class GRPOStage:
     def abstract(self, state):
         return _abstract(state.params), _abstract({"opt": state.opt_state, "ref": state.ref_params or {}})
 
-    def restore(self, state, params, train):
+    def restore(self, step: int, params, train):
         from r1jax.grpo import GRPOState
 
-        return GRPOState(step=state.step, params=params, ref_params=train["ref"] or None, opt_state=train["opt"])
+        ref = train["ref"] or None
+        return GRPOState(step=jnp.asarray(step, jnp.int32), params=params, ref_params=ref, opt_state=train["opt"])
 
     def to_save(self, state):
         return state.params, {"opt": state.opt_state, "ref": state.ref_params or {}}
@@ -635,7 +649,7 @@ class SFTStage:
     def abstract(self, state):
         return _abstract(state["params"]), _abstract({"opt": state["opt"]})
 
-    def restore(self, state, params, train):
+    def restore(self, step: int, params, train):
         return {"params": params, "opt": train["opt"]}
 
     def to_save(self, state):

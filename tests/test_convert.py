@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import r1jax
 from r1jax import checkpoint, hf, param_source, safetensors_io
 from r1jax.cli import main
+from r1jax.errors import CheckpointError
 from r1jax.model import param_specs
 from r1jax.param_source import open_source
 from tests import hf_tiny
@@ -199,11 +200,55 @@ def test_export_loads_in_transformers(case, tmp_path, capsys, monkeypatch):
     for name in shards:
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "from_mesh" / name).read_bytes()
 
-    # from an orbax (format 1) checkpoint, one parameter restored at a time: the same files again
-    checkpoint.save(r1jax.load(str(tmp_path / "src")), str(tmp_path / "orbax"))
+    # from an orbax (format 1) checkpoint, read box by box with tensorstore: the same files again
+    _save_format_1(r1jax.load(str(tmp_path / "src")), tmp_path / "orbax")
     assert main(["export", str(tmp_path / "orbax"), str(tmp_path / "from_orbax")]) == 0
     for name in shards:
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "from_orbax" / name).read_bytes()
+
+    # and ``save`` writes format 2, which exports to the same files once more
+    checkpoint.save(r1jax.load(str(tmp_path / "src")), str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / param_source.META).read_text())["format"] == param_source.FORMAT
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "from_saved")]) == 0
+    for name in shards:
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "from_saved" / name).read_bytes()
+
+
+def _save_format_1(model, out) -> None:
+    """An r1jax checkpoint as format 1 wrote it (orbax ``params/`` + ``r1jax.json``), which ``load`` still reads."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((out / "params").absolute(), model.param_dict())
+    meta = {"config": param_source.config_to_dict(model.cfg), "hf_config": model.hf_config, "mtp": False, "format": 1}
+    (out / param_source.META).write_text(json.dumps(meta))
+
+
+def test_run_checkpoint_slices_read_only_their_box(tmp_path):
+    """A training run's orbax step read through ``open_source``: any box of a stacked parameter equals the restored
+    array's, read without restoring the stack (tensorstore reads only the box's chunks)."""
+    from r1jax.model import Transformer
+    from tests.test_sharding import V3
+
+    model = Transformer.random(V3, 0)
+    _save_format_1(model, tmp_path / "f1")
+    src = open_source(str(tmp_path / "f1"))
+    params = model.param_dict()
+    for path, spec in param_source.leaves(src.specs):
+        whole = np.asarray(_at(params, path))
+        np.testing.assert_array_equal(src.read(path), whole)
+        if len(spec.shape) >= 3:
+            box = (spec.shape[0] - 1, slice(1, spec.shape[1]))
+            np.testing.assert_array_equal(src.read(path, box), whole[box])
+    (tmp_path / "f1" / "params" / "_METADATA").write_text("{")
+    with pytest.raises(CheckpointError, match="_METADATA"):
+        open_source(str(tmp_path / "f1"))
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def test_export_of_a_model_without_hf_config(tmp_path):

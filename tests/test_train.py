@@ -23,6 +23,7 @@ FAST = [
     "data.template=plain",
     "data.max_prompt_tokens=384",
     "rewards.num_workers=0",
+    "grpo.ref_update_every=3",  # a resume at step 2 must still refresh the reference at step 3
 ]
 
 
@@ -89,6 +90,26 @@ def test_resume_is_exact(reference_run, tmp_path):
     got_lines = (out / "metrics.jsonl").read_text().splitlines()
     strip = lambda ls: [{k: v for k, v in json.loads(x).items() if not k.startswith(("perf/", "time/"))} for x in ls]  # noqa: E731
     assert strip(got_lines) == strip(ref_lines)
+
+
+def test_resume_never_reads_the_start_point(reference_run, tmp_path, monkeypatch):
+    """A resumed run restores its newest step into its start point's shapes and shardings without reading the start
+    point's parameters (at scale those would sit in memory beside the restored ones). Started from a checkpoint of
+    the reference run's random initialisation, it ends with the reference run's parameters."""
+    from r1jax import checkpoint, param_source
+    from r1jax.model import Transformer
+
+    cfg = _cfg()
+    checkpoint.save(Transformer.random(cfg.model, cfg.seed), str(tmp_path / "init"))
+    out = tmp_path / "run"
+    train.run(_cfg(f"init={tmp_path / 'init'}"), str(out), progress=False, max_steps=2)
+
+    def no_reads(*a, **k):
+        raise AssertionError("the start point was read on resume")
+
+    monkeypatch.setattr(param_source.ParamSource, "read", no_reads)
+    train.run(_cfg(f"init={tmp_path / 'init'}"), str(out), progress=False)
+    _assert_same(_params(out), _params(reference_run))
 
 
 def test_same_seed_is_bitwise_identical(reference_run, tmp_path):
