@@ -1,10 +1,13 @@
-"""Test setup: CPU with 8 fake devices, float32 matmuls; JAX's persistent compilation cache only on request.
+"""Test setup: CPU with 8 fake devices, float32 matmuls, compiled programs released after each test module.
 
-The persistent cache is off by default: writing some CPU executables to it (the Pallas kernels in interpret mode,
-which call back into Python) crashes the process inside jaxlib (``put_executable_and_time``), which takes a pytest
-worker and every test left in its file down with it. ``R1JAX_TEST_JAX_CACHE=DIR`` turns it on for local reruns.
+Every compiled CPU program holds a few memory maps. A pytest worker that kept every program of its share of the
+suite went past the kernel's limit of 65530 maps per process, and XLA then segfaulted compiling or serialising the
+next program, taking the worker and the rest of its file down (and xdist's loadfile scheduler waited forever). So
+``jax.clear_caches()`` runs after each module. JAX's persistent compilation cache is off unless
+``R1JAX_TEST_JAX_CACHE=DIR`` turns it on for local reruns (a fresh clone gains little from it).
 """
 
+import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -31,3 +34,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    yield
+    jax.clear_caches()
+    gc.collect()
