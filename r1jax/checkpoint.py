@@ -56,7 +56,7 @@ def load(
     _check_mesh(path, specs, mesh)
     shardings = _shardings(specs, mesh)
     if abstract:
-        params = jax.tree.map(lambda s, sh: _target(s, cfg, sh), specs, shardings, is_leaf=_is_spec)
+        params = abstract_params(cfg, mesh, mtp=src.mtp)
     elif os.path.isdir(path) and param_source.params_candidates(path):  # orbax: format 1 and training runs
         params = _restore_orbax(path, specs, cfg, shardings)
     else:
@@ -104,6 +104,13 @@ def _is_spec(x) -> bool:
 
 def _target(spec, cfg: ModelConfig, sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(spec.shape, jnp.dtype(spec.dtype or cfg.param_dtype), sharding=sharding)
+
+
+def abstract_params(cfg: ModelConfig, mesh=None, *, mtp: bool = False) -> dict:
+    """The parameters of ``cfg`` as shapes, dtypes and shardings (the rules table's on ``mesh``, else the default
+    device), nothing read or computed: what a resumed run restores its own checkpoint into."""
+    specs = param_specs(cfg, mtp=mtp)
+    return jax.tree.map(lambda s, sh: _target(s, cfg, sh), specs, _shardings(specs, mesh), is_leaf=_is_spec)
 
 
 def _read_sharded(src: param_source.ParamSource, specs: dict, cfg: ModelConfig, shardings: dict) -> dict:

@@ -224,23 +224,11 @@ class Transformer(nnx.Module):
         self.params = _build(param_specs(cfg, mtp="mtp" in params), params)
 
     @classmethod
-    def random(
-        cls, cfg: ModelConfig, seed: int = 0, *, mtp: bool = False, mesh=None, abstract: bool = False
-    ) -> Transformer:
+    def random(cls, cfg: ModelConfig, seed: int = 0, *, mtp: bool = False, mesh=None) -> Transformer:
         """``init_params`` from ``seed``; with ``mesh`` each parameter is created sharded by the rules table (the
-        same values: the random stream does not depend on the sharding). ``abstract``: shapes, dtypes and shardings
-        only, nothing computed."""
+        same values: the random stream does not depend on the sharding)."""
         out = None if mesh is None else sharding.param_shardings(param_specs(cfg, mtp=mtp), mesh)
-        init = jax.jit(lambda k: init_params(cfg, k, mtp=mtp), out_shardings=out)
-        key = jax.random.key(seed)
-        if not abstract:
-            return cls(cfg, init(key))
-        shapes = jax.eval_shape(init, key)
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = out if out is not None else jax.tree.map(lambda _: one, shapes)
-        return cls(
-            cfg, jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
-        )
+        return cls(cfg, jax.jit(lambda k: init_params(cfg, k, mtp=mtp), out_shardings=out)(jax.random.key(seed)))
 
     def param_dict(self) -> Params:
         """The parameters as a plain nested dict of arrays (what the pure functions take)."""

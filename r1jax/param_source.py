@@ -318,10 +318,9 @@ def _orbax_source(path: str, specs: dict, dtype: np.dtype, common: dict) -> Para
 
     def pieces(p: tuple[str, ...]) -> Pieces:
         def load(lead, rest):
+            a = array(p)
             try:
-                return np.asarray(array(p)[rest].read().result())
-            except CheckpointError:
-                raise
+                return np.asarray(a[rest].read().result())
             except Exception as e:  # a truncated or missing chunk
                 why = str(e).splitlines()[0][:120]
                 raise CheckpointError(f"{params_dir}: cannot read {'/'.join(p)} ({why})") from None

@@ -297,13 +297,15 @@ def init_model(cfg: TrainConfig, mesh=None, *, abstract: bool = False):
     """The policy to start from, placed on ``mesh``: ``cfg.init`` (HF dir, GGUF, r1jax checkpoint; its architecture,
     with the numerics of ``cfg.model`` when the config has one) or a random ``cfg.model``. ``abstract``: its
     parameters' shapes, dtypes and shardings only (a resumed run restores its own checkpoint instead)."""
-    from r1jax.checkpoint import load
+    from r1jax.checkpoint import abstract_params, load
     from r1jax.model import Transformer
 
     if cfg.init:
         return load(cfg.init, mesh=mesh, numerics=cfg.model, abstract=abstract)
+    if cfg.model is not None and abstract:
+        return Transformer(cfg.model, abstract_params(cfg.model, mesh))
     if cfg.model is not None:
-        return Transformer.random(cfg.model, cfg.seed, mesh=mesh, abstract=abstract)
+        return Transformer.random(cfg.model, cfg.seed, mesh=mesh)
     raise ConfigError("the config has neither init (a checkpoint to start from) nor model (to initialise)")
 
 
