@@ -224,9 +224,9 @@ def _save_format_1(model, out) -> None:
     (out / param_source.META).write_text(json.dumps(meta))
 
 
-def test_run_checkpoint_slices_read_only_their_box(tmp_path):
-    """A training run's orbax step read through ``open_source``: any box of a stacked parameter equals the restored
-    array's, read without restoring the stack (tensorstore reads only the box's chunks)."""
+def test_orbax_boxes_equal_the_saved_arrays(tmp_path):
+    """An orbax parameter tree read through ``open_source`` (box by box with tensorstore, as for a run's steps):
+    every parameter, and a box of each stacked one, equals the saved array; unreadable metadata is one error."""
     from r1jax.model import Transformer
     from tests.test_sharding import V3
 
