@@ -29,6 +29,7 @@ from tests import hf_tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import bench_checkpoint as bench  # noqa: E402
+import peak_rss  # noqa: E402
 
 # hidden 256 with q-LoRA 96, kv-LoRA 64: 128-blocks with ragged edges; 8 experts, a dense layer, the MTP layer
 SMALL = dict(hidden=256, layers=3, experts=8, vocab=512)
@@ -346,12 +347,7 @@ def test_file_size_limit_in_a_real_process(fp8_src, tmp_path):
 
 # --- memory -----------------------------------------------------------------------------------------------------------
 def _peak_rss(argv) -> int:
-    with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV) as p:
-        err = p.stderr.read()
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = code = os.waitstatus_to_exitcode(status)
-    assert code == 0, err.decode()[-2000:]
-    return ru.ru_maxrss * 1024
+    return peak_rss.measure(argv, ENV)[1]
 
 
 def test_convert_peak_memory_is_a_few_tensors(tmp_path):

@@ -26,12 +26,13 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+from peak_rss import own_peak_rss
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"
@@ -136,7 +137,7 @@ def hf_tokenizer(path: str):
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return own_peak_rss() / 2**20
 
 
 def timed(fn, reps: int) -> list[float]:

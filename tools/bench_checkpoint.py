@@ -5,7 +5,7 @@ layout at smaller widths — MLA with q-LoRA, a dense first layer, routed + shar
 private embedding / head copies, as V3 ships them), e4m3 weights with 128x128 ``weight_scale_inv`` blocks (ue8m0
 power-of-two scales with ``--ue8m0``), bf16 for the rest, many shards with ``model.safetensors.index.json``.
 
-Each step runs in its own subprocess; its peak RSS is that child's ``ru_maxrss`` (``os.wait4``) and is compared with
+Each step runs in its own subprocess; its peak RSS (``peak_rss.measure``, the child's alone) is compared with
 a child that only imports the same modules (the interpreter + JAX baseline):
 
     python tools/bench_checkpoint.py                      # ~0.7B parameters under /tmp/r1jax-bench-ckpt, all steps
@@ -19,13 +19,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import peak_rss
 
 # Linear weights that stay bf16 in DeepSeek's fp8 release: embedding, head, router, the MTP projection.
 NOT_FP8 = ("embed_tokens", "lm_head", "mlp.gate.weight", "eh_proj", "shared_head.head")
@@ -138,16 +138,8 @@ def write_fp8_checkpoint(out_dir: str, hf_cfg: dict, *, shard_bytes: int = 64 <<
 
 
 def measure(argv: list[str]) -> tuple[float, int]:
-    """(seconds, peak RSS bytes) of ``argv`` in a fresh child, read from the child's own rusage via ``os.wait4``."""
-    t0 = time.time()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as p:
-        err = p.stderr.read()
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = code = os.waitstatus_to_exitcode(status)
-    if code:
-        raise RuntimeError(f"{' '.join(argv)} failed ({code}): {err.decode()[-2000:]}")
-    return time.time() - t0, ru.ru_maxrss * 1024
+    """(seconds, peak RSS bytes) of ``argv`` in a fresh child (``peak_rss.measure``: no parent's memory counted)."""
+    return peak_rss.measure(argv, dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 PY = [sys.executable, "-c"]

@@ -1,6 +1,7 @@
 """Per-host sharded loading measured: ``r1jax.load`` of a V3-style fp8 checkpoint in one process, and in each of two
 processes (4 CPU devices each, one fsdp x expert mesh over both, gloo), each process a child whose peak RSS is its
-``ru_maxrss``. The checkpoint is ``tools/bench_checkpoint.py``'s (numpy-generated, ~0.7B parameters by default):
+own ``VmHWM`` (``peak_rss.own_peak_rss``). The checkpoint is ``tools/bench_checkpoint.py``'s (numpy-generated, ~0.7B
+parameters by default):
 
     python tools/bench_load.py                      # /tmp/r1jax-bench-ckpt/hf_fp8 (generated when missing)
     python tools/bench_load.py --layers 2 --experts 8
@@ -19,8 +20,9 @@ from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import jax
+from peak_rss import own_peak_rss
 pid, n, port, path, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 if n > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -32,8 +34,7 @@ t0 = time.perf_counter()
 model = r1jax.load(path, mesh=mesh, dtype=dtype)
 jax.block_until_ready(model.param_dict())
 held = sum(s.data.nbytes for a in jax.tree.leaves(model.param_dict()) for s in a.addressable_shards)
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                  * 1024, "held": held}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": own_peak_rss(), "held": held}))
 """
 
 
@@ -47,6 +48,7 @@ def measure(path: str, processes: int, dtype: str) -> list[dict]:
     """One row per process: load seconds, peak RSS, bytes of parameters it holds."""
     devices = 4 if processes > 1 else 1
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
     port = str(_port())
     procs = [
         subprocess.Popen(
