@@ -854,6 +854,9 @@ class GRPOTrainer:
         step = int(state.step) + 1
         ref = state.ref_params
         if ref is not None and g.ref_update_every and step % g.ref_update_every == 0:
+            # the old reference goes before the new one is made: two model copies on device at the refresh, not
+            # three (the step consumes its input state anyway: params and optimizer state were donated)
+            jax.tree.map(lambda x: x.delete(), ref)
             ref = jax.tree.map(jnp.copy, params)
         new_state = GRPOState(step=jnp.asarray(step, jnp.int32), params=params, ref_params=ref, opt_state=opt_state)
 

@@ -113,6 +113,27 @@ def test_grpo_raises_a_learnable_reward():
     assert float(jnp.abs(state.params["moe_layers"]["mlp"]["router_bias"]).max()) > 0  # balancing ran
 
 
+def test_reference_refresh_copies_the_policy_and_frees_the_old_reference():
+    """Every ``ref_update_every`` steps the reference becomes a copy of the policy, and the old reference is freed
+    before the copy is made (two model copies on device at the refresh, not three); between refreshes it stays."""
+    cfg = _tiny()
+    cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, ref_update_every=2, kl_coef=0.1))
+    trainer = GRPOTrainer(cfg, cfg.model, token_reward)
+    state = trainer.init_state(_init(cfg.model))
+    first_ref = state.ref_params
+    want = jax.device_get(first_ref)
+    state, _ = trainer.grpo_step(state, PROMPTS, [{}] * len(PROMPTS), jax.random.key(100))
+    assert state.ref_params is first_ref  # step 1: no refresh
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(jax.device_get(state.ref_params)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    state, _ = trainer.grpo_step(state, PROMPTS, [{}] * len(PROMPTS), jax.random.key(101))
+    assert all(x.is_deleted() for x in jax.tree.leaves(first_ref))
+    params, ref = jax.device_get(state.params), jax.device_get(state.ref_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(ref), strict=True))
+
+
 def test_data_parallel_mesh_equals_single_device():
     """Two steps on an 8-device data mesh (rows sharded, parameters replicated) equal the single-device run."""
     cfg = _tiny()
