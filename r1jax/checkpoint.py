@@ -9,6 +9,7 @@ an interrupted convert, save or export leaves nothing half-written.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -50,6 +51,9 @@ def load(
         raise CheckpointError(f"{path}: no such file or directory")
     mesh = normalize_mesh(mesh) if mesh is not None else None
     numerics = _numerics(dtype, attention_impl, numerics)
+    run_lora = lora_run(path)
+    if run_lora is not None:
+        return _load_lora_run(path, run_lora, mesh=mesh, numerics=numerics, abstract=abstract)
     src = param_source.open_source(path, mtp=mtp)
     cfg = src.cfg.with_numerics(numerics)
     specs = param_specs(cfg, mtp=src.mtp)
@@ -62,6 +66,97 @@ def load(
     else:
         params = _read_sharded(src, specs, cfg, shardings)
     return Transformer(cfg, params, hf_config=src.hf_config, tokenizer_files=src.tokenizer_files)
+
+
+def lora_run(path: str) -> dict | None:
+    """A LoRA training run's adapter config (with its ``base`` checkpoint and ``seed``), or None for anything else."""
+    meta = os.path.join(path, param_source.META)
+    if not (os.path.isdir(path) and os.path.isfile(meta)):
+        return None
+    try:
+        with open(meta) as f:
+            return json.load(f).get("lora")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta}: unreadable ({e.__class__.__name__})") from None
+
+
+def _lora_config(run_lora: dict):
+    from r1jax.config import LoraConfig
+
+    return LoraConfig(**{k: v for k, v in run_lora.items() if k not in ("base", "seed")})
+
+
+def lora_run_adapters(path: str, run_lora: dict, *, mesh=None) -> dict:
+    """The newest restorable adapters of a LoRA run (an ``r1jax.lora.adapters`` tree), restored into the shardings
+    ``mesh`` gives them; the base is not read (their shapes come from the run's model config)."""
+    import orbax.checkpoint as ocp
+
+    from r1jax import lora
+
+    cfg = param_source.open_source(path).cfg
+    lcfg = _lora_config(run_lora)
+    shapes = jax.eval_shape(lambda p: lora.attach(p, lcfg, cfg, jax.random.key(0)), abstract_params(cfg))
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, shapes)
+    else:
+        shardings = param_shardings(lora.specs_like(shapes, param_specs(cfg)), mesh)
+    target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                          lora.adapters(shapes), lora.adapters(shardings))  # fmt: skip
+    errors = []
+    for params_dir in param_source.params_candidates(path):
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                return ckptr.restore(os.path.abspath(params_dir), target)
+        except Exception as e:  # orbax raises many types for damaged checkpoints: fall back to an older step
+            errors.append(f"{params_dir}: {e.__class__.__name__}")
+    raise CheckpointError(f"{path}: no restorable adapters ({'; '.join(errors)[:300]})")
+
+
+def lora_run_params(path: str, run_lora: dict, *, mesh=None) -> tuple[Transformer, dict]:
+    """(the base model, the adapted parameters) of a LoRA run: its base read again (its start point, with the run's
+    numerics) with the newest checkpoint's adapters."""
+    from r1jax import lora
+
+    run_cfg = param_source.open_source(path).cfg
+    if run_lora["base"]:
+        base = load(run_lora["base"], mesh=mesh, numerics=run_cfg)
+    else:
+        base = Transformer.random(run_cfg, run_lora["seed"], mesh=mesh)
+    params = lora.attach(base.param_dict(), _lora_config(run_lora), base.cfg, jax.random.key(0))
+    return base, lora.with_adapters(params, lora_run_adapters(path, run_lora, mesh=mesh))
+
+
+def export_adapter(path: str, out_dir: str) -> None:
+    """A LoRA run's newest adapters as a PEFT adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``) for the transformers model of its base."""
+    run_lora = lora_run(path)
+    if run_lora is None:
+        raise CheckpointError(f"{path}: not a LoRA training run, so it has no adapter to export (drop --adapter)")
+    adapters = jax.device_get(lora_run_adapters(path, run_lora))
+    lcfg = _lora_config(run_lora)
+    cfg = param_source.open_source(path).cfg
+    hf.write_peft_adapter(adapters, cfg, out_dir, rank=lcfg.rank, alpha=lcfg.alpha,
+                          base_model_name_or_path=run_lora["base"] or "")  # fmt: skip
+
+
+def _load_lora_run(path: str, run_lora: dict, *, mesh, numerics, abstract: bool) -> Transformer:
+    """A LoRA run as one model: base and newest adapters merged, in the run's parameter dtype."""
+    from r1jax import lora
+
+    src = param_source.open_source(path)
+    cfg = src.cfg.with_numerics(numerics)
+    if abstract:
+        files = src.tokenizer_files
+        return Transformer(cfg, abstract_params(cfg, mesh), hf_config=src.hf_config, tokenizer_files=files)
+    base, params = lora_run_params(path, run_lora, mesh=mesh)
+    specs = param_specs(cfg)
+
+    def merge(p):  # each parameter back in its declared dtype (the frozen base was stored in the compute dtype)
+        return jax.tree.map(lambda x, s: x.astype(s.dtype or cfg.param_dtype), lora.merge(p), specs, is_leaf=_is_spec)
+
+    merged = jax.jit(merge)(params)
+    return Transformer(cfg, merged, hf_config=base.hf_config, tokenizer_files=base.tokenizer_files)
 
 
 def _numerics(dtype: str | None, attention_impl: str | None, numerics) -> dict[str, Any]:

@@ -25,10 +25,20 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from r1jax.checkpoint import export_hf
+    from r1jax.checkpoint import export_adapter, export_hf, load, lora_run
+    from r1jax.errors import CheckpointError
     from r1jax.param_source import open_source
 
-    export_hf(open_source(args.ckpt), args.out, dtype=args.dtype, progress=True)
+    if args.adapter:
+        export_adapter(args.ckpt, args.out)
+    elif lora_run(args.ckpt) is not None:
+        if not args.merged:
+            raise CheckpointError(
+                f"{args.ckpt}: a LoRA run: pass --merged (the HF model, adapters merged) or --adapter (a PEFT adapter)"
+            )
+        export_hf(load(args.ckpt), args.out, dtype=args.dtype, progress=True)
+    else:
+        export_hf(open_source(args.ckpt), args.out, dtype=args.dtype, progress=True)
     print(f"wrote {args.out}")
     return 0
 
@@ -145,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("ckpt")
     e.add_argument("out")
     e.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
+    kind = e.add_mutually_exclusive_group()
+    kind.add_argument("--merged", action="store_true", help="a LoRA run: the HF model with its adapters merged")
+    kind.add_argument("--adapter", action="store_true", help="a LoRA run: its adapters as a PEFT adapter directory")
     e.set_defaults(fn=_cmd_export)
 
     g = sub.add_parser("generate", help="generate text from a prompt (chat template applied when present)")

@@ -481,6 +481,55 @@ class ToolConfig:
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
+class LoraQuant(enum.StrEnum):
+    NONE = "none"  # the frozen base in param_dtype
+    INT8 = "int8"  # QLoRA: symmetric int8, one scale per output channel and input block
+    NF4 = "nf4"  # QLoRA: 4-bit NormalFloat, one scale per output channel and input block
+
+
+LORA_PROJECTIONS = ("q", "k", "v", "o", "q_a", "q_b", "kv_a", "kv_b", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on frozen projections (``r1jax.lora``); ``rank`` 0 trains every parameter instead.
+
+    ``targets`` name projections (empty: all of them): attention ``q k v o`` (MLA: ``q_a q_b kv_a kv_b o``, or
+    ``q`` without a q-LoRA rank) and MLP ``gate up down`` (dense layers and shared experts; the routed experts too
+    with ``experts``). The update is ``alpha / rank * a @ b`` with ``b`` zero at the start, so training starts from the base exactly; there
+    is no adapter dropout. ``quant`` stores the frozen base quantised (QLoRA) with ``quant_block`` input rows per
+    scale. ``merge_for_sampling`` merges the adapters into the weights once per GRPO step for sampling (otherwise
+    the sampler runs them unmerged).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ()  # () = every projection the model has
+    experts: bool = False
+    quant: LoraQuant = LoraQuant.NONE
+    quant_block: int = 64
+    merge_for_sampling: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "quant", _as_enum(LoraQuant, self.quant, "lora.quant"))
+        if self.rank < 0 or self.alpha <= 0 or self.quant_block < 1:
+            raise ValueError("lora: rank must be >= 0, alpha > 0 and quant_block >= 1")
+        unknown = sorted(set(self.targets) - set(LORA_PROJECTIONS))
+        if unknown:
+            raise ValueError(f"lora.targets: unknown {unknown}; valid: {', '.join(LORA_PROJECTIONS)}")
+        if self.quant != LoraQuant.NONE and not self.rank:
+            raise ValueError("lora.quant needs lora.rank > 0 (a quantised base is frozen)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,6 +658,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     tools: ToolConfig = ToolConfig()  # multi-turn tool calls in GRPO rollouts (and tool results masked in SFT)
+    lora: LoraConfig = LoraConfig()  # rank 0: full fine-tuning
     sft_batch_size: int = 8  # SFT: packed rows per optimiser step
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     mesh: str = ""  # device mesh when ``r1jax train`` gets no --mesh, e.g. "fsdp=8" or "fsdp=16,tensor=8,expert=16"

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from r1jax import moe, rollout
+from r1jax import lora, moe, rollout
 from r1jax.cache import init_cache
 from r1jax.config import AdvScale, GRPOConfig, LossAgg, ModelConfig, OptimConfig, RatioLevel, TrainConfig
 from r1jax.model import Params, forward, logits_from_hidden, param_specs, token_logprobs
@@ -410,7 +410,7 @@ class TrainBatch:
 class GRPOState:
     step: Array  # int32[]: GRPO steps done
     params: Params
-    ref_params: Params | None  # None when kl_coef = 0
+    ref_params: Params | None  # the reference's trainable part (``lora.reference``); None when kl_coef = 0
     opt_state: Any
 
 
@@ -502,7 +502,7 @@ def update_router_bias(params: Params, load: Array | None, gamma: float) -> Para
 
 
 def _param_shardings(params: Params, cfg: ModelConfig, mesh: Mesh):
-    return param_shardings(param_specs(cfg, mtp="mtp" in params), mesh)
+    return param_shardings(lora.specs_like(params, param_specs(cfg, mtp="mtp" in params)), mesh)
 
 
 def opt_shardings(opt_state: Any, params: Params, cfg: ModelConfig, mesh: Mesh):
@@ -516,7 +516,7 @@ def opt_shardings(opt_state: Any, params: Params, cfg: ModelConfig, mesh: Mesh):
     shapes = {tuple(_path_names(p)): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
     def pick(path, leaf):
-        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        names = _path_names(path)  # a parameter's path is a suffix (adapters' and quantised leaves' fields too)
         for i in range(len(names)):
             key = tuple(names[i:])
             if key in by_path and shapes[key] == leaf.shape:
@@ -579,8 +579,10 @@ def update_minibatch(
     # a micro-batch takes every k-th row, so a run of G rows with one prompt leaves G / k of them in each
     group = prompt_group // k if prompt_group % k == 0 else 1
 
-    def loss_fn(p, mb: TrainBatch):
-        p = _stop_router_bias(p)
+    train, frozen = lora.partition(params)  # with adapters only they train; otherwise every parameter
+
+    def loss_fn(t, mb: TrainBatch):
+        p = _stop_router_bias(lora.combine(t, frozen))
         logp, aux = sequence_logprobs(
             p,
             mb.prompt_tokens,
@@ -610,7 +612,7 @@ def update_minibatch(
 
     def micro_grads(mb):
         mb = jax.tree.map(lambda x: rollout.constrain_batch(x, mesh), mb)
-        (_, (metrics, load)), grads = grad_fn(params, mb)
+        (_, (metrics, load)), grads = grad_fn(train, mb)
         return grads, load, metrics
 
     if k == 1:  # one micro-batch: its gradients, no zero-filled accumulators
@@ -626,15 +628,17 @@ def update_minibatch(
         zero_load = None
         if model_cfg.n_moe_layers:
             zero_load = jnp.zeros((model_cfg.n_moe_layers, model_cfg.n_experts), jnp.float32)
-        (grads, load), per_micro = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), zero_load), micro)
+        (grads, load), per_micro = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, train), zero_load), micro)
     metrics = _combine_metrics(per_micro)
     metrics["grad_norm"] = optax.tree.norm(grads)
     tx = make_optimizer(cfg.optim)
 
+    gamma = 0.0 if frozen is not None else cfg.optim.router_bias_gamma  # a frozen base keeps its router bias
+
     def apply(_):
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = update_router_bias(optax.apply_updates(params, updates), load, cfg.optim.router_bias_gamma)
-        return new_params, new_opt_state
+        updates, new_opt_state = tx.update(grads, opt_state, train)
+        new_params = lora.combine(optax.apply_updates(train, updates), frozen)
+        return update_router_bias(new_params, load, gamma), new_opt_state
 
     # a non-finite loss or gradient skips the step: parameters and optimiser state stay as they were (a branch, not
     # a select: no extra pass over the parameters and both moments)
@@ -650,6 +654,9 @@ def update_minibatch(
         opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings(opt_state, params, model_cfg, mesh))
         params = jax.lax.with_sharding_constraint(params, _param_shardings(params, model_cfg, mesh))
     return params, opt_state, metrics
+
+
+_merged = jax.jit(lora.merge)
 
 
 def text_reward(cfg: TrainConfig, decode: Callable[[list[int]], str], stop_ids: Sequence[int]) -> RewardFn:
@@ -725,14 +732,17 @@ class GRPOTrainer:
         return jnp.asarray(x) if self.mesh is None else put(np.asarray(x), batch_sharding(self.mesh, x.shape))
 
     def init_state(self, params: Params) -> GRPOState:
+        """Placed parameters, optimiser state for their trainable part, and the reference: a copy of that part (with
+        adapters, the adapters alone: the reference shares the policy's frozen base)."""
         params = self._place_params(params)
-        ref = jax.tree.map(jnp.copy, params) if self.cfg.grpo.kl_coef > 0 else None
+        train = lora.partition(params)[0]
+        ref = jax.tree.map(jnp.copy, train) if self.cfg.grpo.kl_coef > 0 else None
         if self.mesh is None:
-            opt_state = jax.jit(self.optimizer.init)(params)
+            opt_state = jax.jit(self.optimizer.init)(train)
         else:
-            shapes = jax.eval_shape(self.optimizer.init, params)
+            shapes = jax.eval_shape(self.optimizer.init, train)
             out = opt_shardings(shapes, params, self.model_cfg, self.mesh)
-            opt_state = jax.jit(self.optimizer.init, out_shardings=out)(params)
+            opt_state = jax.jit(self.optimizer.init, out_shardings=out)(train)
         return GRPOState(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref, opt_state=opt_state)
 
     # phases ----------------------------------------------------------------------------------------------------
@@ -789,7 +799,9 @@ class GRPOTrainer:
         k_sample, k_shuffle = jax.random.split(key)
 
         t0 = time.perf_counter()
-        ro = self._sample(state.params, prompts, k_sample)
+        policy = _merged(state.params) if cfg.lora.merge_for_sampling and cfg.lora.enabled else state.params
+        ro = self._sample(policy, prompts, k_sample)
+        del policy
         t_sample = time.perf_counter() - t0
 
         meta_rows = [m for m in metadata for _ in range(G)]
@@ -819,7 +831,7 @@ class GRPOTrainer:
         if g.num_iterations > 1 or g.num_minibatches > 1:
             batch = dataclasses.replace(batch, old_logp=lp(state.params, *args)[0])
         if g.kl_coef > 0:
-            batch = dataclasses.replace(batch, ref_logp=lp(state.ref_params, *args)[0])
+            batch = dataclasses.replace(batch, ref_logp=lp(lora.reference(state.params, state.ref_params), *args)[0])
         jax.block_until_ready((batch.old_logp, batch.ref_logp))
         t_logp = time.perf_counter() - t1
 
@@ -857,7 +869,7 @@ class GRPOTrainer:
             # the old reference goes before the new one is made: two model copies on device at the refresh, not
             # three (the step consumes its input state anyway: params and optimizer state were donated)
             jax.tree.map(lambda x: x.delete(), ref)
-            ref = jax.tree.map(jnp.copy, params)
+            ref = jax.tree.map(jnp.copy, lora.partition(params)[0])
         new_state = GRPOState(step=jnp.asarray(step, jnp.int32), params=params, ref_params=ref, opt_state=opt_state)
 
         metrics: dict[str, float] = {"step": float(step)}

@@ -26,7 +26,7 @@ import numpy as np
 from r1jax.config import Arch, ModelConfig, RopeConfig
 from r1jax.errors import CheckpointError
 from r1jax.model import ParamSpec, param_specs
-from r1jax.safetensors_io import SafetensorsFile, iter_checkpoint_files, write_sharded
+from r1jax.safetensors_io import SafetensorsFile, StreamWriter, iter_checkpoint_files, write_sharded
 
 COPY, LINEAR, LINEAR2 = "copy", "linear", "linear2"
 # ``read(path, index) -> params[path][index]``: how export and convert pull one parameter slice at a time.
@@ -554,3 +554,119 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out_dir)
+
+
+# --- PEFT adapters ----------------------------------------------------------------------------------------------------
+# (PEFT key, "a" or "b", the base weight's table entry, HF shape)
+PeftTensor: TypeAlias = tuple[str, str, Entry, tuple[int, ...]]
+_LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
+
+
+def _adapter_paths(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict]]:
+    """The ``{"a", "b"}`` leaves of a ``lora.adapters`` tree, by parameter path."""
+    for k, v in tree.items():
+        if isinstance(v, dict) and set(v) == {"a", "b"}:
+            yield (*prefix, k), v
+        elif isinstance(v, dict):
+            yield from _adapter_paths(v, (*prefix, k))
+
+
+def _linear_rows(cfg: ModelConfig, mtp: bool) -> dict[tuple[str, ...], list[Entry]]:
+    """The table's linear weights by parameter path (a routed expert's path has one row per layer and expert)."""
+    rows: dict[tuple[str, ...], list[Entry]] = {}
+    for e in entries(cfg, mtp=mtp):
+        if e.transform != COPY and e.key.endswith(".weight"):
+            rows.setdefault(e.path, []).append(e)
+    return rows
+
+
+def peft_layout(adapters: dict, cfg: ModelConfig, *, rank: int) -> list[PeftTensor]:
+    """Every tensor of the PEFT LoRA adapter for ``adapters``, from the base table: ``a`` [*in, r] is a weight with
+    r outputs and ``b`` [r, *out] one with r inputs, so each takes the HF layout of its base weight's row
+    (``lora_A`` [r, in], ``lora_B`` [out, r]); routed experts give one pair per expert. Raises CheckpointError for
+    an adapter no HF linear weight maps to, or one whose shapes do not fit the model and ``rank``."""
+    found = dict(_adapter_paths(adapters))
+    mtp = any(p[0] == "mtp" for p in found)
+    specs, rows = param_specs(cfg, mtp=mtp), _linear_rows(cfg, mtp)
+    out = []
+    for path, ab in found.items():
+        name = "/".join(path)
+        if path not in rows:
+            raise CheckpointError(f"LoRA adapter {name}: no HF linear weight maps to this parameter")
+        e0 = rows[path][0]
+        shape, lead, n_in = _spec_at(specs, path).shape, len(e0.index), 2 if e0.transform == LINEAR2 else 1
+        want = {"a": (*shape[: lead + n_in], rank), "b": (*shape[:lead], rank, *shape[lead + n_in :])}
+        for part in ("a", "b"):
+            if tuple(ab[part].shape) != want[part]:
+                raise CheckpointError(
+                    f"LoRA adapter {name}: {part} has shape {tuple(ab[part].shape)}, expected {want[part]} for "
+                    f"rank {rank}"
+                )
+        for part, lora, transform in (("a", "lora_A", e0.transform), ("b", "lora_B", LINEAR)):
+            for e in rows[path]:
+                key = f"base_model.model.{e.key.removesuffix('.weight')}.{lora}.weight"
+                out.append((key, part, e, hf_shape(dataclasses.replace(e, transform=transform), want[part][lead:])))
+    return out
+
+
+def peft_targets(layout: list[PeftTensor], cfg: ModelConfig) -> tuple[list[str], list[str]]:
+    """``(target_modules, target_parameters)`` naming exactly the modules ``layout`` writes. Without routed experts:
+    the modules' own names (``q_proj``). With them, transformers 5 fuses the per-expert modules into stacked
+    parameters and PEFT, loading, turns every target named like an expert projection (``gate_proj``) into those
+    parameters; so routed experts are named by module suffix (``mlp.experts.3.gate_proj``, which PEFT converts) and
+    the other projections sharing their names by weight (``mlp.gate_proj.weight``, which it leaves alone)."""
+    rows = _linear_rows(cfg, mtp=False)
+    expert_names = {e.key.split(".")[-2] for es in rows.values() for e in es if len(e.index) == 2}
+    modules, parameters = set(), set()
+    for _, _, e, _ in layout:
+        module = e.key.removesuffix(".weight")
+        leaf, suffix = module.rsplit(".", 1)[-1], _LAYER_PREFIX.sub("", module)
+        if leaf not in expert_names:
+            modules.add(leaf)
+        elif len(e.index) == 2:
+            modules.add(suffix)
+        else:
+            parameters.add(suffix + ".weight")
+    return sorted(modules), sorted(parameters)
+
+
+def write_peft_adapter(
+    adapters: dict, cfg: ModelConfig, out_dir: str, *, rank: int, alpha: float, base_model_name_or_path: str = ""
+) -> None:
+    """Write ``adapters`` (a ``lora.adapters`` tree, host or device arrays) as a PEFT LoRA adapter directory
+    (``adapter_config.json`` + ``adapter_model.safetensors``, each tensor in its adapter's dtype) that
+    ``peft.PeftModel.from_pretrained`` loads onto the transformers model of ``cfg``: atomically, one adapter array
+    on the host at a time."""
+    layout = peft_layout(adapters, cfg, rank=rank)
+    found = dict(_adapter_paths(adapters))
+    modules, parameters = peft_targets(layout, cfg)
+    tmp = partial_dir(out_dir)
+    try:
+        file_layout = [(key, np.dtype(found[e.path][part].dtype), shape) for key, part, e, shape in layout]
+        held: tuple = (None, None)  # ((path, part), that adapter array on the host)
+        with StreamWriter(os.path.join(tmp, "adapter_model.safetensors"), file_layout, {"format": "pt"}) as w:
+            for _, part, e, _ in layout:
+                if held[0] != (e.path, part):
+                    held = ((e.path, part), np.asarray(found[e.path][part]))
+                transform = e.transform if part == "a" else LINEAR
+                w.write(np.ascontiguousarray(from_param(held[1][e.index], transform)))
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": rank,
+            "lora_alpha": alpha,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "target_modules": modules,
+            **({"target_parameters": parameters} if parameters else {}),
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path,
+        }
+        Path(tmp, "adapter_config.json").write_text(json.dumps(config, indent=2))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -238,12 +238,53 @@ class Transformer(nnx.Module):
         return forward(self.param_dict(), jnp.asarray(tokens, jnp.int32), self.cfg, **kw)[0]
 
 
+# --- adapted and quantised weights ------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeight:
+    """A frozen weight plus a trainable low-rank update (``r1jax.lora`` builds them): it stands for
+    ``base + scale * a @ b``, with ``a`` [*in, r] and ``b`` [r, *out] (``n_in`` input axes; leading layer or expert
+    axes are shared by all three). ``base`` is an array or a qwix ``QArray`` (the QLoRA base)."""
+
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata={"static": True})
+    n_in: int = dataclasses.field(metadata={"static": True})
+
+
+def is_quantized(w: Any) -> bool:
+    return hasattr(w, "qvalue") and hasattr(w, "scale")  # a qwix QArray (imported only where one exists)
+
+
+def dense(w: Any) -> jax.Array:
+    """The plain array a weight stands for: a quantised base dequantised (in its scale's dtype), a low-rank update
+    added (computed in f32, cast to the base's dtype)."""
+    if isinstance(w, LoraWeight):
+        base = dense(w.base)
+        lead = w.a.ndim - w.n_in - 1  # layer / expert axes
+        k, r = math.prod(w.a.shape[lead:-1]), w.a.shape[-1]
+        a = w.a.reshape(*w.a.shape[:lead], k, r).astype(jnp.float32)
+        b = w.b.reshape(*w.b.shape[:lead], r, -1).astype(jnp.float32)
+        return (base.astype(jnp.float32) + w.scale * (a @ b).reshape(base.shape)).astype(base.dtype)
+    if is_quantized(w):
+        import qwix
+
+        return qwix.dequantize(w)
+    return w
+
+
 # --- building blocks ------------------------------------------------------------------------------------------------
-def linear(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Array:
+def linear(x: jax.Array, w: Any, n_in: int = 1, out_dtype=None) -> jax.Array:
     """``x[..., *in] @ w[*in, *out]`` -> [..., *out] (``in`` = the last ``n_in`` axes of x) as ONE 2-D matmul in x's
     dtype. Written this way, not as an einsum with batch axes, because XLA:CPU lays out the backward pass of
     ``btd,df->btf`` with a transposed copy of every activation gradient (1.6x slower MLP backward); on TPU the
-    reshapes are free."""
+    reshapes are free. A ``LoraWeight`` runs unmerged: ``x @ base + scale * (x @ a) @ b``; a quantised weight is
+    dequantised into the matmul."""
+    if isinstance(w, LoraWeight):
+        y = linear(x, w.base, n_in, out_dtype)
+        return y + (w.scale * linear(linear(x, w.a, n_in), w.b)).astype(y.dtype)
+    w = dense(w)
     lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
     k = math.prod(w.shape[:n_in])
     y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype), preferred_element_type=out_dtype)
@@ -449,8 +490,9 @@ def mla_attention_cached(p: Params, x, positions, layer_cache: dict, slots, vali
     rope_cache = jax.lax.dynamic_update_slice_in_dim(
         layer_cache["rope"], k_rope.astype(layer_cache["rope"].dtype), start, axis=1
     )
-    w_uk = p["kv_b"][..., : cfg.qk_nope_dim].astype(x.dtype)  # [c, h, n]
-    w_uv = p["kv_b"][..., cfg.qk_nope_dim :].astype(x.dtype)  # [c, h, v]
+    kv_b = dense(p["kv_b"])  # folded into the query and the output: needed as one array
+    w_uk = kv_b[..., : cfg.qk_nope_dim].astype(x.dtype)  # [c, h, n]
+    w_uv = kv_b[..., cfg.qk_nope_dim :].astype(x.dtype)  # [c, h, v]
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)
     if cfg.attention_impl == AttentionImpl.PALLAS and x.shape[1] == 1:
         out_lat = _mla_decode_step(
@@ -520,7 +562,8 @@ def moe_layer(
 ) -> tuple[jax.Array, jax.Array]:
     """DeepSeekMoE: routed experts (dropless) plus shared experts. Returns (y, expert load f32[e])."""
     weights, idx = jax.vmap(lambda xb: moe.route(xb, p["router"], p["router_bias"], cfg))(x)  # [b, t, k]
-    y = expert_parallel.routed_experts(x, weights, idx, p["experts"], cfg.dispatch_slack).astype(x.dtype)
+    experts = {k: dense(w) for k, w in p["experts"].items()}  # grouped matmuls take plain arrays (one layer's)
+    y = expert_parallel.routed_experts(x, weights, idx, experts, cfg.dispatch_slack).astype(x.dtype)
     if "shared" in p:
         y = y + mlp(p["shared"], x)
     return y, moe.expert_load(idx, cfg.n_experts, None if load_mask is None else load_mask.reshape(-1))

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from r1jax import lora
 from r1jax.config import ModelConfig
 from r1jax.grpo import _stop_router_bias, update_router_bias
 from r1jax.model import Params, forward, param_specs, token_logprobs
@@ -180,14 +181,16 @@ def sft_step(
     k = micro_batches
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(n // k, k, *x.shape[1:]), 0, 1), batch)
 
-    def loss_fn(p, mb):
-        return sft_loss(_stop_router_bias(p), mb, cfg, num_tokens=num_tokens)
+    train, frozen = lora.partition(params)  # with adapters only they train; otherwise every parameter
+
+    def loss_fn(t, mb):
+        return sft_loss(_stop_router_bias(lora.combine(t, frozen)), mb, cfg, num_tokens=num_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(acc, mb):
         mb = {name: constrain(x, ("batch", None)) for name, x in mb.items()}
-        (loss, aux), grads = grad_fn(params, mb)
+        (loss, aux), grads = grad_fn(train, mb)
         acc_grads, acc_load = acc
         acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
         if acc_load is not None:
@@ -195,13 +198,15 @@ def sft_step(
         return (acc_grads, acc_load), (loss, aux["correct"])
 
     zero_load = jnp.zeros((cfg.n_moe_layers, cfg.n_experts), jnp.float32) if cfg.n_moe_layers else None
-    (grads, load), (losses, correct) = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), zero_load), micro)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = update_router_bias(optax.apply_updates(params, updates), load, router_bias_gamma)
+    (grads, load), (losses, correct) = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, train), zero_load), micro)
+    updates, new_opt_state = optimizer.update(grads, opt_state, train)
+    gamma = 0.0 if frozen is not None else router_bias_gamma  # a frozen base keeps its router bias
+    new_train = update_router_bias(optax.apply_updates(train, updates), load, gamma)
     # a non-finite loss or gradient skips the step: parameters and optimiser state stay as they were
     finite = jnp.isfinite(jnp.sum(losses)) & jnp.isfinite(optax.tree.norm(grads))
-    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params, params)
-    params = constrain_params(params, param_specs(cfg, mtp="mtp" in params))  # as they came in, on a mesh
+    train = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_train, train)
+    params = lora.combine(train, frozen)
+    params = constrain_params(params, lora.specs_like(params, param_specs(cfg, mtp="mtp" in params)))  # as they came
     opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_opt_state, opt_state)
     metrics = {
         "skipped": 1.0 - finite.astype(jnp.float32),

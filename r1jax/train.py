@@ -293,6 +293,23 @@ class Checkpoints:
 
 
 # --- model, tokenizer, data -------------------------------------------------------------------------------------------
+def start_params(cfg: TrainConfig, model, mesh=None):
+    """The parameters training starts from: the model's, with ``cfg.lora``'s adapters attached (placed on ``mesh``
+    like every parameter) when LoRA is on."""
+    from r1jax import lora
+    from r1jax.model import param_specs
+    from r1jax.sharding import param_shardings
+
+    params = model.param_dict()
+    if not cfg.lora.enabled:
+        return params
+    params = lora.attach(params, cfg.lora, model.cfg, jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    if mesh is not None:
+        specs = lora.specs_like(params, param_specs(model.cfg, mtp="mtp" in params))
+        params = jax.device_put(params, param_shardings(specs, mesh))
+    return params
+
+
 def init_model(cfg: TrainConfig, mesh=None, *, abstract: bool = False):
     """The policy to start from, placed on ``mesh``: ``cfg.init`` (HF dir, GGUF, r1jax checkpoint; its architecture,
     with the numerics of ``cfg.model`` when the config has one) or a random ``cfg.model``. ``abstract``: its
@@ -368,6 +385,7 @@ def _progress(total: int, start: int, enabled: bool):
 def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max_steps: int | None = None) -> dict:
     """Train (or resume) into ``out_dir``; returns the last step's metrics. ``mesh`` (the caller's) shards the
     model and batch; ``max_steps`` stops early, resumably."""
+    from r1jax import lora
     from r1jax.data.tokenizer import for_model
     from r1jax.param_source import META, config_to_dict, params_candidates
     from r1jax.sharding import normalize_mesh
@@ -377,7 +395,7 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
     mesh = normalize_mesh(mesh) if mesh is not None else None
     check_mesh(cfg, mesh)
     resuming = bool(params_candidates(out_dir))  # then the start point is never read, only its shapes
-    model = init_model(cfg, mesh, abstract=resuming)
+    model = init_model(cfg, mesh, abstract=resuming and not cfg.lora.enabled)  # (a LoRA run saves no base)
     model_cfg = model.cfg
     resolved = config_to_json(dataclasses.replace(cfg, model=model_cfg))  # the model as it trains
     if saved_cfg.exists():
@@ -390,8 +408,8 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
             )
 
     tok = for_model(model_cfg, model.tokenizer_files, byte_fallback=True)
-    params = model.param_dict()
-    check_output_dir(out_dir, _need_bytes(params, cfg.checkpoint.keep))
+    params = start_params(cfg, model, mesh)
+    check_output_dir(out_dir, _need_bytes(lora.saved_part(params), cfg.checkpoint.keep))
 
     is_main = jax.process_index() == 0
     if is_main:
@@ -402,6 +420,8 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
             "mtp": False,
             "format": 1,
         }
+        if cfg.lora.enabled:  # the checkpoints hold adapters: the base is the start point, read again to load
+            meta["lora"] = {**config_to_json(cfg.lora), "base": cfg.init, "seed": cfg.seed}
         (run_dir / META).write_text(json.dumps(meta, indent=2))
         for name, text in model.tokenizer_files.items():
             (run_dir / name).write_text(text)
@@ -411,13 +431,14 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
     ckpts = Checkpoints(run_dir, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
     counters = {"skipped_steps": 0, "consecutive_skips": 0}
-    restored = ckpts.restore_newest(*stage.abstract(state))
+    abstract_params, abstract_train = stage.abstract(state)
+    restored = ckpts.restore_newest(lora.saved_part(abstract_params), abstract_train)
     if restored is not None:
         start, r_params, r_train, r_meta = restored
-        state = stage.restore(start, r_params, r_train)
+        state = stage.restore(start, lora.restored(params, r_params), r_train)
         counters.update(r_meta.get("counters", {}))
-    elif resuming:  # every saved step was damaged: start over from the start point
-        state = stage.init(init_model(cfg, mesh).param_dict())
+    elif resuming and not cfg.lora.enabled:  # every saved step was damaged: start over from the start point
+        state = stage.init(start_params(cfg, init_model(cfg, mesh), mesh))
     log = MetricsLog(run_dir, start, enabled=is_main)
     data = stage.data(start)
     total = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
@@ -464,9 +485,11 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
                     bar.update(1)
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in stage.headline if k in metrics})
                 if step % cfg.checkpoint.every == 0 or step == total or preempt.requested:
+                    save_params, save_train = stage.to_save(state)
                     ckpts.save(
                         step,
-                        *stage.to_save(state),
+                        lora.saved_part(save_params),
+                        save_train,
                         {"step": step, "counters": counters},
                         wait=preempt.requested or step == total,
                     )
@@ -641,12 +664,14 @@ class SFTStage:
         self.optimizer = make_optimizer(cfg.optim)
 
     def init(self, params):
+        from r1jax import lora
         from r1jax.grpo import opt_shardings
 
+        train = lora.partition(params)[0]  # the optimiser state covers only what trains
         if self.mesh is None:
-            return {"params": params, "opt": jax.jit(self.optimizer.init)(params)}
-        out = opt_shardings(jax.eval_shape(self.optimizer.init, params), params, self.model_cfg, self.mesh)
-        return {"params": params, "opt": jax.jit(self.optimizer.init, out_shardings=out)(params)}
+            return {"params": params, "opt": jax.jit(self.optimizer.init)(train)}
+        out = opt_shardings(jax.eval_shape(self.optimizer.init, train), params, self.model_cfg, self.mesh)
+        return {"params": params, "opt": jax.jit(self.optimizer.init, out_shardings=out)(train)}
 
     def abstract(self, state):
         return _abstract(state["params"]), _abstract({"opt": state["opt"]})
