@@ -496,10 +496,10 @@ class LoraConfig:
 
     ``targets`` name projections (empty: all of them): attention ``q k v o`` (MLA: ``q_a q_b kv_a kv_b o``, or
     ``q`` without a q-LoRA rank) and MLP ``gate up down`` (dense layers and shared experts; the routed experts too
-    with ``experts``). The update is ``alpha / rank * a @ b`` with ``b`` zero at the start, so training starts from the base exactly; there
-    is no adapter dropout. ``quant`` stores the frozen base quantised (QLoRA) with ``quant_block`` input rows per
-    scale. ``merge_for_sampling`` merges the adapters into the weights once per GRPO step for sampling (otherwise
-    the sampler runs them unmerged).
+    with ``experts``). The update is ``alpha / rank * a @ b`` with ``b`` zero at the start, so training starts from
+    the base exactly; there is no adapter dropout. ``quant`` stores the frozen base quantised (QLoRA) with
+    ``quant_block`` input rows per scale. ``merge_for_sampling`` merges the adapters into the weights once per GRPO
+    step for sampling (otherwise the sampler runs them unmerged).
     """
 
     rank: int = 0
@@ -528,8 +528,6 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
 
 
 @dataclasses.dataclass(frozen=True)

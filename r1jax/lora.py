@@ -70,9 +70,7 @@ def _check_targets(found: dict, lora: LoraConfig) -> None:
     present = sorted({names[-1] for names in found})
     missing = [t for t in lora.targets if t not in present]
     if missing:
-        raise ConfigError(
-            f"lora.targets {missing} match no projection of this model; valid here: {', '.join(present)}"
-        )
+        raise ConfigError(f"lora.targets {missing} match no projection of this model; valid here: {', '.join(present)}")
     for names, spec in found.items():
         if names[-1] not in targets(found, lora):
             continue
