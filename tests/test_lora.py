@@ -1,0 +1,205 @@
+"""LoRA and QLoRA (``r1jax.lora``): the base is frozen and shared with the reference, only adapters train and carry
+optimiser state, merged equals unmerged, quantised bases within their quantisation error, runs that save and resume
+their adapters and export merged, and the bad inputs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import r1jax
+from r1jax import configs, lora, train
+from r1jax.cli import main
+from r1jax.config import LoraConfig, ModelConfig
+from r1jax.errors import ConfigError
+from r1jax.grpo import GRPOTrainer, make_optimizer, sequence_logprobs
+from r1jax.model import LoraWeight, dense, forward, init_params
+from r1jax.sft import sft_step
+
+MLA = configs.tiny_model()  # MLA + a dense layer + a MoE layer with shared experts
+GQA = ModelConfig(arch="qwen2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffw=48,
+                  qkv_bias=True, eos_token_ids=(1,))  # fmt: skip
+
+
+def _tokens(cfg, shape=(2, 12), seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, shape), jnp.int32)
+
+
+def _rel(a, b) -> float:
+    return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+
+
+def _noisy(params, seed=1, std=0.05):
+    """Adapters with a nonzero ``b``, so the update shows."""
+    ad = lora.adapters(params)
+    leaves, tree = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    return lora.with_adapters(params, jax.tree.unflatten(tree, noisy))
+
+
+@pytest.mark.parametrize("cfg", [MLA, GQA], ids=["mla_moe", "gqa"])
+def test_zero_adapter_is_exactly_the_base(cfg):
+    base = init_params(cfg, jax.random.key(0))
+    adapted = lora.attach(base, LoraConfig(rank=4, experts=True), cfg, jax.random.key(1))
+    assert (
+        sum(isinstance(x, LoraWeight) for x in jax.tree.leaves(adapted, is_leaf=lambda x: isinstance(x, LoraWeight)))
+        > 5
+    )
+    t = _tokens(cfg)
+    np.testing.assert_array_equal(forward(adapted, t, cfg)[0], forward(base, t, cfg)[0])
+    noisy = _noisy(adapted)
+    assert _rel(forward(noisy, t, cfg)[0], forward(base, t, cfg)[0]) > 1e-3  # the adapters do act
+
+
+@pytest.mark.parametrize("cfg", [MLA, GQA], ids=["mla_moe", "gqa"])
+def test_merged_equals_unmerged(cfg):
+    adapted = _noisy(lora.attach(init_params(cfg, jax.random.key(0)), LoraConfig(rank=4, experts=True), cfg,
+                                 jax.random.key(1)))  # fmt: skip
+    t = _tokens(cfg)
+    merged = lora.merge(adapted)
+    assert not any(
+        isinstance(x, LoraWeight) for x in jax.tree.leaves(merged, is_leaf=lambda x: isinstance(x, LoraWeight))
+    )
+    assert _rel(forward(merged, t, cfg)[0], forward(adapted, t, cfg)[0]) < 1e-5
+
+
+def _sft_batch(cfg, rows=4, seq=12):
+    t = np.asarray(_tokens(cfg, (rows, seq + 1)))
+    return {"tokens": t[:, :-1], "targets": t[:, 1:], "loss_mask": np.ones((rows, seq), np.float32),
+            "positions": np.broadcast_to(np.arange(seq), (rows, seq)).copy(),
+            "segment_ids": np.ones((rows, seq), np.int32)}  # fmt: skip
+
+
+def test_only_adapters_train_and_carry_optimizer_state():
+    """An SFT step changes every adapter and leaves the base (router bias included) bitwise as it was; the optimiser
+    state holds two moments of the adapters only, far below full fine-tuning's."""
+    cfg = MLA
+    base = init_params(cfg, jax.random.key(0))
+    adapted = lora.attach(base, LoraConfig(rank=2, experts=True), cfg, jax.random.key(1))
+    tx = make_optimizer(dataclasses.replace(configs.tiny().optim, lr=1e-2))
+    train_part, frozen = lora.partition(adapted)
+    opt = tx.init(train_part)
+    full_opt = jax.eval_shape(tx.init, base)
+    adapter_bytes = lora.nbytes(train_part)
+    moments = lora.nbytes(opt) - 8  # two int32 counts
+    assert moments == pytest.approx(2 * adapter_bytes, rel=0.01), (moments, adapter_bytes)
+    assert lora.nbytes(full_opt) > 2.5 * lora.nbytes(opt)
+    before = jax.device_get(frozen)
+    new, _, m = sft_step(adapted, opt, _sft_batch(cfg), cfg=cfg, optimizer=tx, router_bias_gamma=0.001)
+    new_train, new_frozen = lora.partition(new)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(new_frozen), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for name, (x, y) in {"a": (train_part, new_train)}.items():
+        changed = [not np.array_equal(u, v) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True)]
+        assert all(changed), name
+    assert np.isfinite(float(m["loss"]))
+
+
+def test_reference_is_the_base_with_adapters_off():
+    """The GRPO reference of an adapted policy is its frozen base with a copy of the adapters (zero ``b``): its
+    log-probs equal the plain base model's, and it holds no second copy of the base."""
+    cfg = dataclasses.replace(configs.tiny(), lora=LoraConfig(rank=4))
+    model_cfg = cfg.model
+    base = init_params(model_cfg, jax.random.key(0))
+    adapted = lora.attach(base, cfg.lora, model_cfg, jax.random.key(1))
+    trainer = GRPOTrainer(cfg, model_cfg, lambda ro, meta: (np.zeros(len(meta)), {}))
+    state = trainer.init_state(adapted)
+    assert lora.nbytes(state.ref_params) == lora.nbytes(lora.partition(adapted)[0])  # adapters only
+    ref = lora.reference(state.params, state.ref_params)
+    frozen_ref, frozen_pol = lora.partition(ref)[1], lora.partition(state.params)[1]
+    assert all(a is b for a, b in zip(jax.tree.leaves(frozen_ref), jax.tree.leaves(frozen_pol), strict=True))
+    prompt = _tokens(model_cfg, (2, 4))
+    comp = _tokens(model_cfg, (2, 6), seed=3)
+    start = jnp.zeros((2,), jnp.int32)
+    want = sequence_logprobs(base, prompt, start, comp, model_cfg)[0]
+    np.testing.assert_array_equal(sequence_logprobs(ref, prompt, start, comp, model_cfg)[0], want)
+
+
+@pytest.mark.parametrize("quant,levels", [("int8", 254), ("nf4", None)])
+def test_quantized_base_within_its_quantization_error(quant, levels):
+    """Each dequantised weight is within half a quantisation step of the float one: absmax / 254 per element for
+    int8 (127 levels each side), and half NF4's widest gap (0.1519 of the block's absmax) for nf4. The model's
+    logits then move by about the weights' relative error (first order, summed over the layers' projections)."""
+    cfg = GQA
+    base = init_params(cfg, jax.random.key(0))
+    lc = LoraConfig(rank=4, quant=quant, quant_block=16)
+    adapted = lora.attach(base, lc, cfg, jax.random.key(1))
+    half_step = 1 / levels if levels else 0.3038 / 2
+    errs = []
+    for name in ("q", "k", "v", "gate", "up", "down"):
+        group = "attn" if name in "qkv" else "mlp"
+        w = base["dense_layers"][group][name]
+        q = adapted["dense_layers"][group][name].base
+        got = dense(q)
+        x = np.asarray(w)
+        axis = 1  # the input axis, tiled in blocks of 16
+        blocks = x.reshape(x.shape[0], x.shape[1] // 16, 16, -1)
+        absmax = np.abs(blocks).max(axis=2, keepdims=True)
+        err = np.abs(np.asarray(got).reshape(blocks.shape) - blocks)
+        assert (err <= absmax * half_step * (1 + 1e-5) + 1e-12).all(), (name, quant)
+        errs.append(float(np.linalg.norm(np.asarray(got) - x) / np.linalg.norm(x)))
+        assert axis == 1
+    t = _tokens(cfg)
+    rel = _rel(forward(adapted, t, cfg)[0], forward(base, t, cfg)[0])
+    assert 0 < rel < 2 * cfg.n_layers * max(errs), (rel, errs)
+    # memory per parameter of the quantised projections: values + one f32 scale per 16 inputs
+    bits = (
+        lora.nbytes(jax.tree.leaves(adapted["dense_layers"]["mlp"]["up"].base))
+        * 8
+        / base["dense_layers"]["mlp"]["up"].size
+    )
+    assert bits == pytest.approx((8 if quant == "int8" else 4) + 32 / 16)
+
+
+def test_bad_lora_configs():
+    base = init_params(GQA, jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"match no projection.*valid here: down, gate, k, o, q, up, v"):
+        lora.attach(base, LoraConfig(rank=2, targets=("q_a",)), GQA, jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"lora.rank=40 is larger than the projection .*k \(32 x 16\)"):
+        lora.attach(base, LoraConfig(rank=40), GQA, jax.random.key(0))
+    with pytest.raises(ValueError, match="unknown"):
+        LoraConfig(rank=2, targets=("qproj",))
+
+
+# --- runs: save, resume, load, export ---------------------------------------------------------------------------------
+FAST = ["steps=3", "checkpoint.every=1", "checkpoint.keep=5", "data.template=plain", "data.max_prompt_tokens=384",
+        "rewards.num_workers=0", "lora.rank=4", "optim.lr=3e-2"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _tfds_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "tfds"))
+
+
+def test_lora_run_resumes_exactly_and_exports(tmp_path, capsys):
+    """A 3-step LoRA GRPO run equals a run stopped after 2 steps and resumed; its checkpoints hold only adapters;
+    ``r1jax.load`` gives the merged model; export needs --merged or --adapter; a plain run has no adapter."""
+    cfg = train.apply_overrides(train.load_config("tiny_text"), FAST)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train.run(cfg, str(whole), progress=False)
+    train.run(cfg, str(part), progress=False, max_steps=2)
+    train.run(cfg, str(part), progress=False)
+    a, b = r1jax.load(str(whole)).param_dict(), r1jax.load(str(part)).param_dict()
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    start = r1jax.model.Transformer.random(cfg.model, cfg.seed).param_dict()
+    assert not np.array_equal(a["moe_layers"]["attn"]["q_b"], start["moe_layers"]["attn"]["q_b"])  # trained
+    np.testing.assert_array_equal(a["embed"], start["embed"])  # not an adapter target: frozen
+    saved = sum(f.stat().st_size for f in (whole / "checkpoints" / "3" / "params").rglob("*") if f.is_file())
+    assert saved < lora.nbytes(start) / 3, saved
+
+    assert main(["export", str(whole), str(tmp_path / "hf")]) == 2
+    assert "pass --merged" in capsys.readouterr().err
+    assert main(["export", str(whole), str(tmp_path / "hf"), "--merged"]) == 0
+    merged = r1jax.load(str(tmp_path / "hf"), dtype="float32").param_dict()
+    np.testing.assert_allclose(merged["moe_layers"]["attn"]["q_b"], a["moe_layers"]["attn"]["q_b"], rtol=1e-6)
+    plain = tmp_path / "plain"
+    train.run(train.apply_overrides(cfg, ["lora.rank=0", "steps=1"]), str(plain), progress=False)
+    capsys.readouterr()
+    assert main(["export", str(plain), str(tmp_path / "ad"), "--adapter"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a LoRA training run" in err
+    assert not (tmp_path / "ad").exists()
