@@ -6,6 +6,7 @@ so the tensor is transposed and reshaped to the parameter's declared shape (``LI
 output projection ``[h, v, d]``). ``COPY``: reshaped only. Every shape is checked against the abstract parameter
 tree once (``check_tensors``), before anything is read. ``HFTensors`` reads one tensor at a time, DeepSeek fp8
 weights (``weight_scale_inv`` block scales) dequantised as they are read; ``write_hf`` writes one at a time.
+``write_peft_adapter`` writes LoRA adapters as a PEFT adapter directory, named and laid out by the same table.
 """
 
 from __future__ import annotations
