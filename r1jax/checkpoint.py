@@ -9,6 +9,7 @@ an interrupted convert, save or export leaves nothing half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -123,6 +124,12 @@ def lora_run_params(path: str, run_lora: dict, *, mesh=None) -> tuple[Transforme
         base = load(run_lora["base"], mesh=mesh, numerics=run_cfg)
     else:
         base = Transformer.random(run_cfg, run_lora["seed"], mesh=mesh)
+    if base.cfg != run_cfg:  # the base was replaced since: its adapters would not fit (or not mean the same)
+        diff = [f.name for f in dataclasses.fields(run_cfg) if getattr(base.cfg, f.name) != getattr(run_cfg, f.name)]
+        raise CheckpointError(
+            f"{path}: its base {run_lora['base']} is not the model the adapters were trained on ({', '.join(diff[:3])} "
+            "differ)"
+        )
     params = lora.attach(base.param_dict(), _lora_config(run_lora), base.cfg, jax.random.key(0))
     return base, lora.with_adapters(params, lora_run_adapters(path, run_lora, mesh=mesh))
 

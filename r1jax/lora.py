@@ -22,6 +22,7 @@ What trains and what is stored:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -104,23 +105,31 @@ def attach(params: Params, lora: LoraConfig, cfg: ModelConfig, key: jax.Array) -
     _check_targets(found, lora)
     chosen = targets(found, lora)
     adapted = dict(params)
-    keys = dict(zip(sorted(found), jax.random.split(key, len(found)), strict=True))
-    for names, spec in sorted(found.items()):
+    layout = tuple((names, spec.shape, _lead(names), _N_IN.get(names[-1], 1)) for names, spec in sorted(found.items())
+                   if names[-1] in chosen)  # fmt: skip
+    fresh = _fresh_adapters(key, layout=layout, rank=lora.rank, dtype=str(jnp.dtype(cfg.param_dtype)))
+    for names, _ in sorted(found.items()):
         parent = _parent(adapted, names)
         base = parent[names[-1]].astype(cfg.dtype)
         if lora.quant != LoraQuant.NONE:
             base = _quantize(base, names, lora)
-        if names[-1] in chosen:
-            lead, n_in = _lead(names), _N_IN.get(names[-1], 1)
-            shape = spec.shape
-            fan_in = math.prod(shape[lead : lead + n_in])
-            bound = 1.0 / math.sqrt(fan_in)
-            a = jax.random.uniform(keys[names], (*shape[: lead + n_in], lora.rank), jnp.float32, -bound, bound)
-            b = jnp.zeros((*shape[:lead], lora.rank, *shape[lead + n_in :]), jnp.float32)
-            dt = jnp.dtype(cfg.param_dtype)
-            base = LoraWeight(base, a.astype(dt), b.astype(dt), lora.scale, n_in)
+        if names in fresh:
+            a, b = fresh[names]
+            base = LoraWeight(base, a, b, lora.scale, _N_IN.get(names[-1], 1))
         parent[names[-1]] = base
     return adapted
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "rank", "dtype"))
+def _fresh_adapters(key, *, layout, rank: int, dtype: str) -> dict:
+    """New adapters for ``layout`` ((path, weight shape, lead axes, input axes) each), in one program: ``a`` uniform
+    in +-1/sqrt(fan_in), ``b`` zero."""
+    out = {}
+    for (names, shape, lead, n_in), k in zip(layout, jax.random.split(key, len(layout)), strict=True):
+        bound = 1.0 / math.sqrt(math.prod(shape[lead : lead + n_in]))
+        a = jax.random.uniform(k, (*shape[: lead + n_in], rank), jnp.float32, -bound, bound)
+        out[names] = (a.astype(dtype), jnp.zeros((*shape[:lead], rank, *shape[lead + n_in :]), dtype))
+    return out
 
 
 def _parent(tree: dict, names: tuple[str, ...]) -> dict:

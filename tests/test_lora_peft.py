@@ -1,7 +1,9 @@
 """LoRA adapters exported with ``hf.write_peft_adapter`` load with ``peft.PeftModel.from_pretrained`` onto the
 transformers model and give r1jax's adapted logits (float32, rel <= 1e-4)."""
 
+import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -81,3 +83,46 @@ def test_unmappable_adapter_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match="dense_layers/attn/q: a has shape"):
         hf.write_peft_adapter(wrong_rank, cfg, str(out), rank=RANK, alpha=ALPHA)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_run_exports_an_adapter_that_peft_loads(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """The user's path: a LoRA SFT run from a HF checkpoint, ``r1jax export RUN --adapter``, PEFT on the same base
+    gives the logits of the run's model (``r1jax.load(RUN)``: base and adapters merged). A base replaced by another
+    model since the run is refused in one line."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from r1jax import train
+    from r1jax.cli import main
+    from r1jax.config import ModelConfig
+    from r1jax.model import Transformer
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "tfds"))  # shared with test_lora
+    byte_vocab = dict(vocab_size=320, eos_token_ids=(257,), bos_token_id=256, pad_token_id=258)
+    dense = ModelConfig(arch="qwen2", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffw=48, qkv_bias=True,
+                        **byte_vocab)  # fmt: skip
+    base_dir = str(tmp_path / "base")
+    r1jax.export_hf(Transformer.random(dense, 0), base_dir, dtype="float32")
+    sets = ["stage=sft", "data.template=plain", "data.seq_len=384", "sft_batch_size=4", "steps=2", "optim.lr=0.02",
+            f"init={base_dir}", "lora.rank=4", "lora.alpha=8", "checkpoint.every=2"]  # fmt: skip
+    cfg = train.apply_overrides(train.load_config("tiny_text"), sets)
+    run = str(tmp_path / "run")
+    train.run(cfg, run, progress=False)
+    assert main(["export", run, str(tmp_path / "adapter"), "--adapter"]) == 0
+
+    tokens = np.random.RandomState(0).randint(3, 250, (2, 11))
+    got = np.asarray(r1jax.load(run)(tokens))
+    ref = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    plain = hf_tiny.hf_logits(ref, tokens)
+    adapted = hf_tiny.hf_logits(PeftModel.from_pretrained(ref, str(tmp_path / "adapter")).eval(), tokens)
+    assert rel_err(got, adapted) < REL
+    assert rel_err(got, plain) > 10 * REL  # two steps moved the adapters
+
+    other = dataclasses.replace(dense, d_model=48)
+    shutil.rmtree(base_dir)
+    r1jax.export_hf(Transformer.random(other, 0), base_dir, dtype="float32")
+    capsys.readouterr()
+    assert main(["export", run, str(tmp_path / "merged"), "--merged"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not the model the adapters were trained on (d_model" in err, err
+    assert not (tmp_path / "merged").exists()
