@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from r1jax.config import TrainConfig
 
-from . import r1_distill_qwen_1_5b, r1_distill_qwen_7b, v3_671b
+from . import r1_distill_qwen_1_5b, r1_distill_qwen_7b, r1_distill_qwen_32b, v3_671b
 from .dapo import dapo
 from .demo import demo_distill, demo_grpo, demo_search_grpo, demo_search_sft, demo_sft
 from .dr_grpo import dr_grpo
@@ -35,6 +35,8 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "smollm2_gsm8k": smollm2_gsm8k,
     "r1_distill_qwen_1_5b": r1_distill_qwen_1_5b.train,  # TPU v5e-8 (the module has v6e/v5p/H200 variants)
     "r1_distill_qwen_7b": r1_distill_qwen_7b.train,  # TPU v6e-8
+    "r1_distill_qwen_7b:v5e_8_lora": lambda: r1_distill_qwen_7b.v5e_8_lora().train(),  # LoRA on TPU v5e-8
+    "r1_distill_qwen_32b": r1_distill_qwen_32b.train,  # LoRA on TPU v6e-8
     "v3_671b": v3_671b.train,  # R1-Zero on TPU v5p-2048
 }
 

@@ -19,10 +19,22 @@ from __future__ import annotations
 
 import dataclasses
 
-from r1jax.config import DataConfig, GRPOConfig, ModelConfig, OptimConfig, RewardConfig, SamplingConfig, TrainConfig
+from r1jax.config import (
+    DataConfig,
+    GRPOConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    RewardConfig,
+    SamplingConfig,
+    TrainConfig,
+)
 from r1jax.hf import config_from_hf
 
 MAX_LEN = 32768  # tokens per completion
+# LoRA presets: rank 16 on every attention and MLP projection, alpha = 2 x rank (TRL's and PEFT's usual GRPO setting)
+LORA = LoraConfig(rank=16, alpha=32.0)
+LORA_LR = 2e-5
 
 
 def r1() -> TrainConfig:
@@ -65,13 +77,16 @@ def r1_on(
     *,
     template: str = "chat",
     moment_dtype: str = "float32",
+    lora: LoraConfig | None = None,
 ) -> TrainConfig:
     """R1's recipe at the shapes one slice holds (the ``configs/`` TPU and GPU modules): ``batch["batch"]``
     sequences of ``batch["seq_len"]`` tokens per micro-batch, prompts of up to min(512, seq_len / 4) tokens and
     completions filling the rest. 512 samples per step as R1, in mini-batches of max(32, micro-batch) sequences
     (R1: 16 of 32; a slice that holds more sequences at once takes fewer, larger ones). Data: GSM8K through the
     model's chat template (R1-Distill's ``<think>`` prefill is detected) or ``template="r1_zero"`` for a base model;
-    set ``init`` to the HF checkpoint and ``data`` to the task."""
+    set ``init`` to the HF checkpoint and ``data`` to the task. ``lora``: adapters on a frozen base instead of full
+    fine-tuning, at LORA_LR (LoRA's updates are low-rank and start from zero, so it takes a larger step than R1's
+    full-parameter 3e-6)."""
     base = r1()
     prompt = min(512, batch["seq_len"] // 4)
     completion = batch["seq_len"] - prompt
@@ -86,7 +101,8 @@ def r1_on(
             prompts_per_step=max(samples, minibatch) // base.grpo.group_size,
         ),
         sampling=dataclasses.replace(base.sampling, max_new_tokens=completion),
-        optim=dataclasses.replace(base.optim, moment_dtype=moment_dtype),
+        optim=dataclasses.replace(base.optim, moment_dtype=moment_dtype, **({"lr": LORA_LR} if lora else {})),
+        lora=lora or LoraConfig(),
         model=model,
         micro_batch_size=batch["batch"],
         data=DataConfig(name="gsm8k", template=template, max_prompt_tokens=prompt),

@@ -37,7 +37,7 @@ import types
 
 from r1jax.config import ModelConfig, TrainConfig
 
-from .r1 import r1_on, training_model
+from .r1 import LORA, r1_on, training_model
 
 TOPOLOGY = "v6e:2x4"
 MOMENT_DTYPE = "bfloat16"  # AdamW mu and nu; parameters and gradients stay f32
@@ -87,6 +87,31 @@ def h200():
         model=model,
         mesh=lambda: {"fsdp": 1},
         batch=lambda: {"batch": 2, "seq_len": 4096},
+    )
+
+
+def v5e_8_lora():
+    """LoRA on v5e-8 (8 x 16 GB), where the full update does not fit: the frozen base in bf16 (15.2 GB / 8 chips),
+    rank-16 adapters on every projection (40 M parameters, f32, with f32 moments), one 4096-token sequence per chip
+    (the compiled figures: README's TPU table)."""
+    return types.SimpleNamespace(
+        TOPOLOGY="v5e:2x4",
+        model=model,
+        mesh=mesh,
+        batch=batch,
+        decode=decode,
+        train=lambda: r1_on(model(), mesh(), batch(), lora=LORA),
+    )
+
+
+def h200_lora():
+    """LoRA on one H200 (memory arithmetic only): the bf16 base, rank-16 adapters, eight 4096-token sequences."""
+    return types.SimpleNamespace(
+        TOPOLOGY="h200:1",
+        model=model,
+        mesh=lambda: {"fsdp": 1},
+        batch=lambda: {"batch": 8, "seq_len": 4096},
+        train=lambda: r1_on(model(), {"fsdp": 1}, {"batch": 8, "seq_len": 4096}, lora=LORA),
     )
 
 

@@ -99,9 +99,11 @@ def _quantize(w: jax.Array, names: tuple[str, ...], lora: LoraConfig):
 def attach(params: Params, lora: LoraConfig, cfg: ModelConfig, key: jax.Array) -> Params:
     """``params`` with adapters on ``lora.targets``: ``a`` uniform in +-1/sqrt(fan_in) (PEFT's default), ``b`` zero,
     both in ``cfg.param_dtype``. The frozen base is stored in the compute dtype ``cfg.dtype`` (a frozen weight needs
-    no master copy), quantised with ``lora.quant`` on every projection in scope. Raises ConfigError for a target
-    that matches nothing (listing the valid ones) and for a rank larger than a projection."""
-    found = projections(param_specs(cfg, mtp="mtp" in params), lora)
+    no master copy; parameters declared with their own dtype, the router's, keep it), every projection in scope
+    quantised with ``lora.quant``. Raises ConfigError for a target that matches nothing (listing the valid ones) and
+    for a rank larger than a projection."""
+    specs = param_specs(cfg, mtp="mtp" in params)
+    found = projections(specs, lora)
     _check_targets(found, lora)
     chosen = targets(found, lora)
     adapted = dict(params)
@@ -117,7 +119,11 @@ def attach(params: Params, lora: LoraConfig, cfg: ModelConfig, key: jax.Array) -
             a, b = fresh[names]
             base = LoraWeight(base, a, b, lora.scale, _N_IN.get(names[-1], 1))
         parent[names[-1]] = base
-    return adapted
+
+    def frozen(spec, x):  # the rest of the base (embedding, head, norms) in the compute dtype too
+        return x if spec.dtype or isinstance(x, LoraWeight) or is_quantized(x) else x.astype(cfg.dtype)
+
+    return jax.tree.map(frozen, specs, adapted, is_leaf=_is_spec)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "rank", "dtype"))

@@ -55,9 +55,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from r1jax import expert_parallel, moe, sharding
+from r1jax import expert_parallel, lora, moe, sharding
 from r1jax.cache import Cache, layer_shapes
-from r1jax.config import ModelConfig, TrainConfig
+from r1jax.config import LoraConfig, ModelConfig, TrainConfig
 from r1jax.grpo import TrainBatch, make_optimizer, opt_shardings, update_minibatch
 from r1jax.model import REMAT_POLICIES, RESIDUAL, ParamSpec, block, block_cached, forward, param_specs
 
@@ -107,6 +107,14 @@ def _abstract(specs, cfg: ModelConfig, shardings, dtype=None):
     )
 
 
+def _adapted(params, specs, cfg: ModelConfig, lcfg: LoraConfig, mesh):
+    """Abstract parameters with ``lcfg``'s adapters attached (``r1jax.lora.attach`` traced, nothing computed) and
+    their shardings."""
+    adapted = jax.eval_shape(lambda p: lora.attach(p, lcfg, cfg, jax.random.key(0)), params)
+    psh = sharding.param_shardings(lora.specs_like(adapted, specs), mesh)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), adapted, psh), psh
+
+
 # --- steps -----------------------------------------------------------------------------------------------------------
 def train_config(preset, cfg: ModelConfig) -> TrainConfig:
     """The preset's GRPO run (its ``train()``), else R1's recipe at its shapes (``configs.r1.r1_on``)."""
@@ -148,8 +156,10 @@ def compile_train(cfg: ModelConfig, mesh, tc: TrainConfig):
     specs = param_specs(cfg)
     psh = sharding.param_shardings(specs, mesh)
     params = _abstract(specs, cfg, psh)
+    if tc.lora.enabled:  # the frozen base in the compute dtype, adapters and their optimiser state
+        params, psh = _adapted(params, specs, cfg, tc.lora, mesh)
     tx = make_optimizer(tc.optim)
-    opt = jax.eval_shape(tx.init, params)
+    opt = jax.eval_shape(tx.init, lora.partition(params)[0])
     osh = opt_shardings(opt, params, cfg, mesh)
     opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt, osh)
     shape = train_shape(tc)
@@ -222,9 +232,11 @@ def collective_bytes(hlo_text: str) -> float:
     return total
 
 
-def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq: int) -> tuple[float, float, float]:
+def _block_flops(
+    cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq: int, lcfg: LoraConfig | None = None
+) -> tuple[float, float, float]:
     """FLOPs, collective bytes and bytes accessed of one layer of ``stack`` (train: forward, remat recompute and
-    backward as the scan runs them; decode: one cached step)."""
+    backward as the scan runs them, the backward for the adapters alone with ``lcfg``; decode: one cached step)."""
     moe_block = stack == "moe_layers"
     specs = _layer_specs(cfg, stack)
     psh = sharding.param_shardings(specs, mesh)
@@ -235,11 +247,19 @@ def _block_flops(cfg: ModelConfig, mesh, stack: str, kind: str, batch: int, seq:
     pos = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=pos_sh)
     if kind == "train":
         params = _abstract(specs, cfg, psh)
+        if lcfg is not None and lcfg.enabled:  # one layer of the adapted stack
+            plain = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.param_dtype)),
+                                 param_specs(cfg), is_leaf=_is_spec)  # fmt: skip
+            stacked = jax.eval_shape(lambda p: lora.attach(p, lcfg, cfg, jax.random.key(0)), plain)[stack]
+            one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stacked)
+            layer_sh = sharding.param_shardings(lora.specs_like(one, specs), mesh)
+            params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), one, layer_sh)
         fn = partial(block, segment_ids=None, cfg=cfg, moe_block=moe_block)
         fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else fn
 
         def f(p, h, positions):  # the output stays live (it feeds the next layer): forward, remat recompute, backward
-            out, vjp = jax.vjp(lambda p, h: fn(p, h, positions)[0], p, h)
+            train, frozen = lora.partition(p)
+            out, vjp = jax.vjp(lambda t, h: fn(lora.combine(t, frozen), h, positions)[0], train, h)
             return out, vjp(jnp.ones_like(out))
 
         args = (params, x, pos)
@@ -406,6 +426,29 @@ def _state_bytes(specs, cfg: ModelConfig, mesh, kind: str, moment_dtype: str = "
     return out
 
 
+def _lora_state_bytes(cfg: ModelConfig, lcfg: LoraConfig, mesh, moment_dtype: str) -> float:
+    """Per-device training state with adapters: the frozen base as ``lora.attach`` stores it (compute dtype or
+    quantised), the adapters with their gradients and two moments."""
+    plain = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.param_dtype)),
+                         param_specs(cfg), is_leaf=_is_spec)  # fmt: skip
+    adapted = jax.eval_shape(lambda p: lora.attach(p, lcfg, cfg, jax.random.key(0)), plain)
+    specs = lora.specs_like(adapted, param_specs(cfg))
+
+    def per_device(x, s):  # elements this device holds, and their bytes as stored
+        spec = sharding.logical_to_spec(s.axes, s.shape, mesh)
+        n = float(np.prod(s.shape)) / sharding.shard_count(spec, mesh)
+        return n, n * jax.dtypes.itemsize_bits(x.dtype) / 8
+
+    moments = 2 * jnp.dtype(moment_dtype).itemsize
+    (train, frozen), (train_specs, frozen_specs) = lora.partition(adapted), lora.partition(specs)
+    pairs = lambda a, s: zip(jax.tree.leaves(a), jax.tree.leaves(s, is_leaf=_is_spec), strict=True)  # noqa: E731
+    out = sum(per_device(x, s)[1] for x, s in pairs(frozen, frozen_specs))
+    for x, s in pairs(train, train_specs):
+        n, stored = per_device(x, s)
+        out += 2 * stored + n * moments  # weights, gradients, two moments
+    return out
+
+
 def _state_bytes_per_layer(cfg: ModelConfig, mesh, stack: str, kind: str, moment_dtype: str = "float32") -> float:
     return _state_bytes(_layer_specs(cfg, stack), cfg, mesh, kind, moment_dtype)
 
@@ -427,21 +470,27 @@ def _local(mesh, n: int) -> int:
     return n // sharding.shard_count(sharding.batch_sharding(mesh, (n,)).spec, mesh)
 
 
-def estimate(cfg: ModelConfig, mesh, chip: str, shape: dict, moment_dtype: str = "float32") -> dict:
-    """Training bytes per device without compiling (see the module docstring); for devices libtpu cannot target."""
+def estimate(
+    cfg: ModelConfig, mesh, chip: str, shape: dict, moment_dtype: str = "float32", lcfg: LoraConfig | None = None
+) -> dict:
+    """Training bytes per device without compiling (see the module docstring); for devices libtpu cannot target.
+    ``lcfg``: LoRA (the frozen base, adapters and their state; activations as for full fine-tuning)."""
     hbm = CHIPS[chip][0]
     b, t = _local(mesh, shape["batch"]), shape["seq_len"]
     ax = dict(mesh.shape)
     tp = ax.get("tensor", 1)
     act = jnp.dtype(cfg.dtype).itemsize
     parts = {
-        "state": _state_bytes(param_specs(cfg), cfg, mesh, "train", moment_dtype),
+        "state": _lora_state_bytes(cfg, lcfg, mesh, moment_dtype)
+        if lcfg is not None and lcfg.enabled
+        else _state_bytes(param_specs(cfg), cfg, mesh, "train", moment_dtype),
         "remat_residuals": cfg.n_layers * b * t * cfg.d_model * act,
         "logits": b * t * (cfg.vocab_size // tp) * (act + 4 + 4),
         "attention_scores": b * max(cfg.n_heads // tp, 1) * t * t * 4 * 2,
         "mlp": b * t * (max(cfg.ffw, cfg.moe_ffw * cfg.experts_per_token) // tp) * act * 4,
     }
     total = sum(parts.values())
+    per_param = 4 if lcfg is not None and lcfg.enabled else 6
     return {
         "step": "train",
         "shape": shape,
@@ -451,8 +500,8 @@ def estimate(cfg: ModelConfig, mesh, chip: str, shape: dict, moment_dtype: str =
         "hbm_bytes": int(hbm),
         "hbm_fraction": total / hbm,
         "fits": bool(total <= FIT_FRACTION * hbm),
-        "model_flops": 6 * active_params(cfg) * shape["batch"] * t,
-        "ideal_step_s": 6 * active_params(cfg) * shape["batch"] * t / (mesh.size * CHIPS[chip][1]),
+        "model_flops": per_param * active_params(cfg) * shape["batch"] * t,
+        "ideal_step_s": per_param * active_params(cfg) * shape["batch"] * t / (mesh.size * CHIPS[chip][1]),
     }
 
 
@@ -488,7 +537,8 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
     extra_bytes = 0.0
     for stack, n_full in _stacks(cfg).items():
         n_compiled = _stacks(compiled_cfg)[stack]
-        layer_flops, layer_comm, layer_bytes = _block_flops(compiled_cfg, mesh, stack, kind, b, t)
+        lcfg = tc.lora if tc is not None else None
+        layer_flops, layer_comm, layer_bytes = _block_flops(compiled_cfg, mesh, stack, kind, b, t, lcfg)
         flops += (n_full - 1) * layer_flops
         comm += (n_full - 1) * layer_comm
         bytes_accessed += (n_full - 1) * layer_bytes
@@ -518,7 +568,8 @@ def analyse(kind: str, cfg: ModelConfig, mesh, chip: str, shape: dict, reduced: 
     if kind == "train":  # the policy update applies the output head to completion positions only
         head = cfg.d_model * cfg.vocab_size
         body = active_params(cfg) - (0 if cfg.tie_embeddings else head)
-        model_flops = 6 * (body * tokens + head * b * accum * shape["completion_len"])
+        per_param = 4 if tc is not None and tc.lora.enabled else 6  # LoRA: no weight gradients of the frozen base
+        model_flops = per_param * (body * tokens + head * b * accum * shape["completion_len"])
     else:
         model_flops = 2 * active_params(cfg) * tokens
 
@@ -593,7 +644,8 @@ def run(
         result = {"config": name, "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape)}
         result["params"] = float(sum(np.prod(s.shape) for s in jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec)))
         result["active_params"] = active_params(cfg)
-        result["steps"] = [estimate(cfg, mesh, chip, preset.batch(), moment_dtype)]
+        lcfg = train_config(preset, cfg).lora
+        result["steps"] = [estimate(cfg, mesh, chip, preset.batch(), moment_dtype, lcfg)]
         return result
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless: other processes may hold libtpu too
     from jax.experimental import topologies
