@@ -7,6 +7,7 @@ gets its own peak RSS), with the same thread count, model and sizes. Each prints
     python tools/bench.py forward    # logits, batch 8 x 256: SmolLM2-135M (GGUF) and a tiny DeepSeek-V3 vs transformers
     python tools/bench.py generate   # 16 sequences x 128 new tokens, greedy, KV cache, vs transformers generate
     python tools/bench.py grpo       # one GRPO step (2 prompts x G=8, 64 new tokens, KL to a reference) vs TRL
+    python tools/bench.py grpo --lora 16   # the same with rank-16 LoRA on every projection vs TRL + PEFT
     python tools/bench.py sft        # SFT step tokens/s on packed 8 x 256 rows vs a plain torch AdamW step
     python tools/bench.py all        # everything, one command
     python tools/bench.py all --small   # tiny sizes: a smoke test of the harness
@@ -321,8 +322,8 @@ def side_grpo(args, impl: str) -> dict:
         import numpy as np
 
         import r1jax
-        from r1jax import grpo, rollout
-        from r1jax.config import GRPOConfig, OptimConfig, RewardConfig, SamplingConfig, TrainConfig
+        from r1jax import grpo, lora, rollout
+        from r1jax.config import GRPOConfig, LoraConfig, OptimConfig, RewardConfig, SamplingConfig, TrainConfig
         from r1jax.data.tokenizer import Tokenizer
 
         model = r1jax.load(path)
@@ -335,6 +336,7 @@ def side_grpo(args, impl: str) -> dict:
             sampling=SamplingConfig(temperature=1.0, max_new_tokens=T),
             rewards=RewardConfig(num_workers=0),
             optim=OptimConfig(lr=1e-6, weight_decay=0.0, b2=0.999),
+            lora=LoraConfig(rank=args.lora, alpha=2.0 * args.lora) if args.lora else LoraConfig(),
         )
 
         def reward_fn(ro, metas):
@@ -346,8 +348,11 @@ def side_grpo(args, impl: str) -> dict:
         mcfg = model.cfg.replace(remat=True, remat_policy="dots")
         trainer = grpo.GRPOTrainer(cfg, mcfg, reward_fn, stop_ids=[], prompt_bucket=16)
         prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in PROMPTS]
-        state = trainer.init_state(model.param_dict())
-        del model
+        params = model.param_dict()
+        if args.lora:  # every attention and MLP projection, as the peer's target_modules
+            params = lora.attach(params, cfg.lora, mcfg, jax.random.key(1))
+        state = trainer.init_state(params)
+        del model, params
         times, phases = [], []
         key = jax.random.key(0)
         for i in range(steps):
@@ -404,7 +409,15 @@ def side_grpo(args, impl: str) -> dict:
         disable_tqdm=True,
         model_init_kwargs={"dtype": torch.float32},
     )
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward_fn, args=conf, train_dataset=ds, callbacks=[Timer()])
+    peft_config = None
+    if args.lora:  # the same adapters: every attention and MLP projection, alpha = 2 x rank, no dropout
+        from peft import LoraConfig
+
+        modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        peft_config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, target_modules=modules,
+                                 task_type="CAUSAL_LM")  # fmt: skip
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward_fn, args=conf, train_dataset=ds, callbacks=[Timer()],
+                          peft_config=peft_config)  # fmt: skip
     trainer.train()
     return {"times": times}
 
@@ -491,6 +504,8 @@ def spawn(args, *side: str) -> dict:
     cmd += ["--reps", str(args.reps), "--grpo-steps", str(args.grpo_steps), "--sft-steps", str(args.sft_steps)]
     if args.small:
         cmd.append("--small")
+    if args.lora:
+        cmd += ["--lora", str(args.lora)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -599,19 +614,21 @@ class Driver:
         last = o["phases"][1:] or o["phases"]
         upd_s = statistics.median(p["update_s"] for p in last)
         phases = {k: round(statistics.median(p[k] for p in last), 3) for k in last[0]}
+        if self.args.lora:  # the backward skips the frozen weights' gradients: no like-for-like FLOP count
+            ours = theirs = update = None
         self.compare(
-            "grpo/smollm2-instruct",
+            "grpo/smollm2-instruct" + (f"-lora{self.args.lora}" if self.args.lora else ""),
             "s/step",
             (steady(o["times"]), o),
             (steady(t["times"]), t),
-            flops=(ours, theirs),
+            flops=None if ours is None else (ours, theirs),
             peer_impl=f"trl GRPOTrainer {self._version('trl')}",
             first_step_s_r1jax=round(o["times"][0], 2),
             first_step_s_r1jax_warm_cache=round(warm["times"][0], 2),
             first_step_s_peer=round(t["times"][0], 2),
             jax_cache_entries=[before, mid, after],
             phases_r1jax=phases,
-            update_mfu_r1jax=round(update / upd_s / self.peak, 3),
+            update_mfu_r1jax=None if update is None else round(update / upd_s / self.peak, 3),
         )
 
     def sft(self):
@@ -670,6 +687,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after warm-up (forward, generate)")
     p.add_argument("--grpo-steps", type=int, default=3)
     p.add_argument("--sft-steps", type=int, default=3)
+    p.add_argument("--lora", type=int, default=0, help="grpo: LoRA of this rank on every projection, both sides")
     p.add_argument("--cold-cache", action="store_true", help="empty the JAX compilation cache first")
     p.add_argument("--json", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
