@@ -336,7 +336,9 @@ def side_grpo(args, impl: str) -> dict:
             sampling=SamplingConfig(temperature=1.0, max_new_tokens=T),
             rewards=RewardConfig(num_workers=0),
             optim=OptimConfig(lr=1e-6, weight_decay=0.0, b2=0.999),
-            lora=LoraConfig(rank=args.lora, alpha=2.0 * args.lora) if args.lora else LoraConfig(),
+            lora=LoraConfig(rank=args.lora, alpha=2.0 * args.lora, merge_for_sampling=args.lora_merge)
+            if args.lora
+            else LoraConfig(),
         )
 
         def reward_fn(ro, metas):
@@ -499,13 +501,14 @@ def run_side(args) -> dict:
 
 
 # --- the driver ------------------------------------------------------------------------------------------------------
-def spawn(args, *side: str) -> dict:
+def spawn(args, *side: str, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, __file__, "_side", *side, "--threads", str(args.threads), "--jax-cache", args.jax_cache]
     cmd += ["--reps", str(args.reps), "--grpo-steps", str(args.grpo_steps), "--sft-steps", str(args.sft_steps)]
     if args.small:
         cmd.append("--small")
     if args.lora:
         cmd += ["--lora", str(args.lora)]
+    cmd += list(extra)
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -604,6 +607,7 @@ class Driver:
         warm = spawn(self.args, "grpo", "r1jax")
         after = len(list(cache.glob("*")))
         t = spawn(self.args, "grpo", "trl")
+        merged = spawn(self.args, "grpo", "r1jax", extra=("--lora-merge",)) if self.args.lora else None
         st = self._smollm2_stats()
         rows, plen, T, groups = o["rows"], o["prompt_len"], o["completion_len"], o["groups"]
         # FLOPs each side executes: r1jax prefills each prompt once and, with shared_prompt, runs it once per group
@@ -629,6 +633,15 @@ class Driver:
             jax_cache_entries=[before, mid, after],
             phases_r1jax=phases,
             update_mfu_r1jax=None if update is None else round(update / upd_s / self.peak, 3),
+            **(
+                {}
+                if merged is None
+                else {  # the sampler on adapters run unmerged vs merged once per step
+                    "sample_s_unmerged": phases["sample_s"],
+                    "sample_s_merged": round(statistics.median(p["sample_s"] for p in merged["phases"][1:]), 3),
+                    "step_s_merged": round(steady(merged["times"]), 3),
+                }
+            ),
         )
 
     def sft(self):
@@ -688,6 +701,7 @@ def main(argv=None) -> None:
     p.add_argument("--grpo-steps", type=int, default=3)
     p.add_argument("--sft-steps", type=int, default=3)
     p.add_argument("--lora", type=int, default=0, help="grpo: LoRA of this rank on every projection, both sides")
+    p.add_argument("--lora-merge", action="store_true", help=argparse.SUPPRESS)  # r1jax side: merged for sampling
     p.add_argument("--cold-cache", action="store_true", help="empty the JAX compilation cache first")
     p.add_argument("--json", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
