@@ -55,6 +55,30 @@ def test_tiny_v3_train_and_decode_compile_for_v5p():
     assert (reduced.n_dense_layers, reduced.n_moe_layers) == (1, 1)
 
 
+def test_tiny_v3_lora_update_compiles_with_adapter_state_only():
+    """The LoRA policy update compiles for a TPU with the frozen base in bf16 and optimiser state for the adapters
+    alone: 2 bytes per base parameter instead of 12 (f32 parameters and two f32 moments), so its arguments (with
+    the adapters, their state and the batch) are under half the full update's."""
+    import aot_compile
+    from r1jax.configs.r1 import r1_on
+
+    from r1jax.config import LoraConfig
+
+    mesh, batch = {"expert": 2, "fsdp": 2}, {"batch": 8, "seq_len": 32}
+    cfg = TINY_V3.replace(param_dtype="float32")
+
+    def preset(lora):
+        return types.SimpleNamespace(model=lambda: cfg, mesh=lambda: mesh, batch=lambda: batch,
+                                     train=lambda: r1_on(cfg, mesh, batch, lora=lora))  # fmt: skip
+
+    with jax.default_matmul_precision("default"):
+        (full,) = aot_compile.run(preset(LoraConfig()), "v5p:2x2x1", step="train")["steps"]
+        (low,) = aot_compile.run(preset(LoraConfig(rank=4)), "v5p:2x2x1", step="train")["steps"]
+    assert low["fits"] and low["argument_bytes"] < 0.5 * full["argument_bytes"], (low["argument_bytes"], full)
+    assert low["model_flops"] == full["model_flops"] * 4 / 6  # no weight gradients of the frozen base
+    assert 0 < low["flops_per_device"] < full["flops_per_device"]
+
+
 TPU_CONFIGS = [
     "v3_671b",
     "v3_671b:v6e_1024",
@@ -62,6 +86,9 @@ TPU_CONFIGS = [
     "r1_distill_qwen_1_5b:v6e_8",
     "r1_distill_qwen_1_5b:v5p_8",
     "r1_distill_qwen_7b",
+    "r1_distill_qwen_7b:v5e_8_lora",
+    "r1_distill_qwen_32b",
+    "r1_distill_qwen_32b:v5p_8_lora",
 ]
 
 
@@ -90,7 +117,8 @@ def test_configs_resolve_and_meshes_cover_their_topologies():
 def test_gpu_estimates_fit_an_h200():
     import aot_compile
 
-    for name in ("r1_distill_qwen_1_5b:h200", "r1_distill_qwen_7b:h200"):
+    for name in ("r1_distill_qwen_1_5b:h200", "r1_distill_qwen_7b:h200", "r1_distill_qwen_7b:h200_lora",
+                 "r1_distill_qwen_14b:h200_lora"):  # fmt: skip
         (step,) = aot_compile.run(aot_compile.load_preset(name), name=name)["steps"]
         assert step["fits"] and 0.5 < step["hbm_fraction"] < 0.9, (name, step["hbm_fraction"])
     # the 7B model with f32 moments on one H200 does not fit
