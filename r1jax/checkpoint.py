@@ -90,7 +90,6 @@ def _lora_config(run_lora: dict):
 def lora_run_adapters(path: str, run_lora: dict, *, mesh=None) -> dict:
     """The newest restorable adapters of a LoRA run (an ``r1jax.lora.adapters`` tree), restored into the shardings
     ``mesh`` gives them; the base is not read (their shapes come from the run's model config)."""
-    import orbax.checkpoint as ocp
 
     from r1jax import lora
 
@@ -104,14 +103,7 @@ def lora_run_adapters(path: str, run_lora: dict, *, mesh=None) -> dict:
         shardings = param_shardings(lora.specs_like(shapes, param_specs(cfg)), mesh)
     target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                           lora.adapters(shapes), lora.adapters(shardings))  # fmt: skip
-    errors = []
-    for params_dir in param_source.params_candidates(path):
-        try:
-            with ocp.StandardCheckpointer() as ckptr:
-                return ckptr.restore(os.path.abspath(params_dir), target)
-        except Exception as e:  # orbax raises many types for damaged checkpoints: fall back to an older step
-            errors.append(f"{params_dir}: {e.__class__.__name__}")
-    raise CheckpointError(f"{path}: no restorable adapters ({'; '.join(errors)[:300]})")
+    return _restore_newest(path, target, "adapters")
 
 
 def lora_run_params(path: str, run_lora: dict, *, mesh=None) -> tuple[Transformer, dict]:
@@ -238,9 +230,15 @@ def _restore_orbax(path: str, specs: dict, cfg: ModelConfig, shardings: dict) ->
     """The newest restorable orbax parameters of a format-1 checkpoint or a training run, each restored straight into
     its target sharding and dtype (every process reads only its devices' slices); a damaged newest step is skipped
     with a warning."""
+    target = jax.tree.map(lambda s, sh: _target(s, cfg, sh), specs, shardings, is_leaf=_is_spec)
+    return _restore_newest(path, target, "parameters")
+
+
+def _restore_newest(path: str, target, what: str):
+    """``target`` (abstract arrays with shardings) restored from the newest restorable ``params/`` of a checkpoint or
+    run; a damaged newer one is skipped with a warning."""
     import orbax.checkpoint as ocp
 
-    target = jax.tree.map(lambda s, sh: _target(s, cfg, sh), specs, shardings, is_leaf=_is_spec)
     errors = []
     for params_dir in param_source.params_candidates(path):
         try:
@@ -249,7 +247,7 @@ def _restore_orbax(path: str, specs: dict, cfg: ModelConfig, shardings: dict) ->
         except Exception as e:  # orbax raises many types for damaged checkpoints: fall back to an older step
             errors.append(f"{params_dir}: {e.__class__.__name__}")
             warnings.warn(f"cannot restore {params_dir} ({e.__class__.__name__}); trying an older one", stacklevel=2)
-    raise CheckpointError(f"{path}: no restorable parameters ({'; '.join(errors)[:300]})")
+    raise CheckpointError(f"{path}: no restorable {what} ({'; '.join(errors)[:300]})")
 
 
 def save(model: Transformer, out_dir: str, *, dtype: str | None = None) -> None:
