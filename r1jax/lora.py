@@ -45,15 +45,15 @@ def _is_node(x) -> bool:
     return isinstance(x, LoraWeight) or x is None
 
 
-def projections(specs: dict, lora: LoraConfig) -> dict[tuple[str, ...], ParamSpec]:
-    """Every projection of the layer stacks that ``lora``'s scope covers (targets or not), by parameter path:
-    attention and MLP projections, shared experts, and routed experts with ``lora.experts``."""
+def projections(specs: dict, *, experts: bool) -> dict[tuple[str, ...], ParamSpec]:
+    """Every projection of the layer stacks by parameter path: attention and MLP projections, shared experts, and
+    the routed experts with ``experts``."""
     out = {}
     for stack in LAYER_STACKS:
         for path, spec in jax.tree_util.tree_flatten_with_path(specs.get(stack, {}), is_leaf=_is_spec)[0]:
             names = (stack, *(str(k.key) for k in path))
             in_scope = names[-1] in LORA_PROJECTIONS and names[1] in ("attn", "mlp")
-            if in_scope and ("experts" not in names or lora.experts):
+            if in_scope and ("experts" not in names or experts):
                 out[names] = spec
     return out
 
@@ -99,21 +99,22 @@ def _quantize(w: jax.Array, names: tuple[str, ...], lora: LoraConfig):
 def attach(params: Params, lora: LoraConfig, cfg: ModelConfig, key: jax.Array) -> Params:
     """``params`` with adapters on ``lora.targets``: ``a`` uniform in +-1/sqrt(fan_in) (PEFT's default), ``b`` zero,
     both in ``cfg.param_dtype``. The frozen base is stored in the compute dtype ``cfg.dtype`` (a frozen weight needs
-    no master copy; parameters declared with their own dtype, the router's, keep it), every projection in scope
-    quantised with ``lora.quant``. Raises ConfigError for a target that matches nothing (listing the valid ones) and
-    for a rank larger than a projection."""
+    no master copy; parameters declared with their own dtype, the router's, keep it), every projection (routed
+    experts included, adapted or not) quantised with ``lora.quant``. Raises ConfigError for a target that matches
+    nothing (listing the valid ones) and for a rank larger than a projection."""
     specs = param_specs(cfg, mtp="mtp" in params)
-    found = projections(specs, lora)
+    found = projections(specs, experts=lora.experts)  # what may get adapters
     _check_targets(found, lora)
     chosen = targets(found, lora)
     adapted = dict(params)
     layout = tuple((names, spec.shape, _lead(names), _N_IN.get(names[-1], 1)) for names, spec in sorted(found.items())
                    if names[-1] in chosen)  # fmt: skip
     fresh = _fresh_adapters(key, layout=layout, rank=lora.rank, dtype=str(jnp.dtype(cfg.param_dtype)))
-    for names, _ in sorted(found.items()):
+    quantise = lora.quant != LoraQuant.NONE
+    for names in sorted(projections(specs, experts=True) if quantise else found):  # QLoRA: every projection
         parent = _parent(adapted, names)
         base = parent[names[-1]].astype(cfg.dtype)
-        if lora.quant != LoraQuant.NONE:
+        if quantise:
             base = _quantize(base, names, lora)
         if names in fresh:
             a, b = fresh[names]

@@ -16,7 +16,7 @@ from r1jax.cli import main
 from r1jax.config import LoraConfig, ModelConfig
 from r1jax.errors import ConfigError
 from r1jax.grpo import GRPOTrainer, make_optimizer, sequence_logprobs
-from r1jax.model import LoraWeight, dense, forward, init_params
+from r1jax.model import LoraWeight, dense, forward, init_params, is_quantized
 from r1jax.sft import sft_step
 
 MLA = configs.tiny_model()  # MLA + a dense layer + a MoE layer with shared experts
@@ -240,3 +240,15 @@ def test_qlora_sft_on_mesh_equals_one_device():
     assert len(a.sharding.device_set) == 8 and a.sharding.spec[1] == "expert"
     mu = [x for x in jax.tree.leaves(state["opt"]) if x.shape == a.shape]
     assert mu and all(m.sharding.spec == a.sharding.spec for m in mu)
+
+
+def test_qlora_quantises_the_routed_experts_it_does_not_adapt():
+    """A QLoRA base is quantised whole: the routed experts too (the bulk of a MoE model), with adapters only where
+    ``lora.experts`` asks; the model still runs within the quantisation error of the float base."""
+    base = init_params(MLA, jax.random.key(0))
+    adapted = lora.attach(base, LoraConfig(rank=2, quant="int8"), MLA, jax.random.key(1))
+    experts = adapted["moe_layers"]["mlp"]["experts"]
+    assert all(is_quantized(w) and not isinstance(w, LoraWeight) for w in experts.values())
+    assert isinstance(adapted["moe_layers"]["mlp"]["shared"]["gate"], LoraWeight)
+    t = _tokens(MLA)
+    assert 0 < _rel(forward(adapted, t, MLA)[0], forward(base, t, MLA)[0]) < 0.05
