@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import r1jax
-from r1jax import configs, lora, train
+from r1jax import checkpoint, configs, lora, train
 from r1jax.cli import main
 from r1jax.config import LoraConfig, ModelConfig
 from r1jax.errors import ConfigError
@@ -198,7 +198,7 @@ def test_lora_run_resumes_exactly_and_exports(tmp_path, capsys):
     merged = r1jax.load(str(tmp_path / "hf"), dtype="float32").param_dict()
     np.testing.assert_allclose(merged["moe_layers"]["attn"]["q_b"], a["moe_layers"]["attn"]["q_b"], rtol=1e-6)
     plain = tmp_path / "plain"
-    r1jax.save(r1jax.model.Transformer(cfg.model, start), str(plain))
+    checkpoint.save(r1jax.model.Transformer(cfg.model, start), str(plain))
     capsys.readouterr()
     assert main(["export", str(plain), str(tmp_path / "ad"), "--adapter"]) == 2
     err = capsys.readouterr().err.strip()
