@@ -93,9 +93,8 @@ def test_only_adapters_train_and_carry_optimizer_state():
     new_train, new_frozen = lora.partition(new)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(new_frozen), strict=True):
         np.testing.assert_array_equal(a, b)
-    for name, (x, y) in {"a": (train_part, new_train)}.items():
-        changed = [not np.array_equal(u, v) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True)]
-        assert all(changed), name
+    pairs = zip(jax.tree.leaves(train_part), jax.tree.leaves(new_train), strict=True)
+    assert all(not np.array_equal(u, v) for u, v in pairs)  # every a and b moved
     assert np.isfinite(float(m["loss"]))
 
 
