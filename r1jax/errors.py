@@ -13,6 +13,10 @@ class ConfigError(R1jaxError):
     """A configuration that cannot be used."""
 
 
+class DataError(R1jaxError):
+    """A dataset that cannot be used: missing, empty, malformed (the message names the file and line)."""
+
+
 class ToolError(R1jaxError):
     """A tool environment that cannot be built: an unknown tool, a missing or invalid corpus, no sandbox."""
 

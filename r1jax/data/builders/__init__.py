@@ -32,7 +32,7 @@ from r1jax.data.builders.gsm8k import Gsm8kBuilder, Gsm8kConfig
 from r1jax.data.builders.humaneval import HumanEvalBuilder, HumanEvalConfig
 from r1jax.data.builders.math_jsonl import MathBuilder, MathConfig
 from r1jax.data.builders.search_qa import SearchQABuilder, SearchQAConfig, generate_search_qa, write_search_qa
-from r1jax.data.datasets import DataError
+from r1jax.errors import DataError
 
 __all__ = [
     "ArithmeticBuilder",

@@ -10,8 +10,8 @@ import tensorflow_datasets as tfds
 
 from r1jax.data.builders.base import Builder, info, text_features
 from r1jax.data.builders.generated import check_options, config_name, fill_splits
-from r1jax.data.datasets import DataError
 from r1jax.data.templates import arithmetic_prompt
+from r1jax.errors import DataError
 
 
 @dataclasses.dataclass(eq=False)

@@ -15,8 +15,8 @@ import tensorflow_datasets as tfds
 
 from r1jax.data.builders.base import Builder, info, int_list, text_features
 from r1jax.data.builders.generated import check_options, config_name, fill_splits
-from r1jax.data.datasets import DataError
 from r1jax.data.templates import countdown_prompt
+from r1jax.errors import DataError
 
 OPS = ("+", "-", "*", "/")
 

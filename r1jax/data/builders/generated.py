@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from r1jax.data.datasets import DataError
+from r1jax.errors import DataError
 
 TEST_PERMILLE = 100  # share of the key space that belongs to the test split
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from r1jax.data.builders.base import Builder, info, text_features
-from r1jax.data.datasets import DataError, fingerprint
+from r1jax.data.files import fingerprint
+from r1jax.errors import DataError
 
 INSTRUCTION = (
     "Complete the following Python function. Reply with the whole function, including the signature and any "

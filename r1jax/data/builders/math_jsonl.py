@@ -13,7 +13,8 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from r1jax.data.builders.base import Builder, info, text_features
-from r1jax.data.datasets import DataError, fingerprint, read_jsonl
+from r1jax.data.files import fingerprint, read_jsonl
+from r1jax.errors import DataError
 
 
 @dataclasses.dataclass(eq=False)

@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 
 from r1jax.data.builders.base import Builder, info, text_features
 from r1jax.data.builders.generated import check_options, config_name
-from r1jax.data.datasets import DataError
+from r1jax.errors import DataError
 
 RELATIONS = ("mentor", "rival")  # student -> master
 ATTRIBUTES = ("city", "guild")  # master -> value
