@@ -1,4 +1,5 @@
-"""The ``r1jax`` command line: convert, export, generate (more subcommands register themselves in ``COMMANDS``).
+"""The ``r1jax`` command line: convert, export, generate, train and demo here; sample, eval and report from
+``r1jax.commands``.
 
 Bad input (a missing path, a corrupt checkpoint, an unknown model type...) prints one line naming the problem and
 exits with status 2; nothing is left half-written.
@@ -8,8 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
+
+from r1jax import commands
+from r1jax.commands import add_mesh_args, init_distributed, model_mesh
+from r1jax.overrides import apply_overrides
 
 
 def _cmd_convert(args) -> int:
@@ -78,56 +84,13 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _mesh(spec: str):
-    """``"fsdp=4,tensor=2"`` -> a mesh over all devices (one clear error for impossible shapes)."""
-    from r1jax.errors import ConfigError
-    from r1jax.sharding import make_mesh
-
-    try:
-        shape = {k.strip(): int(v) for k, v in (part.split("=") for part in spec.split(","))}
-        return make_mesh(shape)
-    except ValueError as e:
-        raise ConfigError(f"--mesh {spec}: {e}") from None
-
-
-def add_mesh_args(p: argparse.ArgumentParser, default_help: str) -> None:
-    """``--mesh`` and the multi-host flags, for every command that runs a model."""
-    p.add_argument(
-        "--mesh",
-        default=None,
-        help=f"device mesh, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor, expert); {default_help}",
-    )
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
-    p.add_argument("--coordinator", default=None, help="with --distributed: HOST:PORT (default: detected)")
-    p.add_argument("--num-processes", type=int, default=None, help="with --distributed (default: detected)")
-    p.add_argument("--process-id", type=int, default=None, help="with --distributed (default: detected)")
-
-
-def init_distributed(args) -> None:
-    """Join the multi-host job when ``--distributed``: TPU pods and SLURM detect the coordinator and the process ids;
-    elsewhere (e.g. several processes on one host) pass them. CPU processes talk over gloo."""
-    if not args.distributed:
-        return
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
-
-def model_mesh(args, run_mesh: str = ""):
-    """The mesh a command runs on: ``--mesh``, else ``run_mesh`` (a config's), else none (one device)."""
-    init_distributed(args)
-    spec = args.mesh or run_mesh
-    return _mesh(spec) if spec else None
-
-
 def _cmd_train(args) -> int:
     from r1jax import train
 
     init_distributed(args)
-    cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
+    cfg = apply_overrides(train.load_config(args.config), args.set or [])
     mesh_spec = args.mesh or cfg.mesh
-    mesh = _mesh(mesh_spec) if mesh_spec else None
+    mesh = commands.mesh_from_spec(mesh_spec) if mesh_spec else None
     last = train.run(cfg, args.out, mesh=mesh, progress=not args.no_progress, max_steps=args.max_steps)
     shown = {
         k: round(v, 4)
@@ -135,6 +98,24 @@ def _cmd_train(args) -> int:
         if isinstance(v, float) and k in ("step", "reward/mean", "accuracy", "loss", "kl", "response/length_mean")
     }
     print(f"done: {args.out} {shown}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    out = args.out or ("runs/demo_search" if args.task == "search" else "runs/demo")
+    if args.task == "search":
+        from r1jax.search_demo import SearchPlan, run_search_demo
+
+        plan = SearchPlan(sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, seed=args.seed)
+        run_search_demo(out, args.minutes_budget, plan=plan, progress=not args.no_progress)
+    else:
+        from r1jax.demo import DemoPlan, run_demo
+
+        plan = DemoPlan(
+            sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, distill_steps=args.distill_steps, seed=args.seed
+        )
+        run_demo(out, args.minutes_budget, plan=plan, progress=not args.no_progress)
+    print(f"wrote {os.path.join(out, 'summary.json')}", file=sys.stderr)
     return 0
 
 
@@ -180,12 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     add_mesh_args(t, "default: the config's mesh")
     t.set_defaults(fn=_cmd_train)
-    for register in COMMANDS:
-        register(sub)
+    commands.add_parsers(sub)
+
+    d = sub.add_parser("demo", help="R1 in miniature: cold-start SFT -> GRPO -> distillation -> evaluation, on CPU")
+    d.add_argument(
+        "--task",
+        choices=("addition", "search"),
+        default="addition",
+        help="addition: the R1 pipeline (default); search: two-hop questions answered with BM25 search in the loop",
+    )
+    d.add_argument("--out", default=None, help="output directory (default runs/demo or runs/demo_search; its stage "
+                   "directories are replaced)")  # fmt: skip
+    d.add_argument("--minutes-budget", type=float, default=15.0)
+    d.add_argument("--sft-steps", type=int, default=None, help="override the preset's step count")
+    d.add_argument("--grpo-steps", type=int, default=None)
+    d.add_argument("--distill-steps", type=int, default=None, help="addition only")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=_cmd_demo)
     return p
-
-
-COMMANDS: list = []  # callables(subparsers) that add further subcommands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +197,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("r1jax: interrupted", file=sys.stderr)
         return 130
-
-
-from r1jax import commands, demo  # noqa: E402,F401  (register sample, eval, report, demo)

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -108,6 +107,7 @@ class DemoPlan:
 
 def _stage_config(stage: str, plan: DemoPlan, *, data: str, init: str | None, steps: int | None):
     from r1jax import train
+    from r1jax.overrides import apply_overrides
 
     cfg = train.load_config(f"demo_{stage}")
     sets = [f"data.name={data}", f"seed={plan.seed}"]
@@ -119,7 +119,7 @@ def _stage_config(stage: str, plan: DemoPlan, *, data: str, init: str | None, st
             warm = min(cfg.optim.warmup_steps, steps // 4)
             sets += [f"optim.warmup_steps={warm}", f"optim.decay_steps={max(steps - warm, 1)}"]
     sets += [kv for name, kv in plan.overrides if name == stage]
-    return train.apply_overrides(cfg, sets)
+    return apply_overrides(cfg, sets)
 
 
 def _train(cfg, run_dir: Path, progress: bool) -> dict:
@@ -338,49 +338,3 @@ def _write_report(out: Path, summary: dict) -> None:
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))
-
-
-# --- CLI --------------------------------------------------------------------------------------------------------------
-def _cmd_demo(args) -> int:
-    out = args.out or ("runs/demo_search" if args.task == "search" else "runs/demo")
-    if args.task == "search":
-        from r1jax.search_demo import SearchPlan, run_search_demo
-
-        plan = SearchPlan(sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, seed=args.seed)
-        run_search_demo(out, args.minutes_budget, plan=plan, progress=not args.no_progress)
-    else:
-        plan = DemoPlan(
-            sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, distill_steps=args.distill_steps, seed=args.seed
-        )
-        run_demo(out, args.minutes_budget, plan=plan, progress=not args.no_progress)
-    print(f"wrote {os.path.join(out, 'summary.json')}", file=sys.stderr)
-    return 0
-
-
-def register(sub) -> None:
-    d = sub.add_parser("demo", help="R1 in miniature: cold-start SFT -> GRPO -> distillation -> evaluation, on CPU")
-    d.add_argument(
-        "--task",
-        choices=("addition", "search"),
-        default="addition",
-        help="addition: the R1 pipeline (default); search: two-hop questions answered with BM25 search in the loop",
-    )
-    d.add_argument("--out", default=None, help="output directory (default runs/demo or runs/demo_search; its stage "
-                   "directories are replaced)")  # fmt: skip
-    d.add_argument("--minutes-budget", type=float, default=15.0)
-    d.add_argument("--sft-steps", type=int, default=None, help="override the preset's step count")
-    d.add_argument("--grpo-steps", type=int, default=None)
-    d.add_argument("--distill-steps", type=int, default=None, help="addition only")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(fn=_cmd_demo)
-
-
-def _register() -> None:
-    from r1jax.cli import COMMANDS
-
-    if register not in COMMANDS:
-        COMMANDS.append(register)
-
-
-_register()

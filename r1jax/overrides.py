@@ -78,14 +78,22 @@ def _parse(text: str, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: cannot be set from the command line (type {tp})")
 
 
-def apply_overrides(cfg: C, sets: Sequence[str]) -> C:
+def _split(item: str | tuple[str, str]) -> tuple[str, str]:
+    if isinstance(item, tuple):
+        return item
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    key, text = (x.strip() for x in item.split("=", 1))
+    return key, text
+
+
+def apply_overrides(cfg: C, sets: Sequence[str | tuple[str, str]]) -> C:
     """``["grpo.group_size=16", ...]`` -> a new config. Each value is parsed with its field's type; all overrides are
-    applied together, so fields that must agree (e.g. reward functions and weights) can change at once."""
+    applied together, so fields that must agree (e.g. reward functions and weights) can change at once. A ``(key,
+    text)`` pair is taken as it is (a flag's value: no splitting at ``=``, no stripping of spaces)."""
     changes: dict = {}
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, text = (x.strip() for x in item.split("=", 1))
+    pairs = [_split(item) for item in sets]
+    for key, text in pairs:
         node, obj = changes, cfg
         parts = key.split(".")
         for i, part in enumerate(parts):
@@ -106,7 +114,7 @@ def apply_overrides(cfg: C, sets: Sequence[str]) -> C:
     try:
         return _rebuild(cfg, changes)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"invalid overrides {' '.join(sets)}: {e}") from None
+        raise ConfigError(f"invalid overrides {' '.join(f'{k}={t}' for k, t in pairs)}: {e}") from None
 
 
 def _rebuild(obj, changes: dict):
