@@ -100,7 +100,7 @@ def lora_run_adapters(path: str, run_lora: dict, *, mesh=None) -> dict:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, shapes)
     else:
-        shardings = param_shardings(lora.specs_like(shapes, param_specs(cfg)), mesh)
+        shardings = lora.shardings(shapes, cfg, mesh)
     target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                           lora.adapters(shapes), lora.adapters(shardings))  # fmt: skip
     return _restore_newest(path, target, "adapters")

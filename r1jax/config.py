@@ -48,8 +48,15 @@ class AttentionImpl(enum.StrEnum):
     PALLAS = "pallas"
 
 
-def _enum(cls, value):
-    return value if isinstance(value, cls) else cls(value)
+def _as_enum(enum_cls: type[enum.Enum], value: object, field: str) -> enum.Enum:
+    """Accept an enum member or its string value (for ``--set`` overrides); reject anything else."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"{field}={value!r}: expected one of {choices}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +77,7 @@ class RopeConfig:
     high_freq_factor: float = 4.0  # llama3
 
     def __post_init__(self):
-        object.__setattr__(self, "type", _enum(RopeType, self.type))
+        object.__setattr__(self, "type", _as_enum(RopeType, self.type, "rope.type"))
         if self.factor <= 0:
             raise ValueError(f"rope factor must be positive, got {self.factor}")
         if self.type in (RopeType.YARN, RopeType.LLAMA3) and self.original_max_position is None:
@@ -142,7 +149,7 @@ class ModelConfig:
             ("topk_method", TopkMethod),
             ("attention_impl", AttentionImpl),
         ):
-            object.__setattr__(self, name, _enum(cls, getattr(self, name)))
+            object.__setattr__(self, name, _as_enum(cls, getattr(self, name), name))
         if isinstance(self.rope, dict):
             object.__setattr__(self, "rope", RopeConfig(**self.rope))
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
@@ -229,19 +236,8 @@ NUMERICS = ("dtype", "param_dtype", "attention_impl", "remat", "remat_policy", "
 # --- RL --------------------------------------------------------------------------------------------------------------
 
 
-def _as_enum(enum_cls: type[enum.Enum], value: object, field: str) -> enum.Enum:
-    """Accept an enum member or its string value (for ``--set`` overrides); reject anything else."""
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in enum_cls)
-        raise ValueError(f"{field}={value!r}: expected one of {choices}") from None
-
-
 class LossAgg(enum.StrEnum):
-    """How per-token GRPO losses become one scalar (see ``r1jax.grpo.grpo_loss``).
+    """How per-token GRPO losses become one scalar (see ``r1jax.loss.grpo_loss``).
 
     GRPO: mean over sequences of each sequence's masked token mean (DeepSeekMath / R1; short answers weigh more per
     token). DAPO: token mean over the whole batch. DR_GRPO: token sum / (num sequences x max_completion_len).
@@ -499,7 +495,8 @@ class LoraConfig:
     with ``experts``). The update is ``alpha / rank * a @ b`` with ``b`` zero at the start, so training starts from
     the base exactly; there is no adapter dropout. ``quant`` stores the frozen base quantised (QLoRA) with
     ``quant_block`` input rows per scale. ``merge_for_sampling`` merges the adapters into the weights once per GRPO
-    step for sampling (otherwise the sampler runs them unmerged).
+    step for the sampler and the log-prob passes, at the cost of one merged copy of the weights while they run
+    (off: they run the adapters unmerged; with a quantised base the copy is full precision).
     """
 
     rank: int = 0
@@ -528,6 +525,27 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class MtpConfig:
+    """The multi-token-prediction loss in SFT (DeepSeek-V3 section 2.2): the SFT loss plus lambda / D times the sum
+    of the D = ``n_mtp_layers`` MTP depths' cross-entropies. V3 trains with lambda = 0.3 for its first 10T tokens and
+    0.1 after: ``weight`` for the first ``switch_step`` optimiser steps, then ``late_weight`` (``switch_step`` 0:
+    ``weight`` throughout). ``weight`` 0 turns it off (the default). It needs a model with its MTP module:
+    ``n_mtp_layers`` > 0, and a checkpoint converted with ``--mtp`` (or a random start)."""
+
+    weight: float = 0.0
+    late_weight: float = 0.1
+    switch_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.late_weight < 0 or self.switch_step < 0:
+            raise ValueError("mtp: weight, late_weight and switch_step must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -657,12 +675,15 @@ class TrainConfig:
     eval: EvalConfig = EvalConfig()
     tools: ToolConfig = ToolConfig()  # multi-turn tool calls in GRPO rollouts (and tool results masked in SFT)
     lora: LoraConfig = LoraConfig()  # rank 0: full fine-tuning
+    mtp: MtpConfig = MtpConfig()  # SFT: the multi-token-prediction loss (off by default)
     sft_batch_size: int = 8  # SFT: packed rows per optimiser step
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     mesh: str = ""  # device mesh when ``r1jax train`` gets no --mesh, e.g. "fsdp=8" or "fsdp=16,tensor=8,expert=16"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stage", _enum(Stage, self.stage))
+        object.__setattr__(self, "stage", _as_enum(Stage, self.stage, "stage"))
+        if self.mtp.enabled and self.stage != Stage.SFT:
+            raise ValueError("mtp.weight > 0 is an SFT loss: set stage=sft or mtp.weight=0")
         if self.max_consecutive_skips < 1 or self.sft_batch_size < 1:
             raise ValueError("max_consecutive_skips and sft_batch_size must be >= 1")
         if self.sampling.max_new_tokens != self.grpo.max_completion_len:
@@ -693,3 +714,14 @@ class TrainConfig:
     @property
     def optimizer_steps_per_step(self) -> int:
         return self.grpo.num_iterations * self.grpo.num_minibatches
+
+
+def to_json(cfg) -> object:
+    """A config (any of the dataclasses here, nested) as plain JSON values: enums by value, tuples as lists."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_json(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, tuple):
+        return [to_json(v) for v in cfg]
+    return cfg

@@ -234,6 +234,19 @@ def specs_like(params: Params, specs: dict) -> dict:
     return jax.tree.map(one, specs, params, is_leaf=_is_spec)
 
 
+def specs_of(params: Params, cfg: ModelConfig) -> dict:
+    """The ``param_specs`` of a parameter tree as it is (adapted, quantised or plain; with the MTP module when it
+    has one): what its shardings and sharding constraints are made from."""
+    return specs_like(params, param_specs(cfg, mtp="mtp" in params))
+
+
+def shardings(params: Params, cfg: ModelConfig, mesh) -> Params:
+    """The rules table's shardings of a parameter tree as it is (``specs_of``) on ``mesh``."""
+    from r1jax.sharding import param_shardings
+
+    return param_shardings(specs_of(params, cfg), mesh)
+
+
 def reference(params: Params, ref_train: Params | None) -> Params | None:
     """The GRPO reference model: ``params``' frozen part with ``ref_train`` (a copy of a trainable part)."""
     if ref_train is None:

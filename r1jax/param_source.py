@@ -15,7 +15,6 @@ per layer, named ``stack/<layer>/rest/of/path`` (``stored_name``).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import itertools
 import json
 import math
@@ -28,7 +27,7 @@ import jax
 import numpy as np
 
 from r1jax import gguf, hf
-from r1jax.config import ModelConfig, RopeConfig
+from r1jax.config import ModelConfig, to_json
 from r1jax.errors import CheckpointError
 from r1jax.model import ParamSpec, param_specs
 from r1jax.safetensors_io import SafetensorsFile, iter_checkpoint_files, write_sharded
@@ -48,15 +47,10 @@ class Pieces:
     load: Load
 
 
-def config_to_dict(cfg: ModelConfig) -> dict:
-    def enc(v):
-        if isinstance(v, enum.Enum):
-            return v.value
-        if isinstance(v, RopeConfig):
-            return {f.name: enc(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        return list(v) if isinstance(v, tuple) else v
-
-    return {f.name: enc(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+def checkpoint_meta(cfg: ModelConfig, hf_config: dict | None, *, mtp: bool, fmt: int, **extra) -> dict:
+    """The ``r1jax.json`` of a checkpoint (``fmt`` = ``FORMAT``) or of a run directory (1): the model config, the
+    HF config it came from, whether the MTP module is stored, and ``extra`` (a LoRA run's adapter config)."""
+    return {"format": fmt, "config": to_json(cfg), "hf_config": hf_config, "mtp": mtp, **extra}
 
 
 def config_from_dict(d: dict) -> ModelConfig:
@@ -433,7 +427,7 @@ def write_checkpoint(
             metadata={"format": "r1jax"},
             progress="convert" if progress else None,
         )
-        meta = {"format": FORMAT, "config": config_to_dict(cfg), "hf_config": src.hf_config, "mtp": src.mtp}
+        meta = checkpoint_meta(cfg, src.hf_config, mtp=src.mtp, fmt=FORMAT)
         files = src.tokenizer_files if tokenizer_files is None else tokenizer_files
         try:
             for fname, text in sorted(files.items()):

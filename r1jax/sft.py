@@ -23,8 +23,13 @@ Mesh. Under ``jax.set_mesh`` (``r1jax train`` sets the run's mesh) the rows are 
 model's activation constraints and expert-parallel dispatch apply, and the updated parameters keep the rules
 table's layout; the result equals one device's.
 
+MTP. With ``TrainConfig.mtp`` on, the DeepSeek-V3 multi-token-prediction loss is added: depth k predicts the token
+k + 2 ahead from the main model's hidden state and the next k + 1 tokens' embeddings, within each packed example
+(``model.mtp_loss``), weighted lambda / D (0.3, then 0.1 in V3). Its gradient reaches the MTP module and, through
+the hidden states, the main model.
+
 MoE. The router correction bias gets no gradient (``stop_gradient`` here and a frozen label in
-``r1jax.grpo.make_optimizer``); when ``router_bias_gamma`` is set it is moved by the aux-loss-free sign rule from the
+``r1jax.optim.make_optimizer``); when ``router_bias_gamma`` is set it is moved by the aux-loss-free sign rule from the
 batch's expert loads after the optimiser step, as in the GRPO step.
 """
 
@@ -40,9 +45,9 @@ import numpy as np
 import optax
 
 from r1jax import lora
-from r1jax.config import ModelConfig
-from r1jax.grpo import _stop_router_bias, update_router_bias
-from r1jax.model import Params, forward, param_specs, token_logprobs
+from r1jax.config import ModelConfig, MtpConfig
+from r1jax.model import Params, forward, mtp_loss, mtp_mask, token_logprobs
+from r1jax.optim import accumulate_and_apply, split_micro, steps_taken, stop_router_bias
 from r1jax.sharding import constrain, constrain_params
 
 Array = jax.Array
@@ -121,20 +126,55 @@ def pack_examples(
 
 
 def sft_loss(
-    params: Params, batch: Mapping[str, Array], cfg: ModelConfig, *, num_tokens: Array | float | None = None
+    params: Params,
+    batch: Mapping[str, Array],
+    cfg: ModelConfig,
+    *,
+    num_tokens: Array | float | None = None,
+    mtp_weight: Array | float | None = None,
+    mtp_counts: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Masked next-token cross-entropy: (sum of -log p(target) over ``loss_mask``) / ``num_tokens``.
+    """Masked next-token cross-entropy: (sum of -log p(target) over ``loss_mask``) / ``num_tokens``, plus
+    ``mtp_weight`` times the MTP loss (``model.mtp_loss`` within each packed example, normalised by ``mtp_counts``)
+    when it is given.
 
     ``num_tokens`` defaults to the mask's sum in this call (pass the whole accumulated batch's count when this is a
-    micro-batch). Returns (loss, aux) with aux ``nll_sum``, ``tokens``, ``correct`` (argmax hits on counted
-    targets) and ``expert_load`` (f32[n_moe_layers, e] or None).
+    micro-batch; ``mtp_counts`` likewise, ``mtp_token_counts`` of the whole batch). Returns (loss, aux) with aux
+    ``loss`` (the cross-entropy term), ``nll_sum``, ``tokens``, ``correct`` (argmax hits on counted targets),
+    ``expert_load`` (f32[n_moe_layers, e] or None) and, with MTP, ``mtp_loss``.
     """
-    logits, aux = forward(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    with_mtp = mtp_weight is not None
+    logits, aux = forward(
+        params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"],
+        return_hidden=with_mtp,
+    )  # fmt: skip
     mask = jnp.asarray(batch["loss_mask"], jnp.float32)
     loss, nll_sum = completion_nll(logits, batch["targets"], mask, num_tokens)
     hits = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32) * mask
-    out = {"nll_sum": nll_sum, "tokens": jnp.sum(mask), "correct": jnp.sum(hits), "expert_load": aux["expert_load"]}
+    out = {"loss": jax.lax.stop_gradient(loss), "nll_sum": nll_sum, "tokens": jnp.sum(mask),
+           "correct": jnp.sum(hits), "expert_load": aux["expert_load"]}  # fmt: skip
+    if with_mtp:
+        seg = batch["segment_ids"]
+        mtp = mtp_loss(
+            params, aux["hidden"], batch["tokens"], batch["targets"], mtp_mask(mask, seg, cfg.n_mtp_layers), cfg,
+            positions=batch["positions"], segment_ids=seg, counts=mtp_counts,
+        )  # fmt: skip
+        out["mtp_loss"] = jax.lax.stop_gradient(mtp)
+        loss = loss + mtp_weight * mtp
     return loss, out
+
+
+def mtp_token_counts(batch: Mapping[str, Array], depth: int) -> Array:
+    """f32[D]: the targets each MTP depth is scored on in a packed batch (its loss normaliser)."""
+    return jnp.sum(mtp_mask(jnp.asarray(batch["loss_mask"]), jnp.asarray(batch["segment_ids"]), depth), axis=(1, 2))
+
+
+def mtp_weight_at(mtp: MtpConfig, step: Array) -> Array:
+    """lambda after ``step`` optimiser steps: ``mtp.weight`` before ``mtp.switch_step``, ``mtp.late_weight`` from
+    there (V3: 0.3, then 0.1)."""
+    if not mtp.switch_step:
+        return jnp.float32(mtp.weight)
+    return jnp.where(step < mtp.switch_step, jnp.float32(mtp.weight), jnp.float32(mtp.late_weight))
 
 
 def completion_nll(
@@ -151,7 +191,7 @@ def completion_nll(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "optimizer", "micro_batches", "router_bias_gamma"),
+    static_argnames=("cfg", "optimizer", "micro_batches", "router_bias_gamma", "mtp"),
     donate_argnames=("params", "opt_state"),
 )
 def sft_step(
@@ -163,58 +203,54 @@ def sft_step(
     optimizer: optax.GradientTransformation,
     micro_batches: int = 1,
     router_bias_gamma: float = 0.0,
+    mtp: MtpConfig | None = None,
 ) -> tuple[Params, Any, dict[str, Array]]:
     """One optimiser step on a packed batch (``pack_examples``' arrays, rows divisible by ``micro_batches``).
 
     Gradients are accumulated over ``micro_batches`` micro-batches (a ``lax.scan``), each loss normalised by the
     whole batch's completion-token count, so the result equals one full-batch step. ``optimizer`` is e.g.
-    ``r1jax.grpo.make_optimizer(OptimConfig(...))`` (it freezes the router bias); it is a static argument, so build it
-    once and pass the same instance every step. Metrics: ``loss`` (mean nll per
-    completion token), ``tokens``, ``token_accuracy``, ``grad_norm``; ``params`` and ``opt_state`` are donated.
+    ``r1jax.optim.make_optimizer(OptimConfig(...))`` (it freezes the router bias); it is a static argument, so build it
+    once and pass the same instance every step. ``mtp`` (enabled): the MTP loss is added with its weight at the
+    optimiser's step count (``mtp_weight_at``). Metrics: ``loss`` (mean nll per completion token), ``tokens``,
+    ``token_accuracy``, ``grad_norm``, ``skipped``, and with MTP ``mtp_loss`` and ``mtp_weight``; ``params`` and
+    ``opt_state`` are donated.
     """
     batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
     n = batch["tokens"].shape[0]
     if n % micro_batches:
         raise ValueError(f"{n} rows do not split into {micro_batches} micro-batches")
     num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-    # micro-batch j = rows j, j + k, j + 2k, ...: with rows split over the data axes every device keeps its own rows
-    k = micro_batches
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(n // k, k, *x.shape[1:]), 0, 1), batch)
-
+    micro = jax.tree.map(lambda x: split_micro(x, micro_batches), batch)
     train, frozen = lora.partition(params)  # with adapters only they train; otherwise every parameter
 
+    with_mtp = mtp is not None and mtp.enabled
+    if with_mtp and "mtp" not in params:
+        raise ValueError("the MTP loss needs the model's MTP module (params['mtp'])")
+    mtp_kw = {}
+    if with_mtp:
+        mtp_kw = {"mtp_weight": mtp_weight_at(mtp, steps_taken(opt_state)),
+                  "mtp_counts": mtp_token_counts(batch, cfg.n_mtp_layers)}  # fmt: skip
+
     def loss_fn(t, mb):
-        return sft_loss(_stop_router_bias(lora.combine(t, frozen)), mb, cfg, num_tokens=num_tokens)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def body(acc, mb):
         mb = {name: constrain(x, ("batch", None)) for name, x in mb.items()}
-        (loss, aux), grads = grad_fn(train, mb)
-        acc_grads, acc_load = acc
-        acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
-        if acc_load is not None:
-            acc_load = acc_load + aux["expert_load"]
-        return (acc_grads, acc_load), (loss, aux["correct"])
+        loss, aux = sft_loss(stop_router_bias(lora.combine(t, frozen)), mb, cfg, num_tokens=num_tokens, **mtp_kw)
+        keep = ("loss", "correct", "mtp_loss") if with_mtp else ("loss", "correct")
+        return loss, ({k: aux[k] for k in keep}, aux["expert_load"])
 
-    zero_load = jnp.zeros((cfg.n_moe_layers, cfg.n_experts), jnp.float32) if cfg.n_moe_layers else None
-    (grads, load), (losses, correct) = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, train), zero_load), micro)
-    updates, new_opt_state = optimizer.update(grads, opt_state, train)
-    gamma = 0.0 if frozen is not None else router_bias_gamma  # a frozen base keeps its router bias
-    new_train = update_router_bias(optax.apply_updates(train, updates), load, gamma)
-    # a non-finite loss or gradient skips the step: parameters and optimiser state stay as they were
-    finite = jnp.isfinite(jnp.sum(losses)) & jnp.isfinite(optax.tree.norm(grads))
-    train = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_train, train)
-    params = lora.combine(train, frozen)
-    params = constrain_params(params, lora.specs_like(params, param_specs(cfg, mtp="mtp" in params)))  # as they came
-    opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_opt_state, opt_state)
+    params, opt_state, per_micro, stats = accumulate_and_apply(
+        loss_fn, train, frozen, opt_state, micro, optimizer=optimizer, router_bias_gamma=router_bias_gamma
+    )
+    params = constrain_params(params, lora.specs_of(params, cfg))  # laid out as they came
     metrics = {
-        "skipped": 1.0 - finite.astype(jnp.float32),
-        "loss": jnp.sum(losses),
+        "skipped": 1.0 - stats["finite"].astype(jnp.float32),
+        "loss": jnp.sum(per_micro["loss"]),
         "tokens": num_tokens,
-        "token_accuracy": jnp.sum(correct) / jnp.maximum(num_tokens, 1.0),
-        "grad_norm": optax.tree.norm(grads),
+        "token_accuracy": jnp.sum(per_micro["correct"]) / jnp.maximum(num_tokens, 1.0),
+        "grad_norm": stats["grad_norm"],
     }
+    if with_mtp:
+        metrics["mtp_loss"] = jnp.sum(per_micro["mtp_loss"])
+        metrics["mtp_weight"] = mtp_kw["mtp_weight"]
     return params, opt_state, metrics
 
 

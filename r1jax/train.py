@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
 import importlib.util
 import json
 import math
@@ -34,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.config import ModelConfig, Stage, TrainConfig
+from r1jax.config import ModelConfig, Stage, TrainConfig, to_json
 from r1jax.errors import ConfigError, R1jaxError
 from r1jax.overrides import apply_overrides, config_keys  # noqa: F401  (re-exported)
 
@@ -67,16 +66,6 @@ def load_config(name_or_path: str) -> TrainConfig:
         cfg = PRESETS[name_or_path]()
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"{name_or_path}: config() must return a TrainConfig, got {type(cfg).__name__}")
-    return cfg
-
-
-def config_to_json(cfg) -> Any:
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: config_to_json(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, enum.Enum):
-        return cfg.value
-    if isinstance(cfg, tuple):
-        return [config_to_json(v) for v in cfg]
     return cfg
 
 
@@ -203,16 +192,13 @@ def start_params(cfg: TrainConfig, model, mesh=None):
     """The parameters training starts from: the model's, with ``cfg.lora``'s adapters attached (placed on ``mesh``
     like every parameter) when LoRA is on."""
     from r1jax import lora
-    from r1jax.model import param_specs
-    from r1jax.sharding import param_shardings
 
     params = model.param_dict()
     if not cfg.lora.enabled:
         return params
     params = lora.attach(params, cfg.lora, model.cfg, jax.random.fold_in(jax.random.key(cfg.seed), 1))
     if mesh is not None:
-        specs = lora.specs_like(params, param_specs(model.cfg, mtp="mtp" in params))
-        params = jax.device_put(params, param_shardings(specs, mesh))
+        params = jax.device_put(params, lora.shardings(params, model.cfg, mesh))
     return params
 
 
@@ -223,13 +209,21 @@ def init_model(cfg: TrainConfig, mesh=None, *, abstract: bool = False):
     from r1jax.checkpoint import abstract_params, load
     from r1jax.model import Transformer
 
+    mtp = cfg.mtp.enabled  # the MTP module trains only with the MTP loss
     if cfg.init:
-        return load(cfg.init, mesh=mesh, numerics=cfg.model, abstract=abstract)
-    if cfg.model is not None and abstract:
-        return Transformer(cfg.model, abstract_params(cfg.model, mesh))
-    if cfg.model is not None:
-        return Transformer.random(cfg.model, cfg.seed, mesh=mesh)
-    raise ConfigError("the config has neither init (a checkpoint to start from) nor model (to initialise)")
+        model = load(cfg.init, mesh=mesh, numerics=cfg.model, abstract=abstract, mtp=mtp)
+    elif cfg.model is not None and abstract:
+        model = Transformer(cfg.model, abstract_params(cfg.model, mesh, mtp=mtp))
+    elif cfg.model is not None:
+        model = Transformer.random(cfg.model, cfg.seed, mesh=mesh, mtp=mtp)
+    else:
+        raise ConfigError("the config has neither init (a checkpoint to start from) nor model (to initialise)")
+    if mtp and "mtp" not in model.param_dict():
+        raise ConfigError(
+            f"mtp.weight > 0 needs the model's MTP module: {cfg.init or 'the model'} has none (n_mtp_layers = "
+            f"{model.cfg.n_mtp_layers}; convert the checkpoint with --mtp)"
+        )
+    return model
 
 
 def check_mesh(cfg: TrainConfig, mesh) -> None:
@@ -293,83 +287,42 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
     model and batch; ``max_steps`` stops early, resumably."""
     from r1jax import lora
     from r1jax.data.tokenizer import for_model
-    from r1jax.param_source import META, config_to_dict, params_candidates
+    from r1jax.param_source import params_candidates
     from r1jax.sharding import normalize_mesh
 
     run_dir = Path(out_dir)
-    saved_cfg = run_dir / "train_config.json"
     mesh = normalize_mesh(mesh) if mesh is not None else None
     check_mesh(cfg, mesh)
     resuming = bool(params_candidates(out_dir))  # then the start point is never read, only its shapes
     model = init_model(cfg, mesh, abstract=resuming and not cfg.lora.enabled)  # (a LoRA run saves no base)
-    model_cfg = model.cfg
-    resolved = config_to_json(dataclasses.replace(cfg, model=model_cfg))  # the model as it trains
-    if saved_cfg.exists():
-        before = json.loads(saved_cfg.read_text())
-        if before != resolved:
-            diff = sorted(_diff_keys(before, resolved))
-            raise ConfigError(
-                f"{out_dir} holds a run with a different config ({', '.join(diff[:3])} differ): "
-                "use a new --out or the same config to resume"
-            )
-
-    tok = for_model(model_cfg, model.tokenizer_files, byte_fallback=True)
+    resolved = to_json(dataclasses.replace(cfg, model=model.cfg))  # the model as it trains
+    _check_same_run(run_dir, resolved)
+    tok = for_model(model.cfg, model.tokenizer_files, byte_fallback=True)
     params = start_params(cfg, model, mesh)
     check_output_dir(out_dir, _need_bytes(lora.saved_part(params), cfg.checkpoint.keep))
-
     is_main = jax.process_index() == 0
     if is_main:
-        saved_cfg.write_text(json.dumps(resolved, indent=2))
-        meta = {
-            "config": config_to_dict(model_cfg),
-            "hf_config": model.hf_config,
-            "mtp": False,
-            "format": 1,
-        }
-        if cfg.lora.enabled:  # the checkpoints hold adapters: the base is the start point, read again to load
-            meta["lora"] = {**config_to_json(cfg.lora), "base": cfg.init, "seed": cfg.seed}
-        (run_dir / META).write_text(json.dumps(meta, indent=2))
-        for name, text in model.tokenizer_files.items():
-            (run_dir / name).write_text(text)
+        _write_run_files(run_dir, cfg, model, resolved, mtp="mtp" in params)
 
-    stage = _make_stage(cfg, model_cfg, tok, mesh)
-    state = _abstract_init(stage.init, params) if resuming else stage.init(params)
+    stage = _make_stage(cfg, model.cfg, tok, mesh)
     ckpts = Checkpoints(run_dir, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    start = 0
-    counters = {"skipped_steps": 0, "consecutive_skips": 0}
-    abstract_params, abstract_train = stage.abstract(state)
-    restored = ckpts.restore_newest(lora.saved_part(abstract_params), abstract_train)
-    if restored is not None:
-        start, r_params, r_train, r_meta = restored
-        state = stage.restore(start, lora.restored(params, r_params), r_train)
-        counters.update(r_meta.get("counters", {}))
-    elif resuming and not cfg.lora.enabled:  # every saved step was damaged: start over from the start point
-        state = stage.init(start_params(cfg, init_model(cfg, mesh), mesh))
+    state, start, counters = _resume(cfg, stage, ckpts, params, mesh, resuming)
     log = MetricsLog(run_dir, start, enabled=is_main)
-    data = stage.data(start)
-    total = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
-    evaluator = Evaluator(cfg, model_cfg, tok, mesh) if cfg.eval.every else None
+    evaluator = Evaluator(cfg, model.cfg, tok, mesh) if cfg.eval.every else None
     if evaluator is not None and start == 0:
         log.write({"step": 0, **evaluator(stage.params(state))})
     bar = _progress(cfg.steps, start, progress and is_main)
+    data = stage.data(start)
+    total = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
     last: dict = {}
     step = start
     with _Preempt() as preempt:
         try:
             while step < total:
-                batch = next(data)
-                key = jax.random.fold_in(jax.random.key(cfg.seed), step)
                 t0 = time.perf_counter()
-                new_state, metrics = stage.step(state, batch, key)
+                state, metrics = stage.step(state, next(data), jax.random.fold_in(jax.random.key(cfg.seed), step))
                 step += 1
-                if metrics.get("skipped", 0.0) > 0 or not all(
-                    math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "grad_norm")
-                ):
-                    counters["skipped_steps"] += 1
-                    counters["consecutive_skips"] += 1
-                else:
-                    counters["consecutive_skips"] = 0
-                state = new_state
+                _count_skips(counters, metrics)
                 metrics = {
                     **metrics,
                     "step": step,
@@ -381,24 +334,14 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
                     metrics.update(evaluator(stage.params(state)))
                 log.write(metrics)
                 last = metrics
-                if counters["consecutive_skips"] >= cfg.max_consecutive_skips:
-                    raise TrainingError(
-                        f"{counters['consecutive_skips']} consecutive steps with non-finite loss or gradients "
-                        f"(at step {step}); the last good checkpoint is kept in {out_dir}/checkpoints — lower the "
-                        "learning rate or check the data"
-                    )
+                _stop_if_stuck(counters, cfg.max_consecutive_skips, step, out_dir)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in stage.headline if k in metrics})
                 if step % cfg.checkpoint.every == 0 or step == total or preempt.requested:
                     save_params, save_train = stage.to_save(state)
-                    ckpts.save(
-                        step,
-                        lora.saved_part(save_params),
-                        save_train,
-                        {"step": step, "counters": counters},
-                        wait=preempt.requested or step == total,
-                    )
+                    ckpts.save(step, lora.saved_part(save_params), save_train, {"step": step, "counters": counters},
+                               wait=preempt.requested or step == total)  # fmt: skip
                 if preempt.requested:
                     break
         finally:
@@ -410,6 +353,69 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
         print(f"r1jax: SIGTERM: saved step {step} in {out_dir}; run the same command to resume", file=sys.stderr)
         raise SystemExit(SIGTERM_EXIT)
     return last
+
+
+def _check_same_run(run_dir: Path, resolved: dict) -> None:
+    """A run directory resumes only under the config it was started with."""
+    saved = run_dir / "train_config.json"
+    if saved.exists():
+        before = json.loads(saved.read_text())
+        if before != resolved:
+            diff = sorted(_diff_keys(before, resolved))
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config ({', '.join(diff[:3])} differ): "
+                "use a new --out or the same config to resume"
+            )
+
+
+def _write_run_files(run_dir: Path, cfg: TrainConfig, model, resolved: dict, *, mtp: bool) -> None:
+    """``train_config.json``, the run's ``r1jax.json`` (what ``r1jax.load(RUN)`` reads) and the tokenizer files."""
+    from r1jax.param_source import META, checkpoint_meta
+
+    (run_dir / "train_config.json").write_text(json.dumps(resolved, indent=2))
+    extra = {}
+    if cfg.lora.enabled:  # the checkpoints hold adapters: the base is the start point, read again to load
+        extra["lora"] = {**to_json(cfg.lora), "base": cfg.init, "seed": cfg.seed}
+    meta = checkpoint_meta(model.cfg, model.hf_config, mtp=mtp, fmt=1, **extra)
+    (run_dir / META).write_text(json.dumps(meta, indent=2))
+    for name, text in model.tokenizer_files.items():
+        (run_dir / name).write_text(text)
+
+
+def _resume(cfg: TrainConfig, stage, ckpts, params, mesh, resuming: bool) -> tuple[Any, int, dict]:
+    """(state, first step, counters): the newest intact checkpoint's, or a fresh start from ``params``."""
+    from r1jax import lora
+
+    counters = {"skipped_steps": 0, "consecutive_skips": 0}
+    state = _abstract_init(stage.init, params) if resuming else stage.init(params)
+    abstract_params, abstract_train = stage.abstract(state)
+    restored = ckpts.restore_newest(lora.saved_part(abstract_params), abstract_train)
+    if restored is not None:
+        start, r_params, r_train, r_meta = restored
+        counters.update(r_meta.get("counters", {}))
+        return stage.restore(start, lora.restored(params, r_params), r_train), start, counters
+    if resuming and not cfg.lora.enabled:  # every saved step was damaged: start over from the start point
+        state = stage.init(start_params(cfg, init_model(cfg, mesh), mesh))
+    return state, 0, counters
+
+
+def _count_skips(counters: dict, metrics: dict) -> None:
+    """Count the steps skipped for a non-finite loss or gradient, in all and in a row."""
+    finite = all(math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "grad_norm"))
+    if metrics.get("skipped", 0.0) > 0 or not finite:
+        counters["skipped_steps"] += 1
+        counters["consecutive_skips"] += 1
+    else:
+        counters["consecutive_skips"] = 0
+
+
+def _stop_if_stuck(counters: dict, limit: int, step: int, out_dir: str) -> None:
+    """Too many skipped steps in a row stop the run; its last good checkpoint is kept."""
+    if counters["consecutive_skips"] >= limit:
+        raise TrainingError(
+            f"{counters['consecutive_skips']} consecutive steps with non-finite loss or gradients (at step {step}); "
+            f"the last good checkpoint is kept in {out_dir}/checkpoints — lower the learning rate or check the data"
+        )
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
@@ -564,14 +570,14 @@ class SFTStage:
     headline = ("loss", "token_accuracy")
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tok, mesh=None):
-        from r1jax.grpo import make_optimizer
+        from r1jax.optim import make_optimizer
 
         self.cfg, self.model_cfg, self.tok, self.mesh = cfg, model_cfg, tok, mesh
         self.optimizer = make_optimizer(cfg.optim)
 
     def init(self, params):
         from r1jax import lora
-        from r1jax.grpo import opt_shardings
+        from r1jax.optim import opt_shardings
 
         train = lora.partition(params)[0]  # the optimiser state covers only what trains
         if self.mesh is None:
@@ -625,5 +631,6 @@ class SFTStage:
                 optimizer=self.optimizer,
                 micro_batches=micro,
                 router_bias_gamma=self.cfg.optim.router_bias_gamma,
+                mtp=self.cfg.mtp if self.cfg.mtp.enabled else None,
             )
         return {"params": params, "opt": opt}, {k: float(v) for k, v in jax.device_get(m).items()}

@@ -23,7 +23,7 @@ import r1jax
 from r1jax import checkpoint, hf, param_source, safetensors_io
 from r1jax.cli import main
 from r1jax.errors import CheckpointError
-from r1jax.model import param_specs
+from r1jax.model import DENSE_LAYERS, MOE_LAYERS, param_specs
 from r1jax.param_source import open_source
 from tests import hf_tiny
 
@@ -66,13 +66,13 @@ def test_slice_reads_only_its_tensors(fp8_src, monkeypatch):
     orig = hf.HFTensors.read
     monkeypatch.setattr(hf.HFTensors, "read", lambda self, key: touched.append(key) or orig(self, key))
 
-    got = src.read(("moe_layers", "mlp", "experts", "gate"), (1, slice(2, 4)))  # moe layer 1 = HF layer 2
+    got = src.read((MOE_LAYERS, "mlp", "experts", "gate"), (1, slice(2, 4)))  # moe layer 1 = HF layer 2
     assert touched == [f"model.layers.2.mlp.experts.{j}.gate_proj.weight" for j in (2, 3)]
     want = np.stack([_dequant_reference(fp8_src, k).T for k in touched])
     np.testing.assert_array_equal(got, want)
 
     touched.clear()
-    kv_b = src.read(("moe_layers", "attn", "kv_b"), (slice(0, 2), slice(None), slice(2, 5)))  # heads 2..4
+    kv_b = src.read((MOE_LAYERS, "attn", "kv_b"), (slice(0, 2), slice(None), slice(2, 5)))  # heads 2..4
     assert touched == ["model.layers.1.self_attn.kv_b_proj.weight", "model.layers.2.self_attn.kv_b_proj.weight"]
     c, h = src.cfg.kv_lora_rank, src.cfg.n_heads
     full = np.stack([_dequant_reference(fp8_src, k).T.reshape(c, h, -1) for k in touched])
@@ -103,7 +103,7 @@ def test_ue8m0_scales_as_float32_or_exponents(tmp_path):
         np.testing.assert_array_equal(a.read(path), b.read(path))
     key = "model.layers.1.mlp.experts.0.up_proj.weight"
     np.testing.assert_array_equal(
-        a.read(("moe_layers", "mlp", "experts", "up"), (0, 0)), _dequant_reference(f32_dir, key).T
+        a.read((MOE_LAYERS, "mlp", "experts", "up"), (0, 0)), _dequant_reference(f32_dir, key).T
     )
 
     bad = _copy(f32_dir, tmp_path / "bad")
@@ -114,11 +114,11 @@ def test_ue8m0_scales_as_float32_or_exponents(tmp_path):
         st = safetensors_io.SafetensorsFile(str(f))
         tensors = {n: st.read(n) * (np.float32(1.5) if n.endswith("_scale_inv") else 1) for n in st.names()}
         safetensors_io.save_file({n: t.astype(st.dtype(n)) for n, t in tensors.items()}, str(f))
-    open_source(str(bad)).read(("moe_layers", "mlp", "experts", "up"), (0, 0))  # fine without ue8m0
+    open_source(str(bad)).read((MOE_LAYERS, "mlp", "experts", "up"), (0, 0))  # fine without ue8m0
     conf["quantization_config"]["scale_fmt"] = "ue8m0"
     (bad / "config.json").write_text(json.dumps(conf))
     with pytest.raises(r1jax.errors.CheckpointError, match="not powers of two"):
-        open_source(str(bad)).read(("moe_layers", "mlp", "experts", "up"), (0, 0))
+        open_source(str(bad)).read((MOE_LAYERS, "mlp", "experts", "up"), (0, 0))
 
 
 def _files(directory) -> dict[str, bytes]:
@@ -137,17 +137,17 @@ def test_convert_streams_to_safetensors_checkpoint(fp8_src, tmp_path, capsys):
         np.testing.assert_array_equal(ckpt.read(path), src.read(path), err_msg="/".join(path))
     # a slice of a stored checkpoint is a byte range of one layer's tensor
     np.testing.assert_array_equal(
-        ckpt.read(("moe_layers", "mlp", "experts", "down"), (1, slice(3, 6), slice(None), 7)),
-        src.read(("moe_layers", "mlp", "experts", "down"), (1, slice(3, 6), slice(None), 7)),
+        ckpt.read((MOE_LAYERS, "mlp", "experts", "down"), (1, slice(3, 6), slice(None), 7)),
+        src.read((MOE_LAYERS, "mlp", "experts", "down"), (1, slice(3, 6), slice(None), 7)),
     )
 
     bf16 = tmp_path / "bf16"
     assert main(["convert", str(fp8_src), str(bf16), "--dtype", "bfloat16"]) == 0
     small = open_source(str(bf16))
     assert small.cfg.param_dtype == "bfloat16" and not small.mtp
-    router = ("moe_layers", "mlp", "router")
+    router = (MOE_LAYERS, "mlp", "router")
     assert small.read(router).dtype == np.float32  # declared float32: kept
-    gate = ("moe_layers", "mlp", "experts", "gate")
+    gate = (MOE_LAYERS, "mlp", "experts", "gate")
     np.testing.assert_array_equal(small.read(gate), src.read(gate).astype(ml_dtypes.bfloat16))
 
     tokens = np.random.RandomState(0).randint(3, 500, (2, 9))
@@ -221,7 +221,7 @@ def _save_format_1(model, out) -> None:
 
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((out / "params").absolute(), model.param_dict())
-    meta = {"config": param_source.config_to_dict(model.cfg), "hf_config": model.hf_config, "mtp": False, "format": 1}
+    meta = param_source.checkpoint_meta(model.cfg, model.hf_config, mtp=False, fmt=1)
     (out / param_source.META).write_text(json.dumps(meta))
 
 
@@ -370,7 +370,7 @@ def test_convert_peak_memory_is_a_few_tensors(tmp_path):
 def test_stored_layout_is_one_tensor_per_layer():
     cfg = hf.config_from_hf(bench.v3_config(**SMALL))
     names = [n for n, _, _ in param_source.stored_layout(param_specs(cfg), cfg, np.float32)]
-    assert "embed" in names and "moe_layers/0/mlp/experts/gate" in names and "dense_layers/0/attn/q_a" in names
+    assert "embed" in names and f"{MOE_LAYERS}/0/mlp/experts/gate" in names and f"{DENSE_LAYERS}/0/attn/q_a" in names
     assert len(names) == len(set(names))
 
 

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from r1jax.config import AdvScale, GRPOConfig, LossAgg, RatioLevel, RewardConfig, SamplingConfig
-from r1jax.grpo import (
+from r1jax.loss import (
     dynamic_sampling_keep,
     group_advantages,
+    group_rows,
     grpo_loss,
-    kept_sample_indices,
     overlong_filter,
     reward_metrics,
     token_entropy,
+    trained_groups,
 )
 
 G, N_GROUPS, T = 4, 3, 7
@@ -286,8 +287,12 @@ def test_low_precision_inputs_compute_in_float32():
 def test_dynamic_sampling_and_reward_metrics():
     r = np.array([1, 1, 1, 1, 0, 1, 0, 0, 2, 2, 2, 2, 0, 0, 0, 1], np.float32)
     np.testing.assert_array_equal(np.asarray(dynamic_sampling_keep(r, 4)), [False, True, False, True])
-    np.testing.assert_array_equal(kept_sample_indices(r, 4), [4, 5, 6, 7, 12, 13, 14, 15])
-    np.testing.assert_array_equal(kept_sample_indices(r, 4, max_groups=1), [4, 5, 6, 7])
+    order, dropped = trained_groups(r, 4)  # informative groups first, then the others, which are dropped
+    np.testing.assert_array_equal(order, [1, 3, 0, 2])
+    np.testing.assert_array_equal(dropped, [False, False, True, True])
+    np.testing.assert_array_equal(group_rows(order[~dropped], 4), [4, 5, 6, 7, 12, 13, 14, 15])
+    order, dropped = trained_groups(r, 4, max_groups=1)
+    np.testing.assert_array_equal(group_rows(order[~dropped], 4), [4, 5, 6, 7])
     assert float(reward_metrics(r, 4)["reward/zero_variance_frac"]) == 0.5
 
 

@@ -10,8 +10,9 @@ import pytest
 
 import configs
 from r1jax.config import LossAgg, ModelConfig, OptimConfig, TrainConfig
-from r1jax.grpo import GRPOTrainer, make_optimizer, update_router_bias
+from r1jax.grpo import GRPOTrainer
 from r1jax.model import init_params
+from r1jax.optim import make_optimizer, update_router_bias
 from r1jax.sharding import make_mesh
 
 PROMPTS = [[2, 3, 4], [7, 8], [9, 10, 11, 12], [13]]
@@ -220,7 +221,7 @@ def test_expert_load_ignores_prompt_padding():
     """The router-bias update sees the same expert loads however much left padding a batch carries."""
     from r1jax.configs.tiny import tiny_model
 
-    from r1jax.grpo import sequence_logprobs
+    from r1jax.loss import sequence_logprobs
     from r1jax.model import init_params
     from r1jax.sampling import left_pad
 
@@ -242,7 +243,7 @@ def test_adam_with_bf16_moments():
     optax's Adam; in bf16 the parameters track f32 AdamW to bf16 precision over 20 steps."""
     import optax
 
-    from r1jax.grpo import scale_by_adam_stored_as
+    from r1jax.optim import scale_by_adam_stored_as
 
     key = jax.random.key(0)
     params = {"w": jax.random.normal(key, (16, 8)), "norm": jnp.ones((8,))}
@@ -296,7 +297,7 @@ def test_shared_prompt_equals_one_forward_per_row(arch):
     loads and parameter gradients of running every row's prompt (MLA + MoE, and GQA with biases)."""
     from r1jax.configs.tiny import tiny_model
 
-    from r1jax.grpo import sequence_logprobs
+    from r1jax.loss import sequence_logprobs
 
     mcfg = tiny_model() if arch == "deepseek_v3" else dataclasses.replace(DENSE, qkv_bias=True)
     params = init_params(mcfg, jax.random.key(0), std=0.2)
@@ -384,7 +385,7 @@ def test_non_finite_update_is_skipped():
 def test_remat_policies_give_the_same_gradients():
     """No remat, full remat and remat keeping the matmul outputs compute the same gradients; the policy reaches the
     rematerialised layer (the ``checkpoint`` in the traced step carries it)."""
-    from r1jax.grpo import sequence_logprobs
+    from r1jax.loss import sequence_logprobs
     from r1jax.model import REMAT_POLICIES
 
     batch = _grouped_batch(DENSE, n_prompts=2, G=2, T=5)

@@ -15,8 +15,10 @@ from r1jax import checkpoint, configs, lora, train
 from r1jax.cli import main
 from r1jax.config import LoraConfig, ModelConfig
 from r1jax.errors import ConfigError
-from r1jax.grpo import GRPOTrainer, make_optimizer, sequence_logprobs
+from r1jax.grpo import GRPOTrainer
+from r1jax.loss import sequence_logprobs
 from r1jax.model import LoraWeight, dense, forward, init_params, is_quantized
+from r1jax.optim import make_optimizer
 from r1jax.sft import sft_step
 
 MLA = configs.tiny_model()  # MLA + a dense layer + a MoE layer with shared experts

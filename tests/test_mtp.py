@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import r1jax
-from r1jax.model import forward, mtp_logits, mtp_loss
+from r1jax.model import MOE_LAYERS, forward, mtp_logits, mtp_loss, mtp_mask
 from tests import hf_tiny
 
 
@@ -97,13 +97,14 @@ def test_mtp_matches_reference_and_trains(tmp_path):
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
 
-    mask = jnp.ones(tokens.shape, jnp.float32)
+    targets = jnp.asarray(np.concatenate([tokens[:, 1:], tokens[:, :1]], 1))  # the last target is masked out
+    mask = mtp_mask(jnp.ones(tokens.shape).at[:, -1].set(0.0), None, model.cfg.n_mtp_layers)
 
     def loss(p):
         _, a = forward(p, jnp.asarray(tokens), model.cfg, return_hidden=True)
-        return mtp_loss(p, a["hidden"], jnp.asarray(tokens), mask, model.cfg)
+        return mtp_loss(p, a["hidden"], jnp.asarray(tokens), targets, mask, model.cfg)
 
     value, grads = jax.value_and_grad(loss)(params)
     assert np.isfinite(value) and value > 0
     assert float(jnp.abs(grads["mtp"]["eh_proj"]).sum()) > 0
-    assert float(jnp.abs(grads["moe_layers"]["attn"]["kv_b"]).sum()) > 0  # flows back into the main model
+    assert float(jnp.abs(grads[MOE_LAYERS]["attn"]["kv_b"]).sum()) > 0  # flows back into the main model

@@ -8,7 +8,7 @@ import pytest
 
 from configs.tiny import tiny_model
 from r1jax.config import ModelConfig, SamplingConfig
-from r1jax.grpo import sequence_logprobs
+from r1jax.loss import sequence_logprobs
 from r1jax.model import forward, init_params
 from r1jax.rollout import Rollout, apply_stop_strings, completion_texts, sample, sample_groups, stop_token_seqs
 from r1jax.sampling import left_pad

@@ -9,8 +9,8 @@ import pytest
 import configs
 import r1jax
 from r1jax.config import ModelConfig, OptimConfig
-from r1jax.grpo import make_optimizer
 from r1jax.model import Transformer, forward, init_params
+from r1jax.optim import make_optimizer
 from r1jax.sft import completion_nll, eval_loss, pack_examples, sft_loss, sft_step, tokenize_trace
 
 TEACHER = configs.tiny_model()  # MLA + sigmoid-routed MoE, vocab 64

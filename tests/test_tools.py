@@ -15,7 +15,8 @@ import pytest
 from r1jax.config import GRPOConfig, ModelConfig, OptimConfig, SamplingConfig, ToolConfig, TrainConfig
 from r1jax.data.tokenizer import ByteTokenizer
 from r1jax.errors import ConfigError, ToolError
-from r1jax.grpo import GRPOTrainer, group_advantages, grpo_loss, overlong_filter, sequence_logprobs
+from r1jax.grpo import GRPOTrainer
+from r1jax.loss import group_advantages, grpo_loss, overlong_filter, sequence_logprobs
 from r1jax.model import init_params
 from r1jax.sft import pack_examples, tokenize_tool_trace
 from r1jax.tool_rollout import ToolRollout, sample_with_tools, tool_metrics

@@ -436,7 +436,7 @@ def side_sft(args, impl: str) -> dict:
         import r1jax
         from r1jax import sft
         from r1jax.config import OptimConfig
-        from r1jax.grpo import make_optimizer
+        from r1jax.optim import make_optimizer
 
         model = r1jax.load(path)
         cfg = model.cfg
@@ -607,7 +607,10 @@ class Driver:
         warm = spawn(self.args, "grpo", "r1jax")
         after = len(list(cache.glob("*")))
         t = spawn(self.args, "grpo", "trl")
-        merged = spawn(self.args, "grpo", "r1jax", extra=("--lora-merge",)) if self.args.lora else None
+        merged = full = None
+        if self.args.lora:  # the adapters merged for sampling and log-probs, and full fine-tuning, in the same run
+            merged = spawn(self.args, "grpo", "r1jax", extra=("--lora-merge",))
+            full = spawn(self.args, "grpo", "r1jax", extra=("--lora", "0"))
         st = self._smollm2_stats()
         rows, plen, T, groups = o["rows"], o["prompt_len"], o["completion_len"], o["groups"]
         # FLOPs each side executes: r1jax prefills each prompt once and, with shared_prompt, runs it once per group
@@ -633,16 +636,26 @@ class Driver:
             jax_cache_entries=[before, mid, after],
             phases_r1jax=phases,
             update_mfu_r1jax=None if update is None else round(update / upd_s / self.peak, 3),
-            **(
-                {}
-                if merged is None
-                else {  # the sampler on adapters run unmerged vs merged once per step
-                    "sample_s_unmerged": phases["sample_s"],
-                    "sample_s_merged": round(statistics.median(p["sample_s"] for p in merged["phases"][1:]), 3),
-                    "step_s_merged": round(steady(merged["times"]), 3),
-                }
-            ),
+            **({} if merged is None else self._lora_extra(merged, full)),
         )
+
+    @staticmethod
+    def _lora_extra(merged: dict, full: dict) -> dict:
+        """The LoRA run (adapters unmerged) against the same with the adapters merged for the sampler and the
+        log-prob passes (``lora.merge_for_sampling``), and against full fine-tuning, in the same invocation."""
+
+        def phase(side, name):
+            return round(statistics.median(p[name] for p in side["phases"][1:] or side["phases"]), 3)
+
+        return {
+            "step_s_merged": round(steady(merged["times"]), 3),
+            "sample_s_merged": phase(merged, "sample_s"),
+            "logprob_s_merged": phase(merged, "logprob_s"),
+            "step_s_full_ft": round(steady(full["times"]), 3),
+            "update_s_full_ft": phase(full, "update_s"),
+            "rss_mb_full_ft": round(full["peak_rss_mb"]),
+            "rss_mb_merged": round(merged["peak_rss_mb"]),
+        }
 
     def sft(self):
         o = spawn(self.args, "sft", "r1jax")
