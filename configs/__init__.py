@@ -1,8 +1,10 @@
 """Run presets: each a function returning a frozen ``r1jax.config.TrainConfig``; the arithmetic is in comments.
 
 ``r1``: DeepSeek-R1's reasoning RL. ``dapo``: DAPO (clip-higher, token mean, dynamic sampling, overlong handling,
-no KL). ``dr_grpo``: Dr. GRPO (no std division, constant normaliser). ``tiny``: a CPU-sized model and run for tests
-and demos. ``smollm2_*``: GRPO on the real SmolLM2-135M-Instruct on a CPU.
+no KL). ``dr_grpo``: Dr. GRPO (no std division, constant normaliser). ``tiny_text`` and ``demo_*``: CPU-sized runs
+from scratch. ``smollm2_*``: GRPO on the real SmolLM2-135M-Instruct on a CPU. ``r1_distill_*`` and ``v3_671b``: R1's
+recipe at the shapes a TPU slice holds. ``tiny()`` / ``tiny_model()`` (a 64-token model for tests) are importable
+here but not a preset: they run only with a tokenizer that fits 64 tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "r1": r1,
     "dapo": dapo,
     "dr_grpo": dr_grpo,
-    "tiny": tiny,
     "tiny_text": tiny_text,
     "demo_sft": demo_sft,
     "demo_grpo": demo_grpo,

@@ -1,5 +1,8 @@
-"""A CPU-sized model and GRPO run for tests and demos: a 2-layer DeepSeek-V3-style model (MLA + sigmoid-routed MoE
-with a shared expert) over a 64-token vocabulary; a step takes well under a second on a laptop CPU after compiling.
+"""A CPU-sized model and GRPO run for tests: a 2-layer DeepSeek-V3-style model (MLA + sigmoid-routed MoE with a
+shared expert) over a 64-token vocabulary; a step takes well under a second on a laptop CPU after compiling.
+
+Not a preset of ``r1jax train``: no shipped tokenizer fits 64 tokens (the byte tokenizer has 259), so the tests feed
+it token ids directly or a character tokenizer of their own. ``tiny_text`` is this model over bytes.
 
 Batch: 4 prompts x G = 4 = 16 samples, one mini-batch, micro-batches of 8 (2 accumulation steps), completions of up
 to 8 tokens. lr 1e-2 (a tiny random model needs a large one to move in a few steps), no weight decay.
