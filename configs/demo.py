@@ -19,14 +19,13 @@ ffw 192: 2 x 320 x 64 + 2 x (64 x (64 + 32 + 32) + 64 x 64 + 3 x 64 x 192) = 41 
 
 Stages (step counts sized for the 15-minute budget; measured times land in runs/demo/summary.json):
 - ``demo_sft`` (cold start): 400 steps of 32 traces, lr 3e-3 with warmup and cosine decay. Short of convergence,
-  so the model is right on only part of the held-out problems and RL has room to improve it: greedy pass@1 was 19.5%
-  after 250 steps (too weak for RL: 4.5% sampled accuracy at temperature 1, most groups all-wrong) and 88.5% after
-  600 (little headroom left).
+  so the model is right on only part of the held-out problems and RL has room to improve it, yet strong enough that
+  sampled groups are not all wrong (the step counts tried: docs/performance.md, "CLI, data and demo").
 - ``demo_grpo``: 16 prompts x G = 8 = 128 samples per step, temperature 0.7 (the trained log-probs use the same
   temperature), lr 3e-5, rewards accuracy + format_strict (equal weight, as R1), clip 0.2 / 0.28, beta = 0.02,
-  one on-policy update per step. At temperature 1.0 / lr 1e-4 / beta 0.001 the policy drifted (KL ~0.3) and greedy
-  pass@1 fell. Rewards are scored in-process (``num_workers=0``): the demo's rewards are trusted numeric matches,
-  and a worker process would compete with JAX for the two cores.
+  one on-policy update per step: a setting at which the policy does not drift away from the SFT model (the
+  settings tried: docs/performance.md). Rewards are scored in-process (``num_workers=0``): the demo's rewards are
+  trusted numeric matches, and a worker process would compete with JAX for the two cores.
 - ``demo_distill``: SFT of the student from scratch on the correct traces rejection-sampled from the GRPO model.
 """
 
@@ -143,7 +142,7 @@ def demo_grpo() -> TrainConfig:
         ),
         sampling=SamplingConfig(temperature=0.7, top_p=1.0, max_new_tokens=MAX_LEN),
         rewards=RewardConfig(functions=("accuracy", "format_strict"), weights=(1.0, 1.0), num_workers=0),
-        optim=OptimConfig(lr=3e-5, weight_decay=0.0, max_grad_norm=1.0),  # 1e-4 drifts, 1e-3 collapses the policy
+        optim=OptimConfig(lr=3e-5, weight_decay=0.0, max_grad_norm=1.0),  # larger ones drift (docs/performance.md)
         data=DataConfig(name=DATA_DIR, template=TEMPLATE, max_prompt_tokens=32),
         checkpoint=CheckpointConfig(every=steps, keep=1),
     )
