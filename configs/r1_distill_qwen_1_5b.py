@@ -55,7 +55,7 @@ HF_CONFIG = {
 
 
 def model(**overrides) -> ModelConfig:
-    """Training precision: f32 parameters, bf16 matmuls, remat per layer."""
+    """Training precision: f32 parameters, bf16 matmuls, remat per layer, Pallas flash attention."""
     return training_model(HF_CONFIG, **overrides)
 
 

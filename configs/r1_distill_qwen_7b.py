@@ -22,7 +22,7 @@ v6e-8 (v6e:2x4, 8 x 32 GB; ``model``/``mesh``/``batch``): fsdp 8, one sequence p
     gradients): 91.4 / 8 = 11.4 GB per chip; the gradient accumulator adds 3.8 GB. The compiled policy update
     (``tools/aot_compile.py r1_distill_qwen_7b``: ``grpo.update_minibatch``) needs 24.5 GB per chip (77% of HBM) at
     4096 tokens (512 prompt + 3584 completion) with the Pallas flash kernel (no score matrices), est. 46.9% MFU.
-    With XLA attention it compiled to 29.2 GB (91%) at 4096 tokens, so the preset had used 3072 (28.4 GB, 89%).
+    With XLA attention 4096 tokens do not fit (the score matrices above; figures in docs/performance.md).
 v5e-8 (8 x 16 GB) does not hold the 7B update: even with bf16 parameters, gradients and moments the compiled update
     (XLA attention) needed 14.8-16.1 GB per chip (92-100%) for 1-2k-token sequences. Use v6e-8, v5p-8 or a v5e-16.
 H200 (``h200``, 141 GB, one GPU, memory arithmetic only: ``tools/aot_compile.py r1_distill_qwen_7b:h200``):
@@ -61,7 +61,7 @@ HF_CONFIG = {
 
 
 def model(**overrides) -> ModelConfig:
-    """Training precision: f32 parameters, bf16 matmuls, remat per layer."""
+    """Training precision: f32 parameters, bf16 matmuls, remat per layer, Pallas flash attention."""
     return training_model(HF_CONFIG, **overrides)
 
 

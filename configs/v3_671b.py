@@ -38,13 +38,12 @@ Roofline: 6 x 37 B x 1.05 M tokens = 2.30e17 FLOPs (head on completion tokens on
 Compiled (``tools/aot_compile.py v3_671b --reduced``: 2 of 61 layers, extrapolated; 1 dispatch round expected):
     17.8 GB per chip (19% of HBM). 1.80e14 FLOPs per chip (1.6x the model's 1.12e14: remat recompute, attention,
     the slack rows), 0.39 s at peak; 1.33e11 collective bytes, 0.22 s of ICI; 1.62e12 bytes accessed, 0.586 s at
-    2.765 TB/s: est. **41.7% MFU** (31.2% at 2 rounds), bound by bytes accessed. From 11.1% (6.1 TB accessed,
-    2.59e14 FLOPs), one MoE layer compiled alone went 104 GB accessed -> 48 (experts over expert x tensor with
-    sequence-parallel tokens: each chip dispatches only its own 512 tokens) -> 36 (the Pallas flash kernel under
-    shard_map: no [16, 4096, 4096] f32 scores) -> 29 (the residual stream sequence parallel); the step then went
-    2.07 TB -> 1.90 (expert rows kept through remat: the recompute ran every round's all-to-alls and grouped
-    matmuls again) -> 1.62 (the ragged all-to-all: rounds sized by what a shard receives in all, 1.05x the mean,
-    not by the busiest (chip, shard) pair, 1.9x, which took 2 rounds or a 2x slack).
+    2.765 TB/s: est. **41.7% MFU** (31.2% at 2 rounds), bound by bytes accessed. What keeps the bytes down: each
+    chip dispatches only its own 512 sequence-parallel tokens to experts split over expert x tensor; the Pallas
+    flash kernel runs under shard_map (no [16, 4096, 4096] f32 scores); the residual stream is sequence parallel;
+    remat keeps the expert rows (the recompute runs no all-to-alls or grouped matmuls); the ragged all-to-all sizes
+    a round by what a shard receives in all (1.05x the mean), not by the busiest (chip, shard) pair (1.9x).
+    How each of these moved the figures: docs/performance.md.
 
 v6e (``v6e_1024``): one v6e-256 slice cannot hold the state (671 B x 16 B / 256 = 42 GB > 32 GB per chip), so four
 slices over DCN: 1024 chips, mesh fsdp 32 (spans the slices) x expert 8 x tensor 4.
@@ -55,7 +54,7 @@ slices over DCN: 1024 chips, mesh fsdp 32 (spans the slices) x expert 8 x tensor
     Roofline: 6 x 37 B x 524 k / (1024 x 918e12) = 0.12 s at 100% MFU.
     Compiled (``v3_671b:v6e_1024 --step train --reduced``, 1 dispatch round expected): 25.2 GB per chip (79% of
     HBM); 1.74e14 FLOPs per chip, 0.19 s at peak; 2.64e11 collective bytes, 0.59 s of ICI (DCN not modelled);
-    2.96e12 bytes accessed, 1.81 s at 1.64 TB/s: 6.7% MFU (was 4.1%). Each chip holds 8 experts (1.4 GB of f32
+    2.96e12 bytes accessed, 1.81 s at 1.64 TB/s: 6.7% MFU. Each chip holds 8 experts (1.4 GB of f32
     weights per layer) for 512 tokens: gathering, converting and differentiating them is what the step reads.
 """
 

@@ -35,9 +35,10 @@ ragged-all-to-all is not supported"), so on CPU ``ragged_exchange`` emulates its
 The rounds are a ``while_loop`` with a data-dependent trip count, which reverse-mode cannot differentiate. The
 routed experts have a custom VJP (``_expert_parallel``): its residuals are the inputs and each device's expert rows
 (``EXPERT_ROWS``, kept by the model's remat policies, so a layer's recompute runs no rounds), and its backward is
-one loop over the same rounds recomputing each under ``jax.vjp`` (``sum_over_rounds``' backward; the ragged
-all-to-alls transpose to ragged all-to-alls). XLA counts a loop body once in its cost analysis, so a compiled
-program's FLOPs and collective bytes hold one round (``tools/aot_compile.py`` scales them by an expected R).
+one loop over the same rounds recomputing each under ``jax.vjp`` (``sum_over_rounds_vjp``; the ragged all-to-alls
+transpose to ragged all-to-alls). XLA counts a loop body once in its cost analysis, so a compiled program's FLOPs and
+collective bytes hold one round (``tools/aot_compile.py`` scales them by an expected R). In profiles and HLO
+metadata a round's ops sit under the name scope ``moe_round``.
 
 Expert weights enter the shard_map split over the group but whole along ``embed``: XLA all-gathers their fsdp shards
 before the layer and reduce-scatters their gradients after it, as FSDP does.
@@ -57,7 +58,6 @@ from jax.sharding import PartitionSpec
 
 from r1jax import moe, sharding
 
-EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 
 
@@ -176,7 +176,7 @@ def _expert_parallel(plan: _Static, x, weights, idx, w_gate, w_up, w_down):
     """The routed experts under ``shard_map``. Custom VJP: the residuals are the inputs and each device's expert
     output rows (``EXPERT_ROWS``, [T_l x k, d] per device; the model's remat policies keep them). So the forward
     loop of rounds runs once per step: a layer's remat recompute has no use for it, and the backward is one loop
-    (``sum_over_rounds``' backward: each round recomputed under ``jax.vjp``) with no forward loop ahead of it."""
+    (``sum_over_rounds_vjp``: each round recomputed under ``jax.vjp``) with no forward loop ahead of it."""
     return _forward_rows(plan, x, weights, idx, w_gate, w_up, w_down)[0]
 
 
@@ -248,7 +248,7 @@ def _device_forward(plan: _Static, x, weights, idx, *ws):
     xf, wf, idf = _flat(x, weights, idx)
     (xs, gates), (n_rounds, consts) = _prepare(plan, xf, wf, idf)
     ws = tuple(w.astype(x.dtype) for w in ws)
-    rows = _rounds_forward(_round_fn(plan), n_rounds, consts, (xs, *ws))
+    rows = sum_over_rounds(_round_fn(plan), n_rounds, consts, (xs, *ws))
     return _combine(plan, rows, gates.astype(x.dtype), consts[0], xf.shape[0]).reshape(x.shape), rows
 
 
@@ -264,7 +264,7 @@ def _device_backward(plan: _Static, x, weights, idx, w_gate, w_up, w_down, rows,
         lambda r, g: _combine(plan, r, g.astype(x.dtype), consts[0], xf.shape[0]), rows, prepared[1]
     )
     d_rows, d_gates = combine_vjp(ct.reshape(xf.shape))
-    d_xs, *d_ws = _sum_over_rounds_bwd(_round_fn(plan), (n_rounds, consts, (prepared[0], *ws)), d_rows)[2:]
+    d_xs, *d_ws = sum_over_rounds_vjp(_round_fn(plan), n_rounds, consts, (prepared[0], *ws), d_rows)
     dx, dw = prep_vjp((d_xs, d_gates))
     cts = (dx.reshape(x.shape), dw.reshape(weights.shape), *cast_vjp(tuple(d_ws)))
     over = [_replicated_over(s) for i, s in enumerate(plan.specs()) if i != 2]  # idx has no cotangent
@@ -310,7 +310,15 @@ def _vma(aval) -> frozenset:
     return frozenset(mat.varying) if mat is not None else frozenset()
 
 
-def _rounds_forward(round_fn, n_rounds, consts, args):
+def sum_over_rounds(round_fn: Callable, n_rounds: jax.Array, consts, args: tuple) -> jax.Array:
+    """``sum(round_fn(r, consts, *args) for r in range(n_rounds))`` for a traced ``n_rounds``, as a ``while_loop``
+    (``args``: float arrays; ``consts``: a pytree of integer arrays). Collectives inside ``round_fn`` must see the
+    same ``n_rounds`` on every device they connect.
+
+    Reverse-mode cannot differentiate the loop; ``sum_over_rounds_vjp`` is its backward. The two are separate
+    functions, not one ``custom_vjp``, because ``_expert_parallel``'s own custom VJP calls the backward directly: its
+    forward keeps the summed rows, so no forward loop runs ahead of the backward one."""
+
     def body(state):
         r, acc = state
         return r + 1, acc + round_fn(r, consts, *args)
@@ -319,25 +327,11 @@ def _rounds_forward(round_fn, n_rounds, consts, args):
     return jax.lax.while_loop(lambda s: s[0] < n_rounds, body, (jnp.int32(0), init))[1]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def sum_over_rounds(round_fn: Callable, n_rounds: jax.Array, consts, *args: jax.Array) -> jax.Array:
-    """``sum(round_fn(r, consts, *args) for r in range(n_rounds))`` for a traced ``n_rounds``, differentiable in
-    ``args`` (float arrays; ``consts`` is a pytree of integer arrays and gets no cotangent).
-
-    The forward is a ``while_loop``, which reverse-mode cannot differentiate, hence the custom VJP: the backward is a
-    second ``while_loop`` over the same rounds that recomputes each round under ``jax.vjp`` and accumulates its
-    cotangents (in float32), so the residuals are the inputs, never per-round buffers. Collectives inside
-    ``round_fn`` must see the same ``n_rounds`` on every device they connect.
-    """
-    return _rounds_forward(round_fn, n_rounds, consts, args)
-
-
-def _sum_over_rounds_fwd(round_fn, n_rounds, consts, *args):
-    return _rounds_forward(round_fn, n_rounds, consts, args), (n_rounds, consts, args)
-
-
-def _sum_over_rounds_bwd(round_fn, res, ct):
-    n_rounds, consts, args = res
+def sum_over_rounds_vjp(round_fn: Callable, n_rounds: jax.Array, consts, args: tuple, ct: jax.Array) -> tuple:
+    """The cotangents of ``args`` given ``ct``, the cotangent of ``sum_over_rounds(round_fn, n_rounds, consts,
+    args)``: a second ``while_loop`` over the same rounds that recomputes each round under ``jax.vjp`` and
+    accumulates its cotangents in float32 (cast back to each argument's dtype), so the only residuals are the
+    inputs, never per-round buffers."""
 
     def body(state):
         r, acc = state
@@ -346,12 +340,10 @@ def _sum_over_rounds_bwd(round_fn, res, ct):
 
     init = tuple(jnp.zeros_like(a, jnp.promote_types(a.dtype, jnp.float32)) for a in args)
     acc = jax.lax.while_loop(lambda s: s[0] < n_rounds, body, (jnp.int32(0), init))[1]
-    return (None, None, *(c.astype(a.dtype) for c, a in zip(acc, args, strict=True)))
+    return tuple(c.astype(a.dtype) for c, a in zip(acc, args, strict=True))
 
 
-sum_over_rounds.defvjp(_sum_over_rounds_fwd, _sum_over_rounds_bwd)
-
-
+@jax.named_scope("moe_round")
 def dispatch_round(r, plan, x, w_gate, w_up, w_down, *, cap: int, e_local: int, axis) -> jax.Array:
     """Round ``r`` on one device: every expert shard receives the rows at positions [r * cap, (r + 1) * cap) of
     what the group sends it (sources in order, each source's run contiguous); returns this device's result rows of

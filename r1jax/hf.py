@@ -26,7 +26,7 @@ import numpy as np
 
 from r1jax.config import Arch, ModelConfig, RopeConfig
 from r1jax.errors import CheckpointError
-from r1jax.model import ParamSpec, param_specs
+from r1jax.model import DENSE_LAYERS, MOE_LAYERS, ParamSpec, param_specs
 from r1jax.safetensors_io import SafetensorsFile, StreamWriter, iter_checkpoint_files, write_sharded
 
 COPY, LINEAR, LINEAR2 = "copy", "linear", "linear2"
@@ -134,8 +134,8 @@ def entries(cfg: ModelConfig, *, mtp: bool = False) -> list[Entry]:
 
     for key, path, tr in GLOBAL:
         add(key, (path,), (), tr)
-    layers = [("dense_layers", i, i, False) for i in range(cfg.n_dense_layers)]
-    layers += [("moe_layers", cfg.n_dense_layers + i, i, True) for i in range(cfg.n_moe_layers)]
+    layers = [(DENSE_LAYERS, i, i, False) for i in range(cfg.n_dense_layers)]
+    layers += [(MOE_LAYERS, cfg.n_dense_layers + i, i, True) for i in range(cfg.n_moe_layers)]
     for stack, hf_i, idx, is_moe in layers:
         for key, path, tr in _layer_rows(cfg, is_moe):
             _expand(add, f"model.layers.{hf_i}.{key}", (stack, *path.split("/")), (idx,), tr, cfg)

@@ -14,6 +14,9 @@ Design choices
   mscale softmax correction, applied whenever the config asks for YaRN (as transformers does).
 - Causal masking is by cache slot; ``start[b]`` (left padding) masks slots before a sequence begins, so padded and
   unpadded batches give the same results.
+- Profiles read by component: ``jax.named_scope`` names each block ``layer``, and inside it ``attention`` and
+  ``mlp`` or ``moe`` (``moe_round`` for each expert-parallel dispatch round); the final norm and output head are
+  ``head``. The names land in the HLO ops' metadata, so a ``jax.profiler`` trace groups its ops by them.
 
 Einsum alphabet: ``b`` batch, ``t`` query positions, ``s`` key positions, ``d`` d_model, ``h`` heads, ``g`` kv heads,
 ``r`` query heads per kv head, ``q`` q-LoRA rank, ``c`` kv latent rank, ``n`` nope head dim, ``p`` rope head dim,
@@ -37,7 +40,8 @@ from r1jax.cache import Cache
 from r1jax.config import AttentionImpl, ModelConfig, RopeConfig, RopeType
 
 Params = dict[str, Any]
-LAYER_STACKS = {"dense_layers": False, "moe_layers": True}  # stack name -> MoE blocks; run in this order
+DENSE_LAYERS, MOE_LAYERS = "dense_layers", "moe_layers"  # the layer stacks' names in the parameter tree
+LAYER_STACKS = {DENSE_LAYERS: False, MOE_LAYERS: True}  # stack name -> MoE blocks; run in this order
 RESIDUAL = ("batch", "seq", None)  # the residual stream's logical axes (sequence parallel over tensor on a mesh)
 # ModelConfig.remat_policy -> what a rematerialised layer saves for its backward pass besides its input. Both keep
 # the expert-parallel rows (``expert_parallel.EXPERT_ROWS``): recomputing them would repeat the all-to-alls. "dots":
@@ -153,9 +157,9 @@ def param_specs(cfg: ModelConfig, *, mtp: bool = False) -> dict:
     d = cfg.d_model
     specs: dict = {"embed": ParamSpec((cfg.vocab_size, d), ("vocab", "embed"))}
     if cfg.n_dense_layers:
-        specs["dense_layers"] = _stack(_block_specs(cfg, moe_layer=False), cfg.n_dense_layers)
+        specs[DENSE_LAYERS] = _stack(_block_specs(cfg, moe_layer=False), cfg.n_dense_layers)
     if cfg.n_moe_layers:
-        specs["moe_layers"] = _stack(_block_specs(cfg, moe_layer=True), cfg.n_moe_layers)
+        specs[MOE_LAYERS] = _stack(_block_specs(cfg, moe_layer=True), cfg.n_moe_layers)
     specs["final_norm"] = _norm(d, "embed")
     if not cfg.tie_embeddings:
         specs["lm_head"] = ParamSpec((d, cfg.vocab_size), ("embed", "vocab"))
@@ -278,8 +282,8 @@ def dense(w: Any) -> jax.Array:
 def linear(x: jax.Array, w: Any, n_in: int = 1, out_dtype=None) -> jax.Array:
     """``x[..., *in] @ w[*in, *out]`` -> [..., *out] (``in`` = the last ``n_in`` axes of x) as ONE 2-D matmul in x's
     dtype. Written this way, not as an einsum with batch axes, because XLA:CPU lays out the backward pass of
-    ``btd,df->btf`` with a transposed copy of every activation gradient (1.6x slower MLP backward); on TPU the
-    reshapes are free. A ``LoraWeight`` runs unmerged: ``x @ base + scale * (x @ a) @ b``; a quantised weight is
+    ``btd,df->btf`` with a transposed copy of every activation gradient (a slower MLP backward); on TPU the reshapes
+    are free. A ``LoraWeight`` runs unmerged: ``x @ base + scale * (x @ a) @ b``; a quantised weight is
     dequantised into the matmul."""
     if isinstance(w, LoraWeight):
         y = linear(x, w.base, n_in, out_dtype)
@@ -453,6 +457,7 @@ def _mla_qkv(p: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
     return q_nope, apply_rope(q_rope, positions, cfg), latent, k_rope
 
 
+@jax.named_scope("attention")
 def mla_attention(p: Params, x: jax.Array, positions: jax.Array, segment_ids, cfg: ModelConfig) -> jax.Array:
     """Training/scoring MLA over the sequence itself: latent expanded to per-head keys and values."""
     q_nope, q_rope, latent, k_rope = _mla_qkv(p, x, positions, cfg)
@@ -480,6 +485,7 @@ def _mla_decode_step(q_lat, q_rope, lat_cache, rope_cache, slots, valid_k, cfg: 
     return out[:, None]
 
 
+@jax.named_scope("attention")
 def mla_attention_cached(p: Params, x, positions, layer_cache: dict, slots, valid_k, cfg: ModelConfig):
     """Absorbed MLA against the compressed cache; writes this step's latent and rope key at ``slots[0]``."""
     q_nope, q_rope, latent, k_rope = _mla_qkv(p, x, positions, cfg)
@@ -528,11 +534,13 @@ def _gqa_out(p: Params, out: jax.Array) -> jax.Array:
     return y + p["o_bias"].astype(y.dtype) if "o_bias" in p else y
 
 
+@jax.named_scope("attention")
 def gqa_attention(p: Params, x: jax.Array, positions: jax.Array, segment_ids, cfg: ModelConfig) -> jax.Array:
     q, k, v = _gqa_qkv(p, x, positions, cfg)
     return _gqa_out(p, self_attention(q, k, v, positions, segment_ids, cfg))
 
 
+@jax.named_scope("attention")
 def gqa_attention_cached(p: Params, x, positions, layer_cache: dict, slots, valid_k, cfg: ModelConfig):
     q, k, v = _gqa_qkv(p, x, positions, cfg)
     start = slots[0, 0]
@@ -546,6 +554,7 @@ def gqa_attention_cached(p: Params, x, positions, layer_cache: dict, slots, vali
 
 
 # --- feed-forward ----------------------------------------------------------------------------------------------------
+@jax.named_scope("mlp")
 def mlp(p: Params, x: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate x) * up x)."""
     dt = x.dtype
@@ -557,6 +566,7 @@ def mlp(p: Params, x: jax.Array) -> jax.Array:
     return y + p["down_bias"].astype(dt) if "down_bias" in p else y
 
 
+@jax.named_scope("moe")
 def moe_layer(
     p: Params, x: jax.Array, cfg: ModelConfig, load_mask: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -576,6 +586,7 @@ def _ffn(p: Params, h: jax.Array, cfg: ModelConfig, moe_block: bool, load_mask=N
     return mlp(p["mlp"], h), jnp.zeros((max(cfg.n_experts, 1),), jnp.float32)
 
 
+@jax.named_scope("layer")
 def block(p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe_block: bool, load_mask=None):
     """Pre-norm residual block without a cache. Returns (x, expert load over the tokens in ``load_mask``)."""
     attn = mla_attention if cfg.is_mla else gqa_attention
@@ -585,6 +596,7 @@ def block(p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe
     return x + y, load
 
 
+@jax.named_scope("layer")
 def block_cached(
     p: Params, x, positions, layer_cache, slots, valid_k, cfg: ModelConfig, moe_block: bool, load_mask=None
 ):
@@ -648,8 +660,9 @@ def forward(
 
     Without ``cache``: positions default to 0..t-1; ``segment_ids`` int32[b, t] restricts attention to equal ids
     (packed sequences). With ``cache``: tokens are written at slots ``cache.index ..``; positions default to
-    ``slot - cache.start``. aux: ``expert_load`` f32[n_moe_layers, e], ``cache`` (updated), ``hidden`` (pre-norm
-    last hidden state, when ``return_hidden``). ``load_mask`` bool[b, t] restricts the expert load to real tokens.
+    ``slot - cache.start``. aux: ``expert_load`` f32[n_moe_layers, e] (None without MoE layers), ``cache`` (updated;
+    None without one), ``hidden`` (pre-norm last hidden state, when ``return_hidden``). ``load_mask`` bool[b, t]
+    restricts the expert load to real tokens.
     """
     b, t = tokens.shape
     dt = jnp.dtype(cfg.dtype)
@@ -680,7 +693,7 @@ def forward(
                 x, (load, layers[name]) = _scan_stack(fn, x, params[name], cfg, cache.layers[name])
                 stacks.append((name, load))
         new_cache = dataclasses.replace(cache, layers=layers, index=cache.index + t)
-    aux["expert_load"] = dict(stacks).get("moe_layers")
+    aux["expert_load"] = dict(stacks).get(MOE_LAYERS)
     aux["cache"] = new_cache
     if return_hidden:
         aux["hidden"] = x
@@ -692,6 +705,7 @@ def _cached_step(lp, h, lc, positions, slots, valid_k, cfg, is_moe, load_mask):
     return h, (load, lc)
 
 
+@jax.named_scope("head")
 def logits_from_hidden(params: Params, x: jax.Array, cfg: ModelConfig, norm: jax.Array | None = None) -> jax.Array:
     """Final norm and output head (tied to the embedding when ``tie_embeddings``) -> f32 logits. On a mesh the
     sequence is gathered first: the head is split over ``vocab`` (``tensor``), the sequence no longer."""
@@ -702,18 +716,22 @@ def logits_from_hidden(params: Params, x: jax.Array, cfg: ModelConfig, norm: jax
     return sharding.constrain(logits, ("batch", None, "vocab"))
 
 
-def mtp_logits(params: Params, hidden: jax.Array, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+def mtp_logits(
+    params: Params, hidden: jax.Array, tokens: jax.Array, cfg: ModelConfig, positions=None, segment_ids=None
+) -> jax.Array:
     """Multi-token prediction (DeepSeek-V3 section 2.2), depth D = n_mtp_layers.
 
     Module k combines the previous depth's hidden state at position i with the embedding of token i+k:
     ``h' = block(eh_proj([enorm(embed(t_{i+k+1})); hnorm(h_i)]))`` and predicts token i+k+2 through the shared head
-    (k = 0 .. D-1). Returns f32[D, b, t-D, V]: logits at depth k for positions 0 .. t-D-1.
+    (k = 0 .. D-1). Returns f32[D, b, t-D, V]: logits at depth k for positions 0 .. t-D-1. ``positions`` /
+    ``segment_ids`` [b, t] (packed rows) are the main forward's: each module attends within its segment.
     """
     depth = cfg.n_mtp_layers
     b, t = tokens.shape
     n = t - depth
     h = hidden[:, :n]
-    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)) if positions is None else positions[:, :n]
+    segment_ids = None if segment_ids is None else segment_ids[:, :n]
     out = []
     for k in range(depth):
         p = jax.tree.map(lambda a, k=k: a[k], params["mtp"])
@@ -722,7 +740,7 @@ def mtp_logits(params: Params, hidden: jax.Array, tokens: jax.Array, cfg: ModelC
             [rms_norm(emb, p["enorm"], cfg.rms_norm_eps), rms_norm(h, p["hnorm"], cfg.rms_norm_eps)], -1
         )
         h = linear(cat, p["eh_proj"])
-        h, _ = block(p["block"], h, positions, None, cfg, cfg.is_moe)
+        h, _ = block(p["block"], h, positions, segment_ids, cfg, cfg.is_moe)
         out.append(logits_from_hidden(params, h, cfg, norm=p["head_norm"]))
     return jnp.stack(out)
 
@@ -733,15 +751,43 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def mtp_loss(params: Params, hidden: jax.Array, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Mean over depths of the masked next-(k+1)-token cross-entropy (multiply by lambda = 0.3 / 0.1 in training)."""
-    depth = cfg.n_mtp_layers
-    logits = mtp_logits(params, hidden, tokens, cfg)
-    n = tokens.shape[1] - depth
-    losses = []
+def mtp_mask(loss_mask: jax.Array, segment_ids: jax.Array | None, depth: int) -> jax.Array:
+    """f32[D, b, t - D]: where depth k's prediction at position i counts. It predicts ``targets[i + k + 1]`` (the
+    token k + 2 after ``tokens[i]``), which counts when the loss mask has it and, in packed rows, when it lies in
+    position i's own example."""
+    n = loss_mask.shape[1] - depth
+    out = []
     for k in range(depth):
-        tgt = tokens[:, k + 2 : k + 2 + n]
-        lg = logits[k][:, : tgt.shape[1]]
-        m = mask[:, k + 2 : k + 2 + n].astype(jnp.float32)
-        losses.append(-(token_logprobs(lg, tgt) * m).sum() / jnp.maximum(m.sum(), 1.0))
-    return jnp.mean(jnp.stack(losses))
+        m = loss_mask[:, k + 1 : k + 1 + n] != 0
+        if segment_ids is not None:
+            m = m & (segment_ids[:, :n] == segment_ids[:, k + 1 : k + 1 + n]) & (segment_ids[:, :n] > 0)
+        out.append(m)
+    return jnp.stack(out).astype(jnp.float32)
+
+
+def mtp_loss(
+    params: Params,
+    hidden: jax.Array,
+    tokens: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions=None,
+    segment_ids=None,
+    counts: jax.Array | None = None,
+) -> jax.Array:
+    """(1 / D) sum_k of depth k's cross-entropy, the V3 MTP loss before its weight lambda (0.3, later 0.1).
+
+    ``tokens`` / ``targets`` [b, t] are the main model's inputs and next tokens (``targets[i] = tokens[i + 1]``);
+    ``mask`` is ``mtp_mask``'s; ``counts`` f32[D] the normaliser of each depth (default: the mask's sums; under
+    gradient accumulation pass the whole batch's, so the micro-batch losses sum to the batch loss)."""
+    depth = cfg.n_mtp_layers
+    logits = mtp_logits(params, hidden, tokens, cfg, positions, segment_ids)
+    n = tokens.shape[1] - depth
+    counts = jnp.sum(mask, axis=(1, 2)) if counts is None else counts
+    total = jnp.zeros((), jnp.float32)
+    for k in range(depth):
+        nll = jnp.where(mask[k] != 0, -token_logprobs(logits[k], targets[:, k + 1 : k + 1 + n]), 0.0)
+        total = total + jnp.sum(nll) / jnp.maximum(counts[k], 1.0)
+    return total / depth

@@ -7,7 +7,7 @@ prompt forward plus G decodes. Decoding is one jitted ``lax.while_loop`` that ex
 Log-probabilities. The sampler reports, for every sampled token, ``log_softmax(logits / tau)`` with tau the sampling
 temperature (tau = 1 when greedy): the log-probability under the *tempered, unfiltered* policy. top-k / top-p only
 restrict what can be drawn; they are not part of the policy being trained (as in TRL and verl). The trainer's
-``r1jax.grpo.sequence_logprobs`` computes exactly this quantity with a teacher-forced forward, so sampler and trainer
+``r1jax.loss.sequence_logprobs`` computes exactly this quantity with a teacher-forced forward, so sampler and trainer
 log-probs agree to float rounding (tested at rel 1e-4 in float32) and ``old_logp`` has one definition.
 
 Stopping. A row ends after a token in ``stop_ids`` (EOS) or when its last tokens equal one of the ``stop_seqs``

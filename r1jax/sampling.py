@@ -36,8 +36,9 @@ def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     """One draw per row from softmax(logits f32[b, V]) -> int32[b]; -inf logits are never drawn.
 
     On CPU by inverting the CDF with one uniform per row: ``jax.random.categorical`` draws V Gumbel variates per row,
-    and generating them costs XLA:CPU ~10 ms per decode step at [16, 49152] (a fifth of a SmolLM2 step). Elsewhere
-    Gumbel-max (``jax.random.categorical``). Same distribution, different random streams.
+    and generating them is a large share of an XLA:CPU decode step at a real vocabulary (figures in
+    docs/performance.md). Elsewhere Gumbel-max (``jax.random.categorical``). Same distribution, different random
+    streams.
     """
     return jax.lax.platform_dependent(
         key, logits, cpu=_inverse_cdf, default=lambda k, lg: jax.random.categorical(k, lg, axis=-1).astype(jnp.int32)

@@ -67,7 +67,7 @@ def validate_rules(rules: Mapping[str, Sequence[str]] = RULES) -> None:
         if len(set(axes)) != len(axes):
             raise ValueError(f"rule {noun!r} names a mesh axis twice: {axes}")
     if "tensor" in rules.get("batch", ()):
-        raise ValueError("batch must not be split over 'tensor' (tensor-parallel activations are replicated)")
+        raise ValueError("batch must not be split over 'tensor' (it splits the heads, ffw and sequence of one row)")
 
 
 validate_rules()

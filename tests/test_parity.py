@@ -12,7 +12,7 @@ import torch
 import r1jax
 from r1jax import hf
 from r1jax.checkpoint import convert
-from r1jax.model import forward
+from r1jax.model import MOE_LAYERS, forward
 from tests import hf_tiny
 
 REL = 1e-4
@@ -116,9 +116,9 @@ def test_load_onto_mesh(tmp_path):
     mesh = make_mesh({"fsdp": 2, "tensor": 2, "expert": 2})
     model = r1jax.load(str(tmp_path / "m"), mesh=mesh)
     params = model.param_dict()
-    kv_b = params["moe_layers"]["attn"]["kv_b"]  # [layers, c, heads, n + v]: heads over tensor
+    kv_b = params[MOE_LAYERS]["attn"]["kv_b"]  # [layers, c, heads, n + v]: heads over tensor
     assert kv_b.addressable_shards[0].data.shape[2] == kv_b.shape[2] // 2
-    experts = params["moe_layers"]["mlp"]["experts"]["gate"]  # [layers, experts, d, f]: over expert x tensor
+    experts = params[MOE_LAYERS]["mlp"]["experts"]["gate"]  # [layers, experts, d, f]: over expert x tensor
     assert experts.addressable_shards[0].data.shape[1] == experts.shape[1] // 4
     tokens = np.random.RandomState(5).randint(3, 96, (2, 8))
     np.testing.assert_array_less(rel_err(model(tokens), hf_tiny.hf_logits(ref, tokens)), REL)

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from r1jax import sharding
 from r1jax.config import ModelConfig
-from r1jax.model import ParamSpec, forward, init_params, param_specs, token_logprobs
+from r1jax.model import MOE_LAYERS, ParamSpec, forward, init_params, param_specs, token_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,8 +55,8 @@ def reference():
     for name, cfg in MODELS.items():
         params = init_params(cfg, jax.random.key(0), std=0.2)
         if cfg.is_moe:  # a non-zero correction bias, so selection differs from plain top-k
-            bias = jax.random.normal(jax.random.key(2), params["moe_layers"]["mlp"]["router_bias"].shape) * 0.1
-            params["moe_layers"]["mlp"]["router_bias"] = bias
+            bias = jax.random.normal(jax.random.key(2), params[MOE_LAYERS]["mlp"]["router_bias"].shape) * 0.1
+            params[MOE_LAYERS]["mlp"]["router_bias"] = bias
         tokens = jax.random.randint(jax.random.key(1), (8, 8), 0, cfg.vocab_size, jnp.int32)
         params = jax.device_put(params, jax.devices()[0])
         out[name] = (params, tokens, jax.jit(partial(_step, cfg=cfg))(params, tokens))
@@ -92,7 +92,7 @@ def test_sharded_equals_single_device(reference, model, mesh_name):
 
 def test_expert_weights_split_over_expert_and_tensor_axes():
     mesh = sharding.make_mesh({"expert": 4, "fsdp": 2})
-    spec = param_specs(V3)["moe_layers"]["mlp"]["experts"]["gate"]  # [L, e, d, f]
+    spec = param_specs(V3)[MOE_LAYERS]["mlp"]["experts"]["gate"]  # [L, e, d, f]
     assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, "expert", "fsdp", None)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert sharding.logical_to_spec(spec.axes, spec.shape, mesh) == PartitionSpec(None, "tensor", "fsdp", None)
@@ -282,6 +282,8 @@ def test_ragged_exchange_on_cpu_follows_ragged_all_to_all():
 
 
 def test_sum_over_rounds_value_and_gradient_match_a_python_loop():
+    """The loop of dispatch rounds and its backward, as ``expert_parallel``'s custom VJP runs them (the forward's sum,
+    then ``sum_over_rounds_vjp`` with its cotangent), against ``jax.value_and_grad`` of a Python loop."""
     from r1jax import expert_parallel
 
     def round_fn(r, consts, a, b):  # round r touches row consts[r] only
@@ -293,13 +295,15 @@ def test_sum_over_rounds_value_and_gradient_match_a_python_loop():
     rows = jnp.array([4, 0, 2, 1, 3], jnp.int32)
 
     def rounds(a, b, n):
-        return jnp.sum(expert_parallel.sum_over_rounds(round_fn, n, rows, a, b) ** 2)
+        total = expert_parallel.sum_over_rounds(round_fn, n, rows, (a, b))
+        grads = expert_parallel.sum_over_rounds_vjp(round_fn, n, rows, (a, b), 2 * total)  # d sum(total**2)
+        return jnp.sum(total**2), grads
 
     def loop(a, b, n):
         return jnp.sum(sum((round_fn(r, rows, a, b) for r in range(n)), jnp.zeros_like(a)) ** 2)
 
     for n in (0, 1, 3):
-        v, g = jax.jit(jax.value_and_grad(rounds, argnums=(0, 1)))(a, b, jnp.int32(n))
+        v, g = jax.jit(rounds)(a, b, jnp.int32(n))
         v0, g0 = jax.value_and_grad(loop, argnums=(0, 1))(a, b, n)
         np.testing.assert_allclose(v, v0, rtol=1e-6)
         for x, y in zip(g, g0, strict=True):

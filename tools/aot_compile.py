@@ -58,8 +58,19 @@ from jax.sharding import NamedSharding, PartitionSpec
 from r1jax import expert_parallel, lora, moe, sharding
 from r1jax.cache import Cache, layer_shapes
 from r1jax.config import LoraConfig, ModelConfig, TrainConfig
-from r1jax.grpo import TrainBatch, make_optimizer, opt_shardings, update_minibatch
-from r1jax.model import REMAT_POLICIES, RESIDUAL, ParamSpec, block, block_cached, forward, param_specs
+from r1jax.grpo import TrainBatch, update_minibatch
+from r1jax.model import (
+    DENSE_LAYERS,
+    MOE_LAYERS,
+    REMAT_POLICIES,
+    RESIDUAL,
+    ParamSpec,
+    block,
+    block_cached,
+    forward,
+    param_specs,
+)
+from r1jax.optim import make_optimizer, opt_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,13 +198,12 @@ def compile_train(cfg: ModelConfig, mesh, tc: TrainConfig):
 def _cache_abstract(cfg: ModelConfig, mesh, batch: int, cache_len: int):
     dt = jnp.dtype(cfg.dtype)
     layers = {}
-    for stack, n in (("dense_layers", cfg.n_dense_layers), ("moe_layers", cfg.n_moe_layers)):
-        if n:
-            layers[stack] = {}
-            for k, shape in layer_shapes(cfg, batch, cache_len).items():
-                full = (n, *shape)
-                spec = sharding.logical_to_spec(("layers", "batch", *[None] * (len(shape) - 1)), full, mesh)
-                layers[stack][k] = jax.ShapeDtypeStruct(full, dt, sharding=NamedSharding(mesh, spec))
+    for stack, n in _stacks(cfg).items():
+        layers[stack] = {}
+        for k, shape in layer_shapes(cfg, batch, cache_len).items():
+            full = (n, *shape)
+            spec = sharding.logical_to_spec(("layers", "batch", *[None] * (len(shape) - 1)), full, mesh)
+            layers[stack][k] = jax.ShapeDtypeStruct(full, dt, sharding=NamedSharding(mesh, spec))
     rep = NamedSharding(mesh, PartitionSpec())
     return Cache(
         layers=layers,
@@ -237,7 +247,7 @@ def _block_flops(
 ) -> tuple[float, float, float]:
     """FLOPs, collective bytes and bytes accessed of one layer of ``stack`` (train: forward, remat recompute and
     backward as the scan runs them, the backward for the adapters alone with ``lcfg``; decode: one cached step)."""
-    moe_block = stack == "moe_layers"
+    moe_block = stack == MOE_LAYERS
     specs = _layer_specs(cfg, stack)
     psh = sharding.param_shardings(specs, mesh)
     dt = jnp.dtype(cfg.dtype)
@@ -388,7 +398,8 @@ def _dispatch_round_cost(
 
 
 def _stacks(cfg: ModelConfig) -> dict[str, int]:
-    return {k: n for k, n in (("dense_layers", cfg.n_dense_layers), ("moe_layers", cfg.n_moe_layers)) if n}
+    """Layers per stack (``model.LAYER_STACKS``), for the stacks the model has."""
+    return {k: n for k, n in ((DENSE_LAYERS, cfg.n_dense_layers), (MOE_LAYERS, cfg.n_moe_layers)) if n}
 
 
 def reduced_config(cfg: ModelConfig) -> ModelConfig:
@@ -460,7 +471,7 @@ def _saved_per_layer(cfg: ModelConfig, mesh, stack: str, b: int, t: int) -> floa
     spec = sharding.logical_to_spec(RESIDUAL, (b, t, cfg.d_model), mesh)
     saved = b * t * cfg.d_model * item / sharding.shard_count(spec, mesh)
     lay = expert_parallel.layout((b, t), cfg.n_experts, cfg.d_model, cfg.moe_ffw, mesh) if cfg.is_moe else None
-    if stack == "moe_layers" and lay is not None:
+    if stack == MOE_LAYERS and lay is not None:
         saved += lay.tokens * cfg.experts_per_token * cfg.d_model * item
     return saved
 
