@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.config import DENSE_LAYERS, MOE_LAYERS, ModelConfig
 
 
 @jax.tree_util.register_dataclass
@@ -43,7 +43,7 @@ def layer_shapes(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, tuple[
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, start: jax.Array | None = None, dtype=None) -> Cache:
     """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + generation)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    stacks = {"dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers}
+    stacks = {DENSE_LAYERS: cfg.n_dense_layers, MOE_LAYERS: cfg.n_moe_layers}
     layers = {
         name: {k: jnp.zeros((n, *shape), dtype) for k, shape in layer_shapes(cfg, batch, max_len).items()}
         for name, n in stacks.items()

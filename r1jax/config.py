@@ -59,6 +59,9 @@ def _as_enum(enum_cls: type[enum.Enum], value: object, field: str) -> enum.Enum:
         raise ValueError(f"{field}={value!r}: expected one of {choices}") from None
 
 
+DENSE_LAYERS, MOE_LAYERS = "dense_layers", "moe_layers"  # the layer stacks' names in the parameter tree
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding and its context-extension scaling (HF ``rope_scaling`` / ``rope_parameters``)."""

@@ -33,7 +33,7 @@ from r1jax.loss import (
     trained_groups,
     zero_variance_groups,
 )
-from r1jax.model import Params
+from r1jax.model import MOE_LAYERS, Params
 from r1jax.optim import (
     accumulate_and_apply,
     lr_schedule,
@@ -152,7 +152,7 @@ def update_minibatch(
     if stats["load"] is not None:
         load = stats["load"]
         metrics["moe/load_max_over_mean"] = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
-        metrics["moe/bias_abs_mean"] = jnp.mean(jnp.abs(params["moe_layers"]["mlp"]["router_bias"]))
+        metrics["moe/bias_abs_mean"] = jnp.mean(jnp.abs(params[MOE_LAYERS]["mlp"]["router_bias"]))
     if mesh is not None:
         opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings(opt_state, params, model_cfg, mesh))
         params = jax.lax.with_sharding_constraint(params, lora.shardings(params, model_cfg, mesh))

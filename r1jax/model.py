@@ -37,10 +37,9 @@ from flax import nnx
 
 from r1jax import expert_parallel, moe, sharding
 from r1jax.cache import Cache
-from r1jax.config import AttentionImpl, ModelConfig, RopeConfig, RopeType
+from r1jax.config import DENSE_LAYERS, MOE_LAYERS, AttentionImpl, ModelConfig, RopeConfig, RopeType
 
 Params = dict[str, Any]
-DENSE_LAYERS, MOE_LAYERS = "dense_layers", "moe_layers"  # the layer stacks' names in the parameter tree
 LAYER_STACKS = {DENSE_LAYERS: False, MOE_LAYERS: True}  # stack name -> MoE blocks; run in this order
 RESIDUAL = ("batch", "seq", None)  # the residual stream's logical axes (sequence parallel over tensor on a mesh)
 # ModelConfig.remat_policy -> what a rematerialised layer saves for its backward pass besides its input. Both keep

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from r1jax import lora, moe
 from r1jax.config import ModelConfig, OptimConfig
-from r1jax.model import Params
+from r1jax.model import MOE_LAYERS, Params
 
 Array = jax.Array
 
@@ -106,11 +106,11 @@ def stop_router_bias(params: Params) -> Params:
 def update_router_bias(params: Params, load: Array | None, gamma: float) -> Params:
     """Aux-loss-free balancing: move the MoE router bias [L, e] against each expert's load deviation (``load`` is
     the global load f32[L, e] of the batch just trained on)."""
-    if load is None or not gamma or "moe_layers" not in params:
+    if load is None or not gamma or MOE_LAYERS not in params:
         return params
-    mlp = params["moe_layers"]["mlp"]
+    mlp = params[MOE_LAYERS]["mlp"]
     new_mlp = {**mlp, "router_bias": moe.balance_bias(mlp["router_bias"], load, gamma).astype(mlp["router_bias"].dtype)}
-    return {**params, "moe_layers": {**params["moe_layers"], "mlp": new_mlp}}
+    return {**params, MOE_LAYERS: {**params[MOE_LAYERS], "mlp": new_mlp}}
 
 
 def opt_shardings(opt_state: Any, params: Params, cfg: ModelConfig, mesh: Mesh):

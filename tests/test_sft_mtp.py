@@ -12,16 +12,17 @@ import pytest
 import configs
 from r1jax.cli import main
 from r1jax.config import MtpConfig, OptimConfig, Stage, TrainConfig
-from r1jax.model import init_params, mtp_loss, mtp_mask
+from r1jax.model import forward, init_params, mtp_loss, mtp_mask
 from r1jax.optim import make_optimizer
 from r1jax.sft import mtp_token_counts, pack_examples, sft_loss, sft_step
 
-CFG = configs.tiny_model().replace(n_mtp_layers=2)
+CFG = configs.tiny_model().replace(n_mtp_layers=1)  # V3's depth
+DEEP = CFG.replace(n_mtp_layers=2)
 EXAMPLES = [([2, 3, 4], [5, 6, 7, 8, 1]), ([9, 10], [11, 12, 13, 1]), ([14], [15, 16, 17, 18, 19, 1])]
 
 
-def _params(seed=0):
-    return jax.jit(lambda k: init_params(CFG, k, mtp=True))(jax.random.key(seed))
+def _params(cfg=CFG, seed=0):
+    return jax.jit(lambda k: init_params(cfg, k, mtp=True))(jax.random.key(seed))
 
 
 def _batch(examples, seq_len, rows=None):
@@ -30,27 +31,25 @@ def _batch(examples, seq_len, rows=None):
 
 @jax.jit
 def _mtp(params, batch, counts):
-    from r1jax.model import forward
-
-    _, aux = forward(params, batch["tokens"], CFG, positions=batch["positions"], segment_ids=batch["segment_ids"],
+    _, aux = forward(params, batch["tokens"], DEEP, positions=batch["positions"], segment_ids=batch["segment_ids"],
                      return_hidden=True)  # fmt: skip
-    mask = mtp_mask(batch["loss_mask"], batch["segment_ids"], CFG.n_mtp_layers)
-    return mtp_loss(params, aux["hidden"], batch["tokens"], batch["targets"], mask, CFG,
+    mask = mtp_mask(batch["loss_mask"], batch["segment_ids"], DEEP.n_mtp_layers)
+    return mtp_loss(params, aux["hidden"], batch["tokens"], batch["targets"], mask, DEEP,
                     positions=batch["positions"], segment_ids=batch["segment_ids"], counts=counts)  # fmt: skip
 
 
 def test_packed_mtp_loss_equals_each_example_alone():
-    params = _params()
+    params = _params(DEEP)  # two depths: the second predicts three tokens ahead
     packed = _batch(EXAMPLES, seq_len=24)  # all three in one row
     alone = _batch(EXAMPLES, seq_len=10)  # one example per row (each needs > 5 slots)
     assert packed["tokens"].shape[0] == 1 and alone["tokens"].shape[0] == 3
-    counts = mtp_token_counts(packed, CFG.n_mtp_layers)
-    np.testing.assert_array_equal(counts, mtp_token_counts(alone, CFG.n_mtp_layers))
+    counts = mtp_token_counts(packed, DEEP.n_mtp_layers)
+    np.testing.assert_array_equal(counts, mtp_token_counts(alone, DEEP.n_mtp_layers))
     # depth k at slot i scores the target of slot j = i + k + 1 of the same example: the completion targets j
     # (slots P - 1 .. P + C - 2 of an example with P prompt and C completion tokens) with j >= k + 1
     want = [
         sum(1 for prompt, comp in EXAMPLES for j in range(len(prompt) - 1, len(prompt) + len(comp) - 1) if j >= k + 1)
-        for k in range(CFG.n_mtp_layers)
+        for k in range(DEEP.n_mtp_layers)
     ]
     np.testing.assert_array_equal(counts, want)
     a, b = float(_mtp(params, packed, counts)), float(_mtp(params, alone, counts))
