@@ -101,19 +101,37 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds, e.g. 0,1,2")
+    return seeds
+
+
 def _cmd_demo(args) -> int:
     out = args.out or ("runs/demo_search" if args.task == "search" else "runs/demo")
+    if args.seeds and args.task == "search":
+        from r1jax.errors import ConfigError
+
+        raise ConfigError("--seeds runs the addition demo; the search demo takes one --seed")
     if args.task == "search":
         from r1jax.search_demo import SearchPlan, run_search_demo
 
         plan = SearchPlan(sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, seed=args.seed)
         run_search_demo(out, args.minutes_budget, plan=plan, progress=not args.no_progress)
     else:
-        from r1jax.demo import DemoPlan, run_demo
+        from r1jax.demo import DemoPlan, run_demo, run_seeds
 
         plan = DemoPlan(
             sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, distill_steps=args.distill_steps, seed=args.seed
         )
+        if args.seeds:
+            run_seeds(out, args.seeds, args.minutes_budget, plan=plan, progress=not args.no_progress)
+            print(f"wrote {os.path.join(out, 'seeds.json')}", file=sys.stderr)
+            return 0
         run_demo(out, args.minutes_budget, plan=plan, progress=not args.no_progress)
     print(f"wrote {os.path.join(out, 'summary.json')}", file=sys.stderr)
     return 0
@@ -177,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grpo-steps", type=int, default=None)
     d.add_argument("--distill-steps", type=int, default=None, help="addition only")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        metavar="S,S,...",
+        help="addition: one demo per seed into OUT/seed_S and the table across them in OUT/seeds.md",
+    )
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_cmd_demo)
     return p

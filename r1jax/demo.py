@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,7 @@ def run_demo(
     log(f"[demo]     distill pass@1 {stages['distill']['eval']['pass@1']:.3f} ({elapsed():.1f} min)")
 
     log("[demo] 4/4 reports")
-    from r1jax.report import write_report
+    from r1jax.report import machine, write_report
 
     for name in ("sft", "grpo", "distill"):
         stages[name]["report"] = str(write_report(out / name))
@@ -266,7 +267,7 @@ def run_demo(
         "within_budget": minutes <= minutes_budget,
         "eval": {"n_problems": len(test), "k": 1, "temperature": 0.0, "metric": "greedy pass@1, accuracy reward"},
         "task": f"{plan.digits}-digit addition over bytes, R1 format <think> column sums </think> <answer> N </answer>",
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "machine": machine(),
         "stages": stages,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
@@ -275,6 +276,57 @@ def run_demo(
     if minutes > minutes_budget:
         log(f"[demo] warning: {minutes:.1f} min exceeds the {minutes_budget:g}-minute budget")
     return summary
+
+
+SEED_KEYS = ("sft_pass@1", "grpo_pass@1", "distill_pass@1", "grpo_gain_points")
+GAIN_TARGET_POINTS = 10.0  # GRPO over the cold start, on every seed
+
+
+def run_seeds(
+    out_dir: str | os.PathLike, seeds: Sequence[int], minutes_budget: float = 15.0, *, plan: DemoPlan | None = None,
+    progress: bool = True, log=print,
+) -> dict:  # fmt: skip
+    """The demo once per seed into ``out_dir/seed_<s>`` (the seed sets the problems drawn, the initialisation, the
+    data order and the sampler's stream), then the table across seeds in ``out_dir/seeds.json`` and ``seeds.md``:
+    every stage's pass@1 and GRPO's gain over SFT per seed, with their mean and minimum."""
+    plan = plan or DemoPlan()
+    runs = {s: run_demo(Path(out_dir) / f"seed_{s}", minutes_budget, plan=dataclasses.replace(plan, seed=s),
+                        progress=progress, log=log) for s in seeds}  # fmt: skip
+    table = {
+        k: {"per_seed": {s: r[k] for s, r in runs.items()}, "mean": float(np.mean([r[k] for r in runs.values()])),
+            "min": float(min(r[k] for r in runs.values()))}
+        for k in SEED_KEYS
+    }  # fmt: skip
+    summary = {
+        "seeds": list(seeds),
+        "table": table,
+        "gain_target_points": GAIN_TARGET_POINTS,
+        "every_seed_meets_target": table["grpo_gain_points"]["min"] >= GAIN_TARGET_POINTS,
+        "minutes": {s: r["minutes"] for s, r in runs.items()},
+        "machine": runs[seeds[0]]["machine"],
+    }
+    Path(out_dir, "seeds.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    Path(out_dir, "seeds.md").write_text(seed_table(summary) + "\n")
+    log(seed_table(summary))
+    return summary
+
+
+def seed_table(summary: dict) -> str:
+    """The across-seeds table as Markdown: one row per seed, then the mean and the minimum."""
+    t, seeds = summary["table"], summary["seeds"]
+    lines = ["| seed | SFT | GRPO | distill | GRPO - SFT (points) | minutes |", "|---|---|---|---|---|---|"]
+    for s in seeds:
+        v = [100 * t[k]["per_seed"][s] for k in SEED_KEYS[:3]]
+        lines.append(f"| {s} | {v[0]:.1f}% | {v[1]:.1f}% | {v[2]:.1f}% | {t['grpo_gain_points']['per_seed'][s]:+.1f} | "
+                     f"{summary['minutes'][s]:.1f} |")  # fmt: skip
+    for stat in ("mean", "min"):
+        v = [100 * t[k][stat] for k in SEED_KEYS[:3]]
+        lines.append(f"| {stat} | {v[0]:.1f}% | {v[1]:.1f}% | {v[2]:.1f}% | {t['grpo_gain_points'][stat]:+.1f} | |")
+    m = summary["machine"]
+    lines.append(f"\n{m['cpus']} x {m['cpu_model']}, 1-minute load {m['load_avg_1m']}; GRPO gain target "
+                 f"{summary['gain_target_points']:+.0f} points on every seed: "
+                 f"{'met' if summary['every_seed_meets_target'] else 'not met'}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _json_default(x):

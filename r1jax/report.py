@@ -21,6 +21,28 @@ from pathlib import Path
 
 from r1jax.errors import R1jaxError
 
+
+def machine() -> dict:
+    """What a measured figure was measured on: CPU count and model, the 1-minute load, and the library versions
+    (float order, and so the demos' bitwise results, depends on all of them)."""
+    import platform
+    from importlib import metadata
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for pkg in ("r1jax", "jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpus": os.cpu_count(), "cpu_model": model, "load_avg_1m": round(os.getloadavg()[0], 2),
+            "versions": versions}  # fmt: skip
+
 # (family, substrings): a key joins the first family one of whose substrings it contains
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward", ("reward",)),

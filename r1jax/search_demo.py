@@ -196,7 +196,7 @@ def run_search_demo(
     """Run the search miniature into ``out_dir`` (its stage directories are replaced) and return the summary that is
     also written to ``out_dir/summary.json``."""
     from r1jax.demo import _json_default, _params, _stage_config, _train, fresh_output
-    from r1jax.report import write_report
+    from r1jax.report import machine, write_report
 
     plan = plan or SearchPlan()
     t_start = time.perf_counter()
@@ -263,7 +263,7 @@ def run_search_demo(
         },
         "task": "two-hop questions about invented people; facts only in a BM25-searched corpus; test people unseen",
         "data": sizes,
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "machine": machine(),
         "stages": stages,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))

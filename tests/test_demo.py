@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from r1jax.config import RewardConfig
 from r1jax.demo import DemoPlan, addition_trace, make_addition_data, run_demo
 from r1jax.rewards.format import format_strict
@@ -67,3 +69,38 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert on_disk["stages"]["distill"]["rejection_sampling"]["kept"] == 8  # 4 prompts x 2 samples, all kept
     assert (tmp_path / "demo" / "report.md").exists() and (tmp_path / "demo" / "pass_at_1.png").exists()
     assert "GRPO over SFT" in lines[-1] or any("GRPO over SFT" in x for x in lines)
+
+
+def test_seeds_table_reports_each_seed_mean_and_min(tmp_path, monkeypatch):
+    import r1jax.demo as demo
+    from r1jax.report import machine
+
+    got = {0: (0.60, 0.75, 0.40), 1: (0.55, 0.64, 0.35), 2: (0.70, 0.83, 0.45)}  # sft, grpo, distill
+
+    def fake_run(out, budget, *, plan, progress, log):
+        sft, grpo, distill = got[plan.seed]
+        return {"sft_pass@1": sft, "grpo_pass@1": grpo, "distill_pass@1": distill,
+                "grpo_gain_points": 100 * (grpo - sft), "minutes": 9.0 + plan.seed, "machine": machine()}  # fmt: skip
+
+    monkeypatch.setattr(demo, "run_demo", fake_run)
+    s = demo.run_seeds(tmp_path, [0, 1, 2], plan=DemoPlan(), log=lambda _: None)
+    gain = s["table"]["grpo_gain_points"]
+    assert gain["min"] == pytest.approx(9.0) and gain["mean"] == pytest.approx((15 + 9 + 13) / 3)
+    assert s["table"]["sft_pass@1"]["mean"] == pytest.approx(0.6166666, rel=1e-5)
+    assert s["every_seed_meets_target"] is False  # seed 1 gains 9 points
+    on_disk = json.loads((tmp_path / "seeds.json").read_text())
+    assert on_disk["table"]["grpo_pass@1"]["per_seed"] == {"0": 0.75, "1": 0.64, "2": 0.83}
+    md = (tmp_path / "seeds.md").read_text()
+    assert "| 1 | 55.0% | 64.0% | 35.0% | +9.0 | 10.0 |" in md and "not met" in md
+    m = s["machine"]
+    assert m["cpus"] >= 1 and m["cpu_model"] and m["versions"]["jax"] and m["versions"]["numpy"]
+
+
+def test_seeds_flag_errors(capsys):
+    from r1jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--seeds", "0,0"])
+    assert e.value.code == 2 and "distinct seeds" in capsys.readouterr().err
+    assert main(["demo", "--task", "search", "--seeds", "0,1"]) == 2
+    assert "--seeds runs the addition demo" in capsys.readouterr().err
