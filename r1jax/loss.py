@@ -210,81 +210,99 @@ def grpo_loss(
             f"{m.shape}, {adv.shape}"
         )
     seq_len = jnp.sum(mf, axis=-1)  # |o_i|
-    has_tokens = seq_len > 0
 
-    log_ratio = jnp.clip(jnp.where(m, logp - old, 0.0), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_ratio = _log_ratio(logp, old, m)
     if cfg.ratio_level is RatioLevel.SEQUENCE:
         seq_log_ratio = jnp.sum(log_ratio, axis=-1) / jnp.maximum(seq_len, 1.0)
         log_ratio = jnp.broadcast_to(seq_log_ratio[:, None], logp.shape)
     ratio = jnp.exp(log_ratio)
     a = adv[:, None]
     clipped_ratio = jnp.clip(ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-    surrogate = jnp.minimum(ratio * a, clipped_ratio * a)
-    per_token = -surrogate
+    per_token = -jnp.minimum(ratio * a, clipped_ratio * a)
 
+    kl = None
     if cfg.kl_coef > 0:
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp")
-        ref = jax.lax.stop_gradient(jnp.asarray(ref_logp, f32))
-        ref_log_ratio = jnp.clip(jnp.where(m, ref - logp, 0.0), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = jnp.exp(ref_log_ratio) - ref_log_ratio - 1.0
+        kl = _k3(_log_ratio(jax.lax.stop_gradient(jnp.asarray(ref_logp, f32)), logp, m))
         per_token = per_token + cfg.kl_coef * kl
-    else:
-        kl = None
 
-    metrics: dict[str, Array] = {}
-    if cfg.tis_cap is not None:
-        if sampler_logp is None:
-            raise ValueError("tis_cap is set: pass sampler_logp (the sampling engine's log-probs)")
-        sampler = jax.lax.stop_gradient(jnp.asarray(sampler_logp, f32))
-        mismatch = jnp.clip(jnp.where(m, old - sampler, 0.0), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        raw_w = jnp.exp(mismatch)
-        w = jnp.minimum(raw_w, cfg.tis_cap)
-        per_token = per_token * w
-        metrics["tis/weight_mean"] = masked_mean(w, mf)
-        metrics["tis/capped_frac"] = masked_mean((raw_w > cfg.tis_cap).astype(f32), mf)
-        # k3 estimate of KL(sampler || trainer-old): how far the two forwards disagree
-        metrics["tis/mismatch_kl"] = masked_mean(jnp.exp(-mismatch) + mismatch - 1.0, mf)
-    elif sampler_logp is not None:
-        mismatch = jnp.clip(jnp.where(m, old - jnp.asarray(sampler_logp, f32), 0.0), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        metrics["tis/mismatch_kl"] = jax.lax.stop_gradient(masked_mean(jnp.exp(-mismatch) + mismatch - 1.0, mf))
-
+    weight, metrics = _sampler_correction(old, sampler_logp, m, cfg.tis_cap)
+    if weight is not None:
+        per_token = per_token * weight
     per_token = jnp.where(m, per_token, 0.0)
-    total_tokens = jnp.sum(mf)
+    loss = _aggregate(per_token, seq_len, cfg, num_tokens=num_tokens, num_seqs=num_seqs)
+    metrics.update(_loss_metrics(loss, ratio, a, kl, m, seq_len, adv, cfg))
+    return loss, metrics
+
+
+def _log_ratio(num: Array, den: Array, m: Array) -> Array:
+    """log(num / den) from log-probs, 0 off the mask, clamped to +-``LOG_RATIO_CLAMP``."""
+    return jnp.clip(jnp.where(m, num - den, 0.0), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def _k3(log_ratio: Array) -> Array:
+    """The k3 estimator of KL from log(q / p) under samples of p: q/p - log(q/p) - 1 (unbiased, >= 0)."""
+    return jnp.exp(log_ratio) - log_ratio - 1.0
+
+
+def _sampler_correction(old: Array, sampler_logp: Array | None, m: Array, cap: float | None):
+    """The truncated importance weight min(pi_old / pi_sampler, cap) per token (None without ``cap``) and the
+    mismatch metrics: the k3 estimate of KL(sampler || trainer-old), how far the two forwards disagree."""
+    if sampler_logp is None:
+        if cap is not None:
+            raise ValueError("tis_cap is set: pass sampler_logp (the sampling engine's log-probs)")
+        return None, {}
+    mf = m.astype(jnp.float32)
+    mismatch = _log_ratio(old, jax.lax.stop_gradient(jnp.asarray(sampler_logp, jnp.float32)), m)
+    metrics = {"tis/mismatch_kl": jax.lax.stop_gradient(masked_mean(_k3(-mismatch), mf))}
+    if cap is None:
+        return None, metrics
+    raw = jnp.exp(mismatch)
+    metrics["tis/weight_mean"] = masked_mean(jnp.minimum(raw, cap), mf)
+    metrics["tis/capped_frac"] = masked_mean((raw > cap).astype(jnp.float32), mf)
+    return jnp.minimum(raw, cap), metrics
+
+
+def _aggregate(per_token: Array, seq_len: Array, cfg: GRPOConfig, *, num_tokens, num_seqs) -> Array:
+    """Per-token losses (0 off the mask) -> the scalar loss by ``cfg.loss_agg`` (see ``grpo_loss``)."""
+    f32 = jnp.float32
     if num_seqs is None:
-        num_seqs = jnp.sum(has_tokens.astype(f32))
+        num_seqs = jnp.sum((seq_len > 0).astype(f32))
     if num_tokens is None:
-        num_tokens = total_tokens
+        num_tokens = jnp.sum(seq_len)
     num_seqs = jnp.maximum(jnp.asarray(num_seqs, f32), 1.0)
     num_tokens = jnp.maximum(jnp.asarray(num_tokens, f32), 1.0)
     if cfg.loss_agg is LossAgg.GRPO:
-        loss = jnp.sum(jnp.sum(per_token, axis=-1) / jnp.maximum(seq_len, 1.0)) / num_seqs
-    elif cfg.loss_agg is LossAgg.DAPO:
-        loss = jnp.sum(per_token) / num_tokens
-    else:
-        loss = jnp.sum(per_token) / (num_seqs * cfg.max_completion_len)
+        return jnp.sum(jnp.sum(per_token, axis=-1) / jnp.maximum(seq_len, 1.0)) / num_seqs
+    if cfg.loss_agg is LossAgg.DAPO:
+        return jnp.sum(per_token) / num_tokens
+    return jnp.sum(per_token) / (num_seqs * cfg.max_completion_len)
 
-    sg = jax.lax.stop_gradient
-    ratio_sg = sg(ratio)
-    low = (ratio_sg < 1.0 - cfg.clip_eps_low) & (a < 0)
-    high = (ratio_sg > 1.0 + cfg.clip_eps_high) & (a > 0)
+
+def _loss_metrics(loss, ratio, a, kl, m, seq_len, adv, cfg: GRPOConfig) -> dict[str, Array]:
+    """What a step logs about its loss: clipping, the ratio's range, KL, advantages, token counts."""
+    f32, sg = jnp.float32, jax.lax.stop_gradient
+    mf = m.astype(f32)
+    has_tokens = seq_len > 0
+    ratio = sg(ratio)
+    low = (ratio < 1.0 - cfg.clip_eps_low) & (a < 0)
+    high = (ratio > 1.0 + cfg.clip_eps_high) & (a > 0)
+    total_tokens = jnp.sum(mf)
     any_tok = total_tokens > 0
-    metrics.update(
-        {
-            "loss": sg(loss),
-            "clip/low_frac": masked_mean(low.astype(f32), mf),
-            "clip/high_frac": masked_mean(high.astype(f32), mf),
-            "clip/frac": masked_mean((low | high).astype(f32), mf),
-            "ratio/mean": masked_mean(ratio_sg, mf),
-            "ratio/min": jnp.where(any_tok, jnp.min(jnp.where(m, ratio_sg, jnp.inf)), 1.0),
-            "ratio/max": jnp.where(any_tok, jnp.max(jnp.where(m, ratio_sg, -jnp.inf)), 1.0),
-            "kl": masked_mean(sg(kl), mf) if kl is not None else jnp.zeros((), f32),
-            "advantage/mean": jnp.sum(jnp.where(has_tokens, adv, 0.0)) / jnp.maximum(jnp.sum(has_tokens), 1),
-            "tokens": total_tokens,
-            "seq_len/mean": jnp.sum(seq_len) / jnp.maximum(jnp.sum(has_tokens), 1),
-        }
-    )
-    return loss, metrics
+    return {
+        "loss": sg(loss),
+        "clip/low_frac": masked_mean(low.astype(f32), mf),
+        "clip/high_frac": masked_mean(high.astype(f32), mf),
+        "clip/frac": masked_mean((low | high).astype(f32), mf),
+        "ratio/mean": masked_mean(ratio, mf),
+        "ratio/min": jnp.where(any_tok, jnp.min(jnp.where(m, ratio, jnp.inf)), 1.0),
+        "ratio/max": jnp.where(any_tok, jnp.max(jnp.where(m, ratio, -jnp.inf)), 1.0),
+        "kl": masked_mean(sg(kl), mf) if kl is not None else jnp.zeros((), f32),
+        "advantage/mean": jnp.sum(jnp.where(has_tokens, adv, 0.0)) / jnp.maximum(jnp.sum(has_tokens), 1),
+        "tokens": total_tokens,
+        "seq_len/mean": jnp.sum(seq_len) / jnp.maximum(jnp.sum(has_tokens), 1),
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "temperature", "entropy", "prompt_group"))
