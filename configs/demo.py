@@ -18,10 +18,10 @@ Student (``demo_student_model``): a dense Qwen2-style model (GQA 4 heads / 2 kv 
 ffw 192: 2 x 320 x 64 + 2 x (64 x (64 + 32 + 32) + 64 x 64 + 3 x 64 x 192) = 41 k + 2 x 53 k ~= 0.15 M.
 
 Stages (step counts sized for the 15-minute budget; measured times land in runs/demo/summary.json):
-- ``demo_sft`` (cold start): 400 steps of 32 traces, lr 3e-3 with warmup and cosine decay. Short of convergence,
+- ``demo_sft`` (cold start): 350 steps of 32 traces, lr 3e-3 with warmup and cosine decay. Short of convergence,
   so the model is right on only part of the held-out problems and RL has room to improve it, yet strong enough that
   sampled groups are not all wrong (the step counts tried: docs/performance.md, "CLI, data and demo").
-- ``demo_grpo``: 16 prompts x G = 8 = 128 samples per step, temperature 0.7 (the trained log-probs use the same
+- ``demo_grpo``: 150 steps of 16 prompts x G = 8 = 128 samples, temperature 0.7 (the trained log-probs use the same
   temperature), lr 3e-5, rewards accuracy + format_strict (equal weight, as R1), clip 0.2 / 0.28, beta = 0.02,
   one on-policy update per step: a setting at which the policy does not drift away from the SFT model (the
   settings tried: docs/performance.md). Rewards are scored in-process (``num_workers=0``): the demo's rewards are
@@ -122,11 +122,11 @@ def _sft(
 
 
 def demo_sft() -> TrainConfig:
-    return _sft(demo_model(), steps=400, lr=3e-3, data=DATA_DIR)
+    return _sft(demo_model(), steps=350, lr=3e-3, data=DATA_DIR)
 
 
 def demo_grpo() -> TrainConfig:
-    steps = 100
+    steps = 150
     return TrainConfig(
         stage="grpo",
         init="runs/demo/sft",
