@@ -43,6 +43,7 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "cpu_model": model, "load_avg_1m": round(os.getloadavg()[0], 2),
             "versions": versions}  # fmt: skip
 
+
 # (family, substrings): a key joins the first family one of whose substrings it contains
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward", ("reward",)),
