@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from r1jax.config import LORA_PROJECTIONS, LoraConfig, LoraQuant, ModelConfig
 from r1jax.errors import ConfigError
 from r1jax.model import LAYER_STACKS, LoraWeight, ParamSpec, dense, is_quantized, param_specs
+from r1jax.sharding import param_shardings
 
 Params = dict[str, Any]
 _N_IN = {"o": 2}  # input axes of each projection (the output projection reads heads x head dim)
@@ -242,8 +243,6 @@ def specs_of(params: Params, cfg: ModelConfig) -> dict:
 
 def shardings(params: Params, cfg: ModelConfig, mesh) -> Params:
     """The rules table's shardings of a parameter tree as it is (``specs_of``) on ``mesh``."""
-    from r1jax.sharding import param_shardings
-
     return param_shardings(specs_of(params, cfg), mesh)
 
 

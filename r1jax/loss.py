@@ -259,9 +259,10 @@ def _sampler_correction(old: Array, sampler_logp: Array | None, m: Array, cap: f
     if cap is None:
         return None, metrics
     raw = jnp.exp(mismatch)
-    metrics["tis/weight_mean"] = masked_mean(jnp.minimum(raw, cap), mf)
+    weight = jnp.minimum(raw, cap)
+    metrics["tis/weight_mean"] = masked_mean(weight, mf)
     metrics["tis/capped_frac"] = masked_mean((raw > cap).astype(jnp.float32), mf)
-    return jnp.minimum(raw, cap), metrics
+    return weight, metrics
 
 
 def _aggregate(per_token: Array, seq_len: Array, cfg: GRPOConfig, *, num_tokens, num_seqs) -> Array:
