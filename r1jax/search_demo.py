@@ -74,6 +74,34 @@ def search_calls(completion: str) -> int:
     return len(result_spans(completion, (SEARCH,)))
 
 
+def written_queries(completion: str) -> list[str]:
+    """The search queries a completion wrote, in order (``<search>...</search>``, stripped)."""
+    import re
+
+    from r1jax.tools.protocol import syntax_of
+
+    syntax = syntax_of(SEARCH)
+    pattern = re.escape(syntax.call_open) + "(.*?)" + re.escape(syntax.call_close)
+    return [q.strip() for q in re.findall(pattern, completion, flags=re.DOTALL)]
+
+
+def hop_match(completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Per hop, the share of completions whose i-th query is the example's i-th needed query (case and spacing
+    aside): hop 1 copies the subject out of the question, hop 2 the bridge entity out of the first result."""
+
+    def norm(q: str) -> str:
+        return " ".join(q.lower().split())
+
+    hops = len(examples[0]["queries"]) if examples else 0
+    return [
+        float(np.mean([
+            len(qs := written_queries(c)) > h and norm(qs[h]) == norm(ex["queries"][h])
+            for c, ex in zip(completions, examples, strict=True)
+        ]))
+        for h in range(hops)
+    ]  # fmt: skip
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -154,6 +182,7 @@ def evaluate_search(run_dir: Path, test: list[dict], plan: SearchPlan, tools, ma
         "pass@1": m["pass@1"],
         "search_calls_per_answer": m.get("tool_calls_mean", 0.0),
         "written_calls_per_answer": float(np.mean([t.count(close) for t in texts])),
+        "hop_match": hop_match(texts, test),
         "answered_frac": m["answered_frac"],
         "n_problems": m["n_problems"],
         "tool": tools is not None,

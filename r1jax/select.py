@@ -12,9 +12,9 @@ unsolved):
   majority vote, never below it by construction of the tie-break.
 - ``judge_pick``: the model itself reads the problem and the distinct answers (``judge_options``: first-seen
   order, abstentions left out) in ``judge_prompt`` and names one by its number; ``parse_judge_choice`` reads the
-  reply without ever evaluating it. A reply that names no listed candidate falls back to the majority vote over
-  the same candidates and is counted (``judge/unparsed``). With fewer than two distinct answers there is nothing
-  to judge and no model call is made.
+  reply without ever evaluating it. A reply that names no listed candidate, or several (a small model echoes the
+  list), falls back to the majority vote over the same candidates and is counted (``judge/unparsed``). With fewer
+  than two distinct answers there is nothing to judge and no model call is made.
 
 What a verifier may read. ``verifier_view(example)`` is the only metadata a verifier gets: the fields that hold
 the reference answer (``HIDDEN_KEYS``) are removed, and code tests are cut to the visible ones: a HumanEval
@@ -138,16 +138,18 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 def parse_judge_choice(reply: str, options: Sequence[str]) -> int | None:
     """The 0-based option the judge's ``reply`` names, or None. Read as text only, never evaluated.
 
-    In order: the first labelled number ("Candidate 2", "option #2", "answer (2)") that is in range; else the
-    first bracketed number ("(2)", "[2]", "#2") in range; else, when the whole reply (trimmed of spaces and final
-    punctuation) is a number, that number as a position if in range, else as an answer equal to exactly one
-    option; else None.
+    In order: the labelled numbers ("Candidate 2", "option #2", "answer (2)") in range, when they all name one
+    option (a reply naming several, as one that echoes the candidate list, names none); else the first bracketed
+    number ("(2)", "[2]", "#2") in range; else, when the whole reply (trimmed of spaces and final punctuation) is a
+    number, that number as a position if in range, else as an answer equal to exactly one option; else None.
     """
     n = len(options)
-    for pattern in (_LABELLED, _BRACKETED):
-        for m in pattern.finditer(reply):
-            if 1 <= int(m.group(1)) <= n:
-                return int(m.group(1)) - 1
+    labelled = {int(m.group(1)) for m in _LABELLED.finditer(reply)} & set(range(1, n + 1))
+    if labelled:
+        return labelled.pop() - 1 if len(labelled) == 1 else None
+    for m in _BRACKETED.finditer(reply):
+        if 1 <= int(m.group(1)) <= n:
+            return int(m.group(1)) - 1
     bare = reply.strip().rstrip(".!").strip()
     if _NUMBER.fullmatch(bare):
         if bare.isdigit() and 1 <= int(bare) <= n:

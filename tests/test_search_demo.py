@@ -56,6 +56,39 @@ def test_splits_are_disjoint_in_entities():
     assert not prompts["train"] & prompts["test"]
 
 
+def test_answers_are_balanced_so_that_guessing_is_worth_one_over_the_values():
+    """Within a split, each master is a mentor (and a rival) of as many students as any other, give or take one, and
+    each city and guild belongs to as many masters, give or take one: no test answer is more common than a guess."""
+    from collections import Counter
+
+    cfg = SearchQAConfig.make(seed=0)
+    world = make_world(cfg)
+    for split, n_masters in (("train", cfg.train_masters), ("test", cfg.test_masters)):
+        masters = {m for rels in world.links[split].values() for m in rels.values()}
+        assert len(masters) == n_masters
+        for rel in ("mentor", "rival"):
+            uses = Counter(rels[rel] for rels in world.links[split].values())
+            assert max(uses.values()) - min(uses.values()) <= 1 and len(uses) == n_masters, (split, rel)
+        for attr, n_values in (("city", cfg.cities), ("guild", cfg.guilds)):
+            held = Counter(world.attrs[m][attr] for m in masters)
+            assert len(held) == min(n_values, n_masters) and max(held.values()) - min(held.values()) <= 1
+    assert all(rels["mentor"] != rels["rival"] for split in world.links.values() for rels in split.values())
+    test = generate_search_qa(cfg)["test"]
+    for attr, n_values in (("city", cfg.cities), ("guild", cfg.guilds)):
+        answers = Counter(ex["answer"] for ex in test if f" {attr} " in ex["prompt"])
+        assert max(answers.values()) / sum(answers.values()) <= 2.5 / min(n_values, cfg.test_masters)
+
+
+def test_hop_match_reads_each_query_in_order():
+    from r1jax.search_demo import hop_match, written_queries
+
+    ex = {"queries": ["mentor of Qarvel", "city of Ostrin"]}
+    right = "<think><search>mentor of Qarvel</search><information>x</information><search> City of  Ostrin</search>"
+    assert written_queries(right) == ["mentor of Qarvel", "City of  Ostrin"]
+    wrong_first = "<search>mentor of Tabraem</search><information>x</information><search>city of Ostrin</search>"
+    assert hop_match([right, wrong_first, "<answer>x</answer>"], [ex] * 3) == [1 / 3, 2 / 3]
+
+
 def test_names_are_distinct_rare_words():
     world = make_world(SearchQAConfig.make(seed=0))
     docs = corpus_records(world)

@@ -55,7 +55,11 @@ def test_judge_parses_the_index_and_handles_garbage():
     assert parse("2", opts) == 1 and parse(" 1. ", opts) == 0  # a bare number is a position first
     assert parse("40", opts) == 1  # ... else the answer itself, when exactly one option has it
     assert parse("Candidate 7", opts) is None  # out of range and nothing else
-    assert parse("Candidate 7, no wait, candidate 2", opts) == 1  # the first labelled number in range
+    assert parse("Candidate 7, no wait, candidate 2", opts) == 1  # the one labelled number in range
+    assert parse("Candidate 2. Candidate 2 is right.", opts) == 1  # named twice, one option
+    # a reply naming several candidates names none: an echo of the list is no vote for its first line
+    assert parse("Candidate 1: 38\nCandidate 2: 40", opts) is None
+    assert parse("Candidate 1 or candidate 3", opts) is None
     for garbage in ("", "   ", "I am not sure.", "41", "-1", "__import__('os').system('echo pwned')", "\x00\ud800"):
         assert parse(garbage, opts) is None, garbage
     assert parse("3", ["5", "3"]) == 1  # "3" is out of range as a position, and option 2's answer

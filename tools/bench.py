@@ -41,6 +41,15 @@ PROMPTS = ["What is the capital of France?", "Write a short poem about the sea."
 
 
 # --- shared helpers --------------------------------------------------------------------------------------------------
+def require(*modules: str) -> None:
+    """Stop in one line, before any side runs, when a peer's package is missing."""
+    import importlib.util
+
+    missing = sorted({m for m in modules if importlib.util.find_spec(m) is None})
+    if missing:
+        raise SystemExit(f"bench: missing {', '.join(missing)}; install the peers with pip install -e '.[bench]'")
+
+
 def smollm2_gguf() -> str:
     from r1jax.configs.smollm2 import smollm2_gguf as gguf_path
 
@@ -599,6 +608,7 @@ class Driver:
         )
 
     def grpo(self):
+        require("trl", "datasets", "peft" if self.args.lora else "trl")
         cache = pathlib.Path(self.args.jax_cache)
         smollm2_hf_dir()  # convert once, outside the timed processes
         before = len(list(cache.glob("*"))) if cache.exists() else 0

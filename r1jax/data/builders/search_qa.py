@@ -12,6 +12,10 @@ the question), then ``city of Ostrin`` (the bridge entity from the first result)
 best (the student's name is in only that student's two facts, and the relation picks one of them), and so does the
 second's.
 
+Answers are balanced, so that no answer is worth guessing: within a split every master is a mentor (and a rival)
+about equally often, and every city and guild belongs to about equally many masters, so the most common test answer
+is right on about 1 / cities and 1 / guilds of the questions, as a blind guess is.
+
 The splits are disjoint in entities: a test question's student and both its masters appear in no training question
 (students and masters are split first, and a student's mentor and rival are drawn from the masters of its split).
 The corpus holds every fact of both splits: searching is how a model meets test entities.
@@ -120,19 +124,41 @@ def make_world(cfg: SearchQAConfig) -> World:
     }
     names = iter(_names(rng, sum(counts.values())))
     pools = {k: [next(names) for _ in range(n)] for k, n in counts.items()}
+    values = {"city": pools["cities"], "guild": pools["guilds"]}
     links: dict[str, dict[str, dict[str, str]]] = {}
+    attrs: dict[str, dict[str, str]] = {}
     for split in ("train", "test"):
         masters = pools[f"{split}_masters"]
         links[split] = {}
-        for student in pools[f"{split}_students"]:
-            picked = rng.choice(len(masters), size=len(RELATIONS), replace=False)
-            links[split][student] = {r: masters[int(i)] for r, i in zip(RELATIONS, picked, strict=True)}
-    values = {"city": pools["cities"], "guild": pools["guilds"]}
-    attrs = {
-        m: {a: values[a][int(rng.integers(len(values[a])))] for a in ATTRIBUTES}
-        for m in pools["train_masters"] + pools["test_masters"]
-    }
+        students = pools[f"{split}_students"]
+        for student, picked in zip(students, _distinct_pairs(rng, len(masters), len(students)), strict=True):
+            links[split][student] = {r: masters[i] for r, i in zip(RELATIONS, picked, strict=True)}
+        for a in ATTRIBUTES:
+            for m, v in zip(masters, _balanced(rng, len(values[a]), len(masters)), strict=True):
+                attrs.setdefault(m, {})[a] = values[a][v]
     return World(links, attrs)
+
+
+def _balanced(rng: np.random.Generator, n: int, size: int) -> list[int]:
+    """``size`` draws from ``range(n)`` whose counts differ by at most one, in random order."""
+    out = [int(i) for _ in range(-(-size // n)) for i in rng.permutation(n)]
+    return [out[i] for i in rng.permutation(size)]
+
+
+def _distinct_pairs(rng: np.random.Generator, n: int, size: int) -> list[tuple[int, int]]:
+    """``size`` pairs of distinct indices into ``range(n)``, each position balanced as ``_balanced`` draws it: a
+    pair that repeats an index swaps its second element with another pair's where neither then repeats (swaps keep
+    the counts)."""
+    first, second = _balanced(rng, n, size), _balanced(rng, n, size)
+    for i in range(size):
+        if first[i] == second[i]:
+            fits = (j for j in rng.permutation(size) if second[j] != first[i] and second[i] != first[j])
+            j = next(fits, None)
+            if j is None:
+                second[i] = (first[i] + 1) % n
+            else:
+                second[i], second[j] = second[j], second[i]
+    return list(zip(first, second, strict=True))
 
 
 def facts(world: World) -> list[tuple[str, str, str]]:
