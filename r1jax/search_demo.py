@@ -59,6 +59,17 @@ def tool_trace(example: Mapping[str, Any], search) -> str:
     return f"<think>{''.join(parts)}</think> <answer>{example['answer']}</answer>"
 
 
+def turn_prefixes(trace: str) -> list[str]:
+    """The trace cut after each of its calls: one cold-start example per turn (each call is a target once more, in
+    a short row; the full trace teaches the answer). Copying a name the model has never seen into a query is what
+    the tool model must learn, and short rows put many more such copies into a step."""
+    from r1jax.tools.protocol import syntax_of
+
+    close = syntax_of(SEARCH).call_close
+    cuts = [i + len(close) for i in range(len(trace)) if trace.startswith(close, i)]
+    return [trace[:c] for c in cuts]
+
+
 def closed_book_trace(example: Mapping[str, Any]) -> str:
     """The baseline's completion: both facts recalled as reasoning, no tool."""
     (rel, _, _), (attr, _, _) = (q.partition(" of ") for q in example["queries"])
@@ -115,9 +126,12 @@ def _sft_record(example: Mapping[str, Any], completion: str) -> dict:
     return {k: example[k] for k in ("prompt", "answer", "task")} | {"completion": completion}
 
 
-def make_search_data(out: str | os.PathLike, *, n_traces: int, seed: int = 0, top_k: int = 1, **options) -> dict:
+def make_search_data(
+    out: str | os.PathLike, *, n_traces: int, seed: int = 0, top_k: int = 1, turns: bool = True, **options
+) -> dict:
     """Write the corpus and questions (``data/``) and the cold-start traces for ``n_traces`` training questions
-    drawn at random (``sft_data/`` with the tool, ``closed_sft_data/`` without) under ``out``; returns the sizes."""
+    drawn at random (``sft_data/`` with the tool, ``closed_sft_data/`` without) under ``out``; returns the sizes.
+    ``turns``: ``sft_data`` also holds each trace's ``turn_prefixes``, shuffled in with the traces."""
     from r1jax.tools.search import BM25Search
 
     out = Path(out)
@@ -128,9 +142,14 @@ def make_search_data(out: str | os.PathLike, *, n_traces: int, seed: int = 0, to
     search = BM25Search.from_file(str(out / "data" / "corpus.jsonl"), top_k=top_k)
     picked = np.random.default_rng([seed, 1]).choice(len(train), size=n_traces, replace=False)
     chosen = [train[int(i)] for i in sorted(picked)]
-    _write_jsonl(out / "sft_data" / "train.jsonl", [_sft_record(ex, tool_trace(ex, search)) for ex in chosen])
+    rows = []
+    for ex in chosen:
+        trace = tool_trace(ex, search)
+        rows += [_sft_record(ex, t) for t in ([trace, *turn_prefixes(trace)] if turns else [trace])]
+    rows = [rows[int(i)] for i in np.random.default_rng([seed, 2]).permutation(len(rows))] if turns else rows
+    _write_jsonl(out / "sft_data" / "train.jsonl", rows)
     _write_jsonl(out / "closed_sft_data" / "train.jsonl", [_sft_record(ex, closed_book_trace(ex)) for ex in chosen])
-    return sizes | {"traces": n_traces}
+    return sizes | {"traces": n_traces, "turn_rows": len(rows) - n_traces}
 
 
 # --- stages -----------------------------------------------------------------------------------------------------------
@@ -245,7 +264,8 @@ def run_search_demo(
     sizes = make_search_data(out, n_traces=plan.sft_traces, seed=plan.seed, top_k=tools.top_k, **dict(plan.data))
     test = _read_jsonl(out / "data" / "test.jsonl")[: plan.n_test]
     log(f"[search] data: {sizes['corpus']} facts, {sizes['train']} train / {sizes['test']} test questions (disjoint "
-        f"people), {sizes['traces']} cold-start traces, {len(test)} evaluated")  # fmt: skip
+        f"people), {sizes['traces']} cold-start traces (+ {sizes['turn_rows']} turn prefixes), {len(test)} "
+        "evaluated")  # fmt: skip
 
     stages: dict[str, Any] = {}
 

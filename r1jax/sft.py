@@ -275,8 +275,13 @@ def tokenize_tool_trace(
     """(prompt ids, completion ids, completion loss weights) of a trace with tool turns (``r1jax sample`` with tools,
     or cold-start traces written with the tools' results). The completion is tokenised in pieces split at the result
     blocks of ``tools`` (``r1jax.tools.result_spans``), as the rollout appended them, and the result pieces get
-    weight 0: the environment wrote them, so they are context, not targets. The EOS id is appended (weight 1)."""
-    from r1jax.tools import result_spans
+    weight 0: the environment wrote them, so they are context, not targets. The EOS id is appended (weight 1), except
+    after a trace that ends with a call's closing tag (one turn of a trajectory): the environment speaks next, and
+    the sampler stops there."""
+    from r1jax.tools import result_spans, syntax_of
+
+    if any(completion.endswith(syntax_of(t).call_close) for t in tools):
+        eos_id = None
 
     ids: list[int] = []
     weights: list[float] = []

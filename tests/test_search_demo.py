@@ -195,28 +195,36 @@ def test_tool_traces_round_trip(search_data):
     from r1jax.tools.search import BM25Search
 
     out, sizes = search_data
-    assert sizes["traces"] == 40
+    assert sizes["traces"] == 40 and sizes["turn_rows"] == 80
     search = BM25Search.from_file(str(out / "data" / "corpus.jsonl"), top_k=1)
     questions = {ex["prompt"]: ex for ex in _jsonl(out / "data" / "train.jsonl")}
     tok = ByteTokenizer()
+    by_prompt: dict[str, list[str]] = {}
     for rec in _jsonl(out / "sft_data" / "train.jsonl"):
-        ex = questions[rec["prompt"]]
+        by_prompt.setdefault(rec["prompt"], []).append(rec["completion"])
+    assert len(by_prompt) == 40
+    for prompt, completions in by_prompt.items():
+        ex = questions[prompt]
         q1, q2 = ex["queries"]
         r1, r2 = search(q1).text, search(q2).text
-        assert rec["completion"] == (
-            f"<think><search>{q1}</search><information>{r1}</information>"
-            f"<search>{q2}</search><information>{r2}</information></think> <answer>{ex['answer']}</answer>"
-        )
-        assert ex["bridge"] in r1 and ex["answer"] in r2 and search_calls(rec["completion"]) == 2
-        assert accuracy(rec["completion"], ex, CFG) == 1.0 and format_strict(rec["completion"], ex, CFG) == 1.0
-        _, ids, weights = tokenize_tool_trace(rec["prompt"], rec["completion"], tok.encode, tools=("search",),
-                                              eos_id=tok.eos_id)  # fmt: skip
-        kept = tok.decode([t for t, w in zip(ids, weights, strict=True) if w and t != tok.eos_id])
-        assert kept == rec["completion"].replace(f"<information>{r1}</information>", "").replace(
-            f"<information>{r2}</information>", ""
-        )
+        turn1 = f"<think><search>{q1}</search>"
+        turn2 = f"{turn1}<information>{r1}</information><search>{q2}</search>"
+        trace = f"{turn2}<information>{r2}</information></think> <answer>{ex['answer']}</answer>"
+        # the whole trace, and the trace cut after each call (one example per turn)
+        assert sorted(completions) == sorted([trace, turn1, turn2])
+        assert ex["bridge"] in r1 and ex["answer"] in r2 and search_calls(trace) == 2
+        assert accuracy(trace, ex, CFG) == 1.0 and format_strict(trace, ex, CFG) == 1.0
+        for completion in (trace, turn1, turn2):
+            _, ids, weights = tokenize_tool_trace(prompt, completion, tok.encode, tools=("search",),
+                                                  eos_id=tok.eos_id)  # fmt: skip
+            # EOS ends the trace only: after a turn's call the environment speaks, not the model
+            assert (ids[-1] == tok.eos_id) == (completion == trace)
+            kept = tok.decode([t for t, w in zip(ids, weights, strict=True) if w and t != tok.eos_id])
+            assert kept == completion.replace(f"<information>{r1}</information>", "").replace(
+                f"<information>{r2}</information>", ""
+            )
     closed = _jsonl(out / "closed_sft_data" / "train.jsonl")
-    assert [r["prompt"] for r in closed] == [r["prompt"] for r in _jsonl(out / "sft_data" / "train.jsonl")]
+    assert sorted(r["prompt"] for r in closed) == sorted(by_prompt)
     for rec in closed:
         ex = questions[rec["prompt"]]
         assert "<search>" not in rec["completion"] and ex["bridge"] in rec["completion"]
