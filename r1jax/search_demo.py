@@ -8,7 +8,8 @@ questions are about people no training question mentions, so memorising training
    traces for ``sft_traces`` training questions: ``<think><search>mentor of Qarvel</search><information>[3] Qarvel:
    The mentor of Qarvel is Ostrin.</information><search>city of Ostrin</search><information>...</information>
    </think> <answer>Vexholm</answer>``, with the results written by the real search tool over the corpus. The
-   ``<information>`` blocks are context, masked out of the loss (``tools.tools`` of the SFT preset).
+   ``<information>`` blocks are context, masked out of the loss (``tools.tools`` of the SFT preset). Each trace is
+   also cut after each of its calls (``turn_prefixes``): one short row per turn, so each query is a target again.
 2. GRPO with the tool in the loop (``r1jax.tool_rollout``): the sampler stops at ``</search>``, the tool's result
    is appended with loss and KL mask 0, decoding goes on; rewards accuracy (normalised exact match) + format.
 3. Held-out greedy pass@1 of each model with the tool, and of the GRPO model with the tool switched off (it then
