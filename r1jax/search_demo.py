@@ -64,11 +64,11 @@ def turn_prefixes(trace: str) -> list[str]:
     """The trace cut after each of its calls: one cold-start example per turn (each call is a target once more, in
     a short row; the full trace teaches the answer). Copying a name the model has never seen into a query is what
     the tool model must learn, and short rows put many more such copies into a step."""
+    import re
+
     from r1jax.tools.protocol import syntax_of
 
-    close = syntax_of(SEARCH).call_close
-    cuts = [i + len(close) for i in range(len(trace)) if trace.startswith(close, i)]
-    return [trace[:c] for c in cuts]
+    return [trace[: m.end()] for m in re.finditer(re.escape(syntax_of(SEARCH).call_close), trace)]
 
 
 def closed_book_trace(example: Mapping[str, Any]) -> str:
@@ -132,7 +132,7 @@ def make_search_data(
 ) -> dict:
     """Write the corpus and questions (``data/``) and the cold-start traces for ``n_traces`` training questions
     drawn at random (``sft_data/`` with the tool, ``closed_sft_data/`` without) under ``out``; returns the sizes.
-    ``turns``: ``sft_data`` also holds each trace's ``turn_prefixes``, shuffled in with the traces."""
+    ``turns``: ``sft_data`` also holds each trace's ``turn_prefixes`` (the training iterator shuffles them in)."""
     from r1jax.tools.search import BM25Search
 
     out = Path(out)
@@ -147,7 +147,6 @@ def make_search_data(
     for ex in chosen:
         trace = tool_trace(ex, search)
         rows += [_sft_record(ex, t) for t in ([trace, *turn_prefixes(trace)] if turns else [trace])]
-    rows = [rows[int(i)] for i in np.random.default_rng([seed, 2]).permutation(len(rows))] if turns else rows
     _write_jsonl(out / "sft_data" / "train.jsonl", rows)
     _write_jsonl(out / "closed_sft_data" / "train.jsonl", [_sft_record(ex, closed_book_trace(ex)) for ex in chosen])
     return sizes | {"traces": n_traces, "turn_rows": len(rows) - n_traces}

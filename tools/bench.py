@@ -608,7 +608,7 @@ class Driver:
         )
 
     def grpo(self):
-        require("trl", "datasets", "peft" if self.args.lora else "trl")
+        require("trl", "datasets", *(("peft",) if self.args.lora else ()))
         cache = pathlib.Path(self.args.jax_cache)
         smollm2_hf_dir()  # convert once, outside the timed processes
         before = len(list(cache.glob("*"))) if cache.exists() else 0
