@@ -5,8 +5,10 @@
   values of 128 heads).
 - GQA (Qwen/Llama): ``k[L, b, S, g, k]`` and ``v[L, b, S, g, k]``.
 
-All sequences of a batch write at the same slot ``index``; a sequence whose prompt was left-padded starts at slot
-``start[b]`` and slots before it are masked, so its positions are ``slot - start[b]``.
+Each sequence has its own write position ``index[b]`` (the next slot it writes; a forward of t tokens advances it by
+t), so the rows of one cache can be at different lengths: the decode slots of ``r1jax.rollout`` are refilled one at
+a time. A sequence whose prompt was left-padded starts at slot ``start[b]`` and slots before it are masked, so its
+positions are ``slot - start[b]``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from r1jax.config import DENSE_LAYERS, MOE_LAYERS, ModelConfig
 class Cache:
     layers: dict  # stack name -> {"latent", "rope"} (MLA) or {"k", "v"} (GQA), each [L, b, S, ...]; or a tuple of
     # per-layer dicts of [b, S, ...] (``r1jax.model.unstack_layers``)
-    index: jax.Array  # int32[]: next slot to write
+    index: jax.Array  # int32[b]: next slot each sequence writes
     start: jax.Array  # int32[b]: first valid slot of each sequence (left padding)
 
     @property
@@ -50,7 +52,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, start: jax.Array | No
         if n
     }
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-    return Cache(layers=layers, index=jnp.zeros((), jnp.int32), start=start)
+    return Cache(layers=layers, index=jnp.zeros((batch,), jnp.int32), start=start)
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> int:

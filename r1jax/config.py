@@ -299,6 +299,11 @@ class GRPOConfig:
     # computation); saves (G - 1) / G of the prompt FLOPs. Completion tokens then attend with plain XLA attention
     # over the cache, not the Pallas kernels, so keep it off for long sequences on TPU.
     shared_prompt: bool = False
+    # Off-policy overlap: sample up to this many steps ahead, with the weights of the step that launched the
+    # sampling, while the update runs (on a mesh the devices split into a trainer and a sampler half along a batch
+    # axis, and the weights are resharded onto the sampler half after each update). Needs tis_cap (the importance
+    # correction of the stale samples). 0 = synchronous.
+    max_off_policy_steps: int = 0
 
     def __post_init__(self) -> None:
         for name, cls in (("loss_agg", LossAgg), ("adv_scale", AdvScale), ("ratio_level", RatioLevel)):
@@ -327,6 +332,10 @@ class GRPOConfig:
             raise ValueError(f"samples_per_step={self.samples_per_step} not divisible by {self.num_minibatches=}")
         if self.ref_update_every < 0:
             raise ValueError(f"ref_update_every must be >= 0, got {self.ref_update_every}")
+        if self.max_off_policy_steps < 0:
+            raise ValueError(f"max_off_policy_steps must be >= 0, got {self.max_off_policy_steps}")
+        if self.max_off_policy_steps and self.tis_cap is None:
+            raise ValueError("grpo.max_off_policy_steps needs grpo.tis_cap: the importance weight of stale samples")
 
     @property
     def samples_per_step(self) -> int:
@@ -422,6 +431,11 @@ class SamplingConfig:
     max_new_tokens: int = 1024
     stop_strings: tuple[str, ...] = ()  # decoding of a row stops after any of these (besides EOS)
     include_stop_str: bool = True  # keep the matched stop string in the completion (e.g. "</answer>")
+    slots: int = 0  # decode slots (r1jax.rollout.SlotEngine), refilled as rows end; 0: one per row of a call
+    prompt_chunk: int = 0  # prefill prompts in chunks of this many tokens; 0: a prompt in one forward
+    # partial rollouts (Kimi k1.5): a GRPO step decodes this many steps and trains the groups complete by then
+    # (oldest first, at most prompts_per_step); unfinished rows carry over, cache and all; 0 = off
+    step_budget: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
@@ -435,6 +449,13 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
+        if min(self.slots, self.prompt_chunk, self.step_budget) < 0:
+            raise ValueError("sampling.slots, prompt_chunk and step_budget must be >= 0")
+        if self.step_budget and self.step_budget < self.prompt_chunk:
+            raise ValueError(
+                f"sampling.step_budget ({self.step_budget}) is below the prompt chunk ({self.prompt_chunk}): a step "
+                "would not decode one chunk's worth of tokens"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -700,6 +721,18 @@ class TrainConfig:
             )
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.sampling.slots and self.sampling.slots < self.grpo.group_size:
+            raise ValueError(
+                f"sampling.slots ({self.sampling.slots}) is smaller than a group (grpo.group_size="
+                f"{self.grpo.group_size}): the pool must hold a whole group at once"
+            )
+        if self.sampling.step_budget and self.grpo.max_off_policy_steps:
+            raise ValueError("partial rollouts (sampling.step_budget) and grpo.max_off_policy_steps are exclusive")
+        if self.sampling.step_budget and (self.tools.enabled or self.grpo.dynamic_sampling):
+            raise ValueError(
+                "partial rollouts (sampling.step_budget) train complete groups in submission order: they do not "
+                "combine with tool rollouts or dynamic sampling"
+            )
         if self.tools.max_turn_tokens > self.sampling.max_new_tokens:
             raise ValueError(
                 f"tools.max_turn_tokens ({self.tools.max_turn_tokens}) exceeds the trajectory budget "

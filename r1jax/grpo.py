@@ -8,6 +8,7 @@ router-bias update); ``GRPOTrainer`` holds the config, the reward function and t
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -44,14 +45,15 @@ from r1jax.optim import (
     steps_taken,
     stop_router_bias,
 )
-from r1jax.sharding import batch_sharding, normalize_mesh, put, to_host
+from r1jax.sharding import batch_sharding, normalize_mesh, put, split_mesh, to_host
 from r1jax.tool_rollout import sample_with_tools, tool_metrics
 from r1jax.tools import ToolEnv
 
 Array = jax.Array
 
 # One GRPO step is a host loop over jitted phases:
-#   sample   (r1jax.rollout.sample_groups: one prefill per prompt, G decodes from its repeated cache)
+#   sample   (r1jax.rollout's slot engine: one prefill per prompt, G decodes from its cache; with partial rollouts
+#             the engine persists between steps and a step trains the oldest prompts_per_step complete groups)
 #   score    (host: the reward function, e.g. ``text_reward`` -> r1jax.rewards.score)
 #   select   (host: DAPO dynamic sampling picks informative groups; overlong filtering zeroes truncated rows)
 #   logprobs (``sequence_logprobs`` under pi_old and pi_ref; pi_old is skipped when mu = 1 and there is one
@@ -182,6 +184,102 @@ def text_reward(cfg: TrainConfig, decode: Callable[[list[int]], str], stop_ids: 
     return fn
 
 
+class _SampleAhead:
+    """Off-policy overlap: rollouts of later steps sampled on a background thread, with the weights of the step that
+    launched them, while the current step scores, computes log-probs and updates. After each update the weights are
+    transferred to the sampler (resharded onto the sampler mesh, or copied on one device); a rollout launched at
+    step s and trained at step t has staleness t - s <= ``max_off_policy_steps`` (launches stop at that horizon).
+    Its tokens keep the log-probs of the weights that drew them: the TIS weight min(pi_old / pi_sampler, cap)
+    corrects for them. Rollouts in flight are not part of a checkpoint: a resumed run samples them again."""
+
+    def __init__(self, trainer: GRPOTrainer):
+        self.trainer = trainer
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1jax-sampler")
+        self.futures: dict[int, tuple[concurrent.futures.Future, int]] = {}
+        self.weights: Params | None = None
+        self.version = -1  # the GRPO step whose weights ``weights`` are
+
+    def refresh(self, state: GRPOState) -> None:
+        """The weight transfer: the policy after this step's update, placed for the sampler."""
+        t = self.trainer
+        view = t._inference_view(state.params)
+        mesh = t.sampler_mesh
+        if mesh is None or mesh is t.mesh:
+            self.weights = jax.tree.map(jnp.copy, view)
+        else:
+            self.weights = jax.device_put(view, lora.shardings(view, t.model_cfg, mesh))
+        jax.block_until_ready(self.weights)
+        self.version = int(state.step)
+
+    def launch(self, step: int, prompts, key: Array) -> None:
+        if step in self.futures or step - self.version > self.trainer.cfg.grpo.max_off_policy_steps:
+            return
+        fut = self.pool.submit(self.trainer._sample, self.weights, [list(p) for p in prompts], key)
+        self.futures[step] = (fut, self.version)
+
+    def take(self, state: GRPOState, step: int, prompts, key: Array) -> tuple[rollout.Rollout, dict[str, float]]:
+        """This step's rollout: launched ahead if it was, else sampled now with this step's weights."""
+        if self.weights is None:
+            self.refresh(state)
+        if step not in self.futures:
+            self.launch(step, prompts, key)
+        fut, version = self.futures.pop(step)
+        return fut.result(), {"offpolicy/staleness": float(step - version)}
+
+
+@dataclasses.dataclass
+class _Group:
+    sids: list[int]
+    prompt: list[int]
+    meta: Mapping[str, Any]
+    step: int  # the GRPO step that queued it
+
+
+class _PartialRollouts:
+    """The state partial rollouts keep between GRPO steps: a ``SlotEngine`` whose unfinished rows carry over, cache
+    and all, and the queued groups in submission order. Each token keeps the sampler log-prob of the policy that
+    drew it, so the TIS / ratio terms of a row drawn over several steps stay exact. In-flight rows are not part of
+    a checkpoint: a resumed run queues its groups afresh."""
+
+    def __init__(self, engine: rollout.SlotEngine, group_size: int, bucket: int):
+        self.engine, self.G, self.bucket = engine, group_size, bucket
+        self.groups: list[_Group] = []
+
+    def step(self, params, prompts, metadata, key, step, cfg: TrainConfig, model_cfg: ModelConfig, decode):
+        """Queue this step's groups, decode ``sampling.step_budget`` steps, and return the oldest complete groups
+        (at most ``prompts_per_step``), their metadata, metrics, and how many groups are real: the rollout is filled
+        up to ``prompts_per_step`` groups with copies of the first, which the trainer masks out. Decoding goes on
+        past the budget while no group is complete, or while more than two steps' groups wait unfinished (the
+        backlog, and so the staleness, stays bounded)."""
+        eng, want = self.engine, cfg.grpo.prompts_per_step
+        for i, (p, m) in enumerate(zip(prompts, metadata, strict=True)):
+            self.groups.append(_Group(eng.submit(p, self.G, jax.random.fold_in(key, i)), list(p), m, step))
+        steps = 0
+        while True:
+            steps += eng.run(params, max_steps=cfg.sampling.step_budget)
+            ready = [g for g in self.groups if all(s in eng.finished for s in g.sids)]
+            if (ready and len(self.groups) - len(ready) <= 2 * want) or not eng.busy:
+                break
+        take = ready[:want]
+        self.groups = [g for g in self.groups if g not in take]
+        rows = [eng.finished.pop(s) for g in take for s in g.sids]
+        filled = take + [take[0]] * (want - len(take))
+        rows += rows[: self.G] * (want - len(take))
+        ro = rollout.assemble(rows, [g.prompt for g in filled], self.G, cfg.sampling.max_new_tokens, eng.pad,
+                              model_cfg, self.bucket)  # fmt: skip
+        if decode is not None and cfg.sampling.stop_strings:
+            ro = rollout.apply_stop_strings(ro, decode, cfg.sampling.stop_strings)
+        age = np.asarray([step - g.step for g in take], np.float32)
+        info = {
+            "rollout/staleness_mean": float(age.mean()),
+            "rollout/staleness_max": float(age.max()),
+            "rollout/complete_groups": float(len(take)),
+            "rollout/carried_groups": float(len(self.groups)),
+            "rollout/decode_steps": float(steps),
+        }
+        return ro, [g.meta for g in filled], info, len(take)
+
+
 def _take_rows(x, rows: np.ndarray):
     return None if x is None else np.asarray(x)[rows]
 
@@ -212,6 +310,9 @@ class GRPOTrainer:
         self.model_cfg = model_cfg
         self.reward_fn = reward_fn
         self.mesh = normalize_mesh(mesh) if mesh is not None else None
+        self.sampler_mesh = self.mesh
+        if cfg.grpo.max_off_policy_steps and self.mesh is not None and self.mesh.size > 1:
+            self.mesh, self.sampler_mesh = split_mesh(self.mesh)
         self.stop_ids = list(model_cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
         self.encode, self.decode = encode, decode
         self.prompt_bucket = prompt_bucket
@@ -221,6 +322,8 @@ class GRPOTrainer:
 
             tools = build_tools(cfg.tools, forbidden=cfg.sampling.stop_strings)
         self.tools = tools
+        self._partial: _PartialRollouts | None = None
+        self._ahead = _SampleAhead(self) if cfg.grpo.max_off_policy_steps else None
 
     # placement -------------------------------------------------------------------------------------------------
     def _place_params(self, params: Params) -> Params:
@@ -271,23 +374,49 @@ class GRPOTrainer:
         return rows, mask, info
 
     def grpo_step(
-        self, state: GRPOState, prompts: Sequence[Sequence[int]], metadata: Sequence[Mapping[str, Any]], key: Array
+        self,
+        state: GRPOState,
+        prompts: Sequence[Sequence[int]],
+        metadata: Sequence[Mapping[str, Any]],
+        key: Array,
+        ahead: Sequence[tuple[Sequence[Sequence[int]], Sequence[Mapping[str, Any]], Array]] = (),
     ) -> tuple[GRPOState, dict[str, float]]:
         """Sample, score, select, compute log-probs, update (see the section comment); returns the new state and
-        host-side float metrics. With a mesh, runs under ``jax.set_mesh`` (the model's activation constraints)."""
+        host-side float metrics. With a mesh, runs under ``jax.set_mesh`` (the model's activation constraints).
+
+        ``ahead``: with ``grpo.max_off_policy_steps`` = k, the (prompts, metadata, key) of the next steps (at most k
+        are used): their sampling starts now, in the background, with this step's weights, while this step updates;
+        a later step whose rollout is ready trains on it (staleness = steps between sampling and training)."""
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            return self._step(state, prompts, metadata, key)
+            return self._step(state, prompts, metadata, key, ahead)
 
     def _inference_view(self, params: Params) -> Params:
         """The weights the sampler and the teacher-forced log-prob passes read: with ``lora.merge_for_sampling``
         the adapters merged in (a transient copy, gone when the pass ends), otherwise ``params`` as they are."""
         return _merged(params) if self.cfg.lora.enabled and self.cfg.lora.merge_for_sampling else params
 
+    def _sample_partial(self, params: Params, prompts, metadata, key: Array, step: int):
+        """Partial rollouts (``_PartialRollouts.step``): the engine, its carried rows and queued groups persist
+        between steps."""
+        if self._partial is None:
+            s = self.cfg.sampling
+            unit = int(np.lcm(self.prompt_bucket, s.prompt_chunk or self.prompt_bucket))
+            width = -(-self.cfg.data.max_prompt_tokens // unit) * unit
+            n = self.cfg.grpo.samples_per_step
+            engine = rollout.SlotEngine(
+                self.model_cfg, s, slots=s.slots or n, prompt_len=width, stop_ids=self.stop_ids,
+                stop_seqs=rollout.stop_token_seqs(s.stop_strings, self.encode), prompt_chunk=s.prompt_chunk or width,
+                prefill_batch=-(-(s.slots or n) // self.cfg.grpo.group_size), mesh=self.mesh,
+            )  # fmt: skip
+            self._partial = _PartialRollouts(engine, self.cfg.grpo.group_size, self.prompt_bucket)
+        return self._partial.step(params, prompts, metadata, key, step, self.cfg, self.model_cfg, self.decode)
+
     def _sample(self, params: Params, prompts, key: Array) -> rollout.Rollout:
         """G samples per prompt: single-turn, or multi-turn trajectories with ``self.tools`` (their result tokens
-        are context with mask 0, so they stay out of the loss, the ratio and the KL; advantages are per trajectory)."""
+        are context with mask 0, so they stay out of the loss, the ratio and the KL; advantages are per trajectory).
+        On the sampler mesh (the trainer's own, or its sampler half with off-policy overlap)."""
         kw = dict(cfg=self.model_cfg, sampling=self.cfg.sampling, group_size=self.cfg.grpo.group_size,
-                  stop_ids=self.stop_ids, encode=self.encode, decode=self.decode, mesh=self.mesh,
+                  stop_ids=self.stop_ids, encode=self.encode, decode=self.decode, mesh=self.sampler_mesh,
                   bucket=self.prompt_bucket)  # fmt: skip
         if self.tools is None:
             return rollout.sample(params, prompts, key, **kw)
@@ -374,20 +503,37 @@ class GRPOTrainer:
             ref = jax.tree.map(jnp.copy, lora.partition(params)[0])
         return GRPOState(step=jnp.asarray(step, jnp.int32), params=params, ref_params=ref, opt_state=opt_state)
 
-    def _step(self, state, prompts, metadata, key):
+    def _step(self, state, prompts, metadata, key, ahead=()):
         self._check_prompts(prompts, metadata)
         k_sample, k_shuffle = jax.random.split(key)
         t0 = time.perf_counter()
-        ro = self._sample(self._inference_view(state.params), prompts, k_sample)
+        carry_info: dict[str, float] = {}
+        real, step = self.cfg.grpo.prompts_per_step, int(state.step)
+        if self.cfg.sampling.step_budget:
+            ro, metadata, carry_info, real = self._sample_partial(
+                self._inference_view(state.params), prompts, metadata, k_sample, step
+            )
+        elif self._ahead is not None:
+            ro, carry_info = self._ahead.take(state, step, prompts, k_sample)
+            for j, (p, _, k) in enumerate(ahead[: self.cfg.grpo.max_off_policy_steps]):
+                self._ahead.launch(step + 1 + j, p, jax.random.split(k)[0])
+        else:
+            ro = self._sample(self._inference_view(state.params), prompts, k_sample)
         t1 = time.perf_counter()
         rewards, reward_info = self._score(ro, metadata)
         t2 = time.perf_counter()
         rows, mask, select_info = self._select(ro, rewards)
+        if real < self.cfg.grpo.prompts_per_step:  # partial rollouts filled the batch up with masked copies
+            mask = np.where(np.arange(len(mask))[:, None] < real * self.cfg.grpo.group_size, mask, 0.0)
+            select_info["groups/trained"] = float(real)
         batch = self._logprobs(state, self._batch(ro, rows, mask, rewards[rows]))
         t3 = time.perf_counter()
         params, opt_state, step_metrics = self._update(state, batch, k_shuffle)
         t4 = time.perf_counter()
         new_state = self._advance(state, params, opt_state)
+        if self._ahead is not None:
+            self._ahead.refresh(new_state)
+            carry_info["perf/weight_transfer_s"] = time.perf_counter() - t4
 
         metrics = {"step": float(new_state.step), **self._update_metrics(step_metrics)}
         metrics.update({k: float(v) for k, v in reward_metrics(rewards, self.cfg.grpo.group_size).items()})
@@ -396,6 +542,7 @@ class GRPOTrainer:
             if f"rewards/{name}/mean" in reward_info and "accuracy" in name:
                 metrics["accuracy"] = float(reward_info[f"rewards/{name}/mean"])
         metrics.update(select_info)
+        metrics.update(carry_info)
         metrics.update(self._rollout_metrics(ro, mask))
         plen, n = batch.prompt_tokens.shape[1], len(rows)
         seq_tokens = n * (plen + batch.tokens.shape[1]) * self.cfg.grpo.num_iterations

@@ -317,6 +317,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     entropy: bool = False,
     prompt_group: int = 1,
+    routes: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Teacher-forced log pi(o_t | q, o_<t) of every completion token, f32[n, T], and aux outputs.
 
@@ -330,11 +331,18 @@ def sequence_logprobs(
 
     ``prompt_group`` > 1: rows come in runs of that many with the same prompt (GRPO groups); each prompt is run once
     and its rows' completions attend to its KV cache (``shared_prompt_hidden``). Same result, fewer FLOPs.
+
+    ``routes`` int32[n_moe_layers, n, P + T, k] replays recorded experts (routing replay, R3: what the sampler chose
+    for each token of prompt + completion, laid out as ``prompt_tokens`` then ``completion``), so routing flips
+    between the sampler and this forward do not add to their mismatch; the router still gets gradients through the
+    gates. With ``prompt_group`` > 1 the prompt's routes are read from the first row of each group.
     """
     if prompt_group > 1:
-        hidden, load = shared_prompt_hidden(params, prompt_tokens, prompt_start, completion, cfg, prompt_group)
+        hidden, load = shared_prompt_hidden(
+            params, prompt_tokens, prompt_start, completion, cfg, prompt_group, routes=routes
+        )
     else:
-        hidden, load = _completion_hidden(params, prompt_tokens, prompt_start, completion, cfg)
+        hidden, load = _completion_hidden(params, prompt_tokens, prompt_start, completion, cfg, routes=routes)
     # the output head only on the positions that predict completion tokens
     logits = logits_from_hidden(params, hidden, cfg) / temperature
     out = {"expert_load": load}
@@ -343,9 +351,9 @@ def sequence_logprobs(
     return token_logprobs(logits, completion), out
 
 
-def _completion_hidden(params: Params, prompt_tokens, prompt_start, completion, cfg: ModelConfig):
+def _completion_hidden(params: Params, prompt_tokens, prompt_start, completion, cfg: ModelConfig, *, routes=None):
     """Hidden states f32[n, T, d] at the positions that predict the completion tokens (one forward over prompt +
-    completion), and the expert load of the real tokens."""
+    completion, replaying ``routes`` [L, n, P + T, k] when given), and the expert load of the real tokens."""
     plen = prompt_tokens.shape[1]
     tokens = jnp.concatenate([prompt_tokens, completion.astype(prompt_tokens.dtype)], axis=1)
     slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
@@ -359,23 +367,32 @@ def _completion_hidden(params: Params, prompt_tokens, prompt_start, completion, 
         segment_ids=segment_ids,
         return_hidden=True,
         load_mask=segment_ids > 0,
+        routes=routes,
     )
     return aux["hidden"][:, plen - 1 : -1], aux["expert_load"]
 
 
-def shared_prompt_hidden(params: Params, prompt_tokens, prompt_start, completion, cfg: ModelConfig, group: int):
+def shared_prompt_hidden(
+    params: Params, prompt_tokens, prompt_start, completion, cfg: ModelConfig, group: int, *, routes=None
+):
     """``_completion_hidden`` for rows in runs of ``group`` sharing a prompt: each prompt is prefilled once into a KV
     cache (as the sampler does), the cache is repeated over its rows, and all completion tokens run against it in one
     cached forward. Gradients flow through the shared prompt computation (summed over its rows). The expert load
-    counts each prompt token ``group`` times, as the unshared forward does."""
+    counts each prompt token ``group`` times, as the unshared forward does. ``routes`` [L, n, P + T, k]: the prefill
+    replays the first row of each group's prompt routes, the completion forward each row's completion routes."""
     n, plen = prompt_tokens.shape
     b = n // group
     prompts = prompt_tokens.reshape(b, group, plen)[:, 0]
     start = prompt_start.reshape(b, group)[:, 0]
     real = jnp.arange(plen, dtype=jnp.int32)[None] >= start[:, None]
-    _, pre = forward(params, prompts, cfg, cache=init_cache(cfg, b, plen, start), return_hidden=True, load_mask=real)
+    prompt_routes = None if routes is None else routes[:, ::group, :plen]
+    completion_routes = None if routes is None else routes[:, :, plen:]
+    cache = init_cache(cfg, b, plen, start)
+    _, pre = forward(params, prompts, cfg, cache=cache, return_hidden=True, load_mask=real, routes=prompt_routes)
     cache = rollout.repeat_cache(pre["cache"], group, completion.shape[1], None)
-    _, aux = forward(params, completion.astype(jnp.int32), cfg, cache=cache, return_hidden=True)
+    _, aux = forward(
+        params, completion.astype(jnp.int32), cfg, cache=cache, return_hidden=True, routes=completion_routes
+    )
     last = jnp.repeat(pre["hidden"][:, -1:], group, axis=0)
     hidden = jnp.concatenate([last, aux["hidden"][:, :-1]], axis=1)
     load = None if aux["expert_load"] is None else aux["expert_load"] + group * pre["expert_load"]

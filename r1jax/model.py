@@ -14,6 +14,9 @@ Design choices
   mscale softmax correction, applied whenever the config asks for YaRN (as transformers does).
 - Causal masking is by cache slot; ``start[b]`` (left padding) masks slots before a sequence begins, so padded and
   unpadded batches give the same results.
+- MoE routing replay: ``forward(routes=...)`` runs every MoE layer with given experts (what the sampler chose), gated
+  by the current router scores, so a teacher-forced pass routes as the sampler did and the router still learns;
+  ``return_routes`` reports the experts each token used.
 - Profiles read by component: ``jax.named_scope`` names each block ``layer``, and inside it ``attention`` and
   ``mlp`` or ``moe`` (``moe_round`` for each expert-parallel dispatch round); the final norm and output head are
   ``head``. The names land in the HLO ops' metadata, so a ``jax.profiler`` trace groups its ops by them.
@@ -431,6 +434,13 @@ def self_attention(q, k, v, positions: jax.Array, segment_ids, cfg: ModelConfig)
     return attend(q, k, v, _mask(positions, positions, None, segs), scale)
 
 
+def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """``buf[b, S, ...]`` with ``new[b, t, ...]`` written at slots ``index[b] ..`` of each row (a cache update: every
+    row has its own write position, as the slots of ``r1jax.rollout``'s decode pool do)."""
+    write = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0)  # noqa: E731
+    return jax.vmap(write)(buf, new.astype(buf.dtype), index)
+
+
 def _mask(positions_q: jax.Array, positions_k: jax.Array, valid_k: jax.Array | None, segs) -> jax.Array:
     """Causal mask bool[b, t, s] from slot indices; ``valid_k`` bool[b, s]; ``segs`` (q_seg[b,t], k_seg[b,s])."""
     m = positions_k[:, None, :] <= positions_q[:, :, None]
@@ -486,15 +496,10 @@ def _mla_decode_step(q_lat, q_rope, lat_cache, rope_cache, slots, valid_k, cfg: 
 
 @jax.named_scope("attention")
 def mla_attention_cached(p: Params, x, positions, layer_cache: dict, slots, valid_k, cfg: ModelConfig):
-    """Absorbed MLA against the compressed cache; writes this step's latent and rope key at ``slots[0]``."""
+    """Absorbed MLA against the compressed cache; writes this step's latent and rope key at each row's ``slots``."""
     q_nope, q_rope, latent, k_rope = _mla_qkv(p, x, positions, cfg)
-    start = slots[0, 0]
-    lat_cache = jax.lax.dynamic_update_slice_in_dim(
-        layer_cache["latent"], latent.astype(layer_cache["latent"].dtype), start, axis=1
-    )
-    rope_cache = jax.lax.dynamic_update_slice_in_dim(
-        layer_cache["rope"], k_rope.astype(layer_cache["rope"].dtype), start, axis=1
-    )
+    lat_cache = write_rows(layer_cache["latent"], latent, slots[:, 0])
+    rope_cache = write_rows(layer_cache["rope"], k_rope, slots[:, 0])
     kv_b = dense(p["kv_b"])  # folded into the query and the output: needed as one array
     w_uk = kv_b[..., : cfg.qk_nope_dim].astype(x.dtype)  # [c, h, n]
     w_uv = kv_b[..., cfg.qk_nope_dim :].astype(x.dtype)  # [c, h, v]
@@ -542,9 +547,8 @@ def gqa_attention(p: Params, x: jax.Array, positions: jax.Array, segment_ids, cf
 @jax.named_scope("attention")
 def gqa_attention_cached(p: Params, x, positions, layer_cache: dict, slots, valid_k, cfg: ModelConfig):
     q, k, v = _gqa_qkv(p, x, positions, cfg)
-    start = slots[0, 0]
-    k_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), start, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, axis=1)
+    k_cache = write_rows(layer_cache["k"], k, slots[:, 0])
+    v_cache = write_rows(layer_cache["v"], v, slots[:, 0])
     s_idx = jnp.broadcast_to(jnp.arange(k_cache.shape[1])[None], (x.shape[0], k_cache.shape[1]))
     # no NaN can sit in the cache: it starts zeroed and ``attend`` writes zeros, not NaN, for fully masked rows
     mask = _mask(slots, s_idx, valid_k, None)
@@ -567,45 +571,53 @@ def mlp(p: Params, x: jax.Array) -> jax.Array:
 
 @jax.named_scope("moe")
 def moe_layer(
-    p: Params, x: jax.Array, cfg: ModelConfig, load_mask: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """DeepSeekMoE: routed experts (dropless) plus shared experts. Returns (y, expert load f32[e])."""
-    weights, idx = jax.vmap(lambda xb: moe.route(xb, p["router"], p["router_bias"], cfg))(x)  # [b, t, k]
+    p: Params, x: jax.Array, cfg: ModelConfig, load_mask: jax.Array | None = None, routes: jax.Array | None = None
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """DeepSeekMoE: routed experts (dropless) plus shared experts. Returns (y, (expert load f32[e], experts used
+    int32[b, t, k])); ``routes`` int32[b, t, k] replays recorded experts (``moe.route``)."""
+    route = lambda xb, rb: moe.route(xb, p["router"], p["router_bias"], cfg, rb)  # noqa: E731
+    weights, idx = jax.vmap(route)(x, routes)  # [b, t, k]
     experts = {k: dense(w) for k, w in p["experts"].items()}  # grouped matmuls take plain arrays (one layer's)
     y = expert_parallel.routed_experts(x, weights, idx, experts, cfg.dispatch_slack).astype(x.dtype)
     if "shared" in p:
         y = y + mlp(p["shared"], x)
-    return y, moe.expert_load(idx, cfg.n_experts, None if load_mask is None else load_mask.reshape(-1))
+    return y, (moe.expert_load(idx, cfg.n_experts, None if load_mask is None else load_mask.reshape(-1)), idx)
 
 
 # --- blocks and the model --------------------------------------------------------------------------------------------
-def _ffn(p: Params, h: jax.Array, cfg: ModelConfig, moe_block: bool, load_mask=None):
+def _ffn(p: Params, h: jax.Array, cfg: ModelConfig, moe_block: bool, load_mask=None, routes=None):
+    """The block's feed-forward -> (y, (expert load f32[e], experts used int32[b, t, k]; a dense MLP has zero load
+    and None))."""
     if moe_block:
-        return moe_layer(p["mlp"], h, cfg, load_mask)
-    return mlp(p["mlp"], h), jnp.zeros((max(cfg.n_experts, 1),), jnp.float32)
+        return moe_layer(p["mlp"], h, cfg, load_mask, routes)
+    return mlp(p["mlp"], h), (jnp.zeros((max(cfg.n_experts, 1),), jnp.float32), None)
 
 
 @jax.named_scope("layer")
-def block(p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe_block: bool, load_mask=None):
-    """Pre-norm residual block without a cache. Returns (x, expert load over the tokens in ``load_mask``)."""
+def block(
+    p: Params, x: jax.Array, positions, segment_ids, cfg: ModelConfig, moe_block: bool, load_mask=None, routes=None
+):
+    """Pre-norm residual block without a cache. Returns (x, (expert load over the tokens in ``load_mask``, experts
+    used)) as ``_ffn``; ``routes`` int32[b, t, k] replays recorded experts in an MoE block."""
     attn = mla_attention if cfg.is_mla else gqa_attention
     a = attn(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, segment_ids, cfg)
     x = sharding.constrain(x + a, RESIDUAL)
-    y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block, load_mask)
-    return x + y, load
+    y, moe_out = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block, load_mask, routes)
+    return x + y, moe_out
 
 
 @jax.named_scope("layer")
 def block_cached(
-    p: Params, x, positions, layer_cache, slots, valid_k, cfg: ModelConfig, moe_block: bool, load_mask=None
+    p: Params, x, positions, layer_cache, slots, valid_k, cfg: ModelConfig, moe_block: bool, load_mask=None, routes=None
 ):
+    """``block`` against a KV cache. Returns (x, (expert load, experts used), updated layer cache)."""
     attn = mla_attention_cached if cfg.is_mla else gqa_attention_cached
     a, layer_cache = attn(
         p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, layer_cache, slots, valid_k, cfg
     )
     x = x + a
-    y, load = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block, load_mask)
-    return x + y, load, layer_cache
+    y, moe_out = _ffn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, moe_block, load_mask, routes)
+    return x + y, moe_out, layer_cache
 
 
 def unstack_layers(tree: dict) -> dict:
@@ -622,23 +634,25 @@ def unstack_layers(tree: dict) -> dict:
     }
 
 
-def _scan_stack(fn: Callable, x: jax.Array, stacked: Params, cfg: ModelConfig, xs_extra=None):
-    """Run ``fn(layer_params, x, extra) -> (x, ys)`` over the leading layer axis with ``lax.scan``; over a tuple of
-    per-layer trees (``unstack_layers``) as a Python loop, returning the per-layer ys as a tuple."""
+def _scan_stack(fn: Callable, x: jax.Array, stacked: Params, cfg: ModelConfig, xs_extra: tuple = ()):
+    """Run ``fn(layer_params, x, *extras) -> (x, (ys, layer_out))`` over the leading layer axis, ``extras`` being
+    each layer's slice of ``xs_extra`` (trees stacked on the layer axis, tuples of per-layer trees, or None).
+
+    Stacked params run under ``lax.scan``, which stacks ys and layer outputs. A tuple of per-layer trees
+    (``unstack_layers``) runs as a Python loop that stacks the ys and returns the layer outputs (per-layer cache
+    buffers) as a tuple."""
     body = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else fn
     if isinstance(stacked, tuple):
-        extras = xs_extra if xs_extra is not None else (None,) * len(stacked)
-        ys = []
-        for lp, extra in zip(stacked, extras, strict=True):
-            x, y = body(lp, x, extra)
+        ys, outs = [], []
+        for i, lp in enumerate(stacked):
+            x, (y, out) = body(lp, x, *(None if e is None else e[i] for e in xs_extra))
             ys.append(y)
-        loads, rest = zip(*ys, strict=True) if isinstance(ys[0], tuple) else (ys, None)
-        load = jnp.stack(loads)
-        return x, load if rest is None else (load, tuple(rest))
+            outs.append(out)
+        return x, (jax.tree.map(lambda *a: jnp.stack(a), *ys), tuple(outs))
 
     def step(carry, xs):
         lp, extra = xs
-        carry, ys = body(lp, carry, extra)
+        carry, ys = body(lp, carry, *extra)
         return sharding.constrain(carry, RESIDUAL), ys
 
     return jax.lax.scan(step, x, (stacked, xs_extra))
@@ -654,54 +668,63 @@ def forward(
     cache: Cache | None = None,
     return_hidden: bool = False,
     load_mask: jax.Array | None = None,
+    routes: jax.Array | None = None,
+    return_routes: bool = False,
 ) -> tuple[jax.Array, dict]:
     """Logits f32[b, t, V] for ``tokens`` int32[b, t], and aux outputs.
 
     Without ``cache``: positions default to 0..t-1; ``segment_ids`` int32[b, t] restricts attention to equal ids
-    (packed sequences). With ``cache``: tokens are written at slots ``cache.index ..``; positions default to
-    ``slot - cache.start``. aux: ``expert_load`` f32[n_moe_layers, e] (None without MoE layers), ``cache`` (updated;
-    None without one), ``hidden`` (pre-norm last hidden state, when ``return_hidden``). ``load_mask`` bool[b, t]
-    restricts the expert load to real tokens.
+    (packed sequences). With ``cache``: row i's tokens are written at slots ``cache.index[i] ..``; positions default to
+    ``slot - cache.start``. ``routes`` int32[n_moe_layers, b, t, k] replays recorded experts (routing replay: each
+    token's experts in each MoE layer, in the MoE stack's order) instead of selecting them. aux: ``expert_load``
+    f32[n_moe_layers, e] of the experts used (None without MoE layers), ``cache`` (updated; None without one),
+    ``hidden`` (pre-norm last hidden state, when ``return_hidden``), ``routes`` (the experts used, int32[n_moe_layers,
+    b, t, k] or None without MoE layers, when ``return_routes``). ``load_mask`` bool[b, t] restricts the expert load
+    to real tokens.
     """
     b, t = tokens.shape
+    want = (cfg.n_moe_layers, b, t, cfg.experts_per_token)
+    if routes is not None and (not cfg.n_moe_layers or tuple(routes.shape) != want):
+        raise ValueError(f"routes must be int32{list(want)} for a model with MoE layers, got {routes.shape}")
     dt = jnp.dtype(cfg.dtype)
     x = sharding.constrain(params["embed"].astype(dt)[tokens], RESIDUAL)
-    aux: dict = {}
     if cache is None:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        stacks = []
-        for name, is_moe in LAYER_STACKS.items():
-            if name in params:
-                fn = lambda lp, h, _, m=is_moe: block(lp, h, positions, segment_ids, cfg, m, load_mask)  # noqa: E731
-                x, load = _scan_stack(fn, x, params[name], cfg)
-                stacks.append((name, load))
-        new_cache = None
+        step = lambda lp, h, lc, r, m: _uncached_step(lp, h, r, positions, segment_ids, cfg, m, load_mask)  # noqa: E731
     else:
-        slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        slots = cache.index[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         if positions is None:
             positions = slots - cache.start[:, None]
         s_idx = jnp.arange(cache.max_len, dtype=jnp.int32)[None]
-        valid_k = (s_idx >= cache.start[:, None]) & (s_idx < cache.index + t)
-        stacks, layers = [], {}
-        for name, is_moe in LAYER_STACKS.items():
-            if name in params:
-                fn = lambda lp, h, lc, m=is_moe: _cached_step(  # noqa: E731
-                    lp, h, lc, positions, slots, valid_k, cfg, m, load_mask
-                )
-                x, (load, layers[name]) = _scan_stack(fn, x, params[name], cfg, cache.layers[name])
-                stacks.append((name, load))
-        new_cache = dataclasses.replace(cache, layers=layers, index=cache.index + t)
-    aux["expert_load"] = dict(stacks).get(MOE_LAYERS)
-    aux["cache"] = new_cache
+        valid_k = (s_idx >= cache.start[:, None]) & (s_idx < cache.index[:, None] + t)
+        step = lambda lp, h, lc, r, m: _cached_step(  # noqa: E731
+            lp, h, lc, r, positions, slots, valid_k, cfg, m, load_mask
+        )
+    moe_outs, layers = {}, {}
+    for name, is_moe in LAYER_STACKS.items():
+        if name in params:
+            fn = lambda lp, h, lc, r, m=is_moe: step(lp, h, lc, r, m)  # noqa: E731
+            xs = (None if cache is None else cache.layers[name], routes if is_moe else None)
+            x, (moe_outs[name], layers[name]) = _scan_stack(fn, x, params[name], cfg, xs)
+    load, used = moe_outs.get(MOE_LAYERS, (None, None))
+    aux: dict = {"expert_load": load}
+    aux["cache"] = None if cache is None else dataclasses.replace(cache, layers=layers, index=cache.index + t)
     if return_hidden:
         aux["hidden"] = x
+    if return_routes:
+        aux["routes"] = used
     return logits_from_hidden(params, x, cfg), aux
 
 
-def _cached_step(lp, h, lc, positions, slots, valid_k, cfg, is_moe, load_mask):
-    h, load, lc = block_cached(lp, h, positions, lc, slots, valid_k, cfg, is_moe, load_mask)
-    return h, (load, lc)
+def _uncached_step(lp, h, routes, positions, segment_ids, cfg, is_moe, load_mask):
+    h, moe_out = block(lp, h, positions, segment_ids, cfg, is_moe, load_mask, routes)
+    return h, (moe_out, None)
+
+
+def _cached_step(lp, h, lc, routes, positions, slots, valid_k, cfg, is_moe, load_mask):
+    h, moe_out, lc = block_cached(lp, h, positions, lc, slots, valid_k, cfg, is_moe, load_mask, routes)
+    return h, (moe_out, lc)
 
 
 @jax.named_scope("head")

@@ -8,7 +8,9 @@ Routers (all scores in float32):
   highest max score; top-k among the kept experts (dropped experts score 0.0, as transformers masks them).
 - sigmoid "noaux_tc" (V3): selection uses ``sigmoid + e_score_correction_bias``; a group's score is the sum of its two
   best biased scores; dropped groups get -inf; gate weights are the *unbiased* sigmoid scores of the chosen experts.
-Then optionally ``w /= sum(w)`` (norm_topk_prob) and ``w *= routed_scaling_factor``.
+Then optionally ``w /= sum(w)`` (norm_topk_prob) and ``w *= routed_scaling_factor``. Routing replay (R3): given
+recorded experts, ``route`` skips the selection and gates them by the current scores, so a teacher-forced pass uses
+the sampler's experts while the router still gets gradients.
 
 Experts are dropless: assignments are sorted by expert and run through a grouped matmul (``grouped_matmul``:
 ``jax.lax.ragged_dot``, tiled on CPU), so no token is ever dropped and no capacity factor exists. Expert loads are
@@ -25,27 +27,40 @@ import jax.numpy as jnp
 from r1jax.config import ModelConfig, Scoring, TopkMethod
 
 
-def route(x: jax.Array, w_router: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Router for tokens ``x[T, d]`` -> (weights f32[T, k], expert indices int32[T, k])."""
+def route(
+    x: jax.Array, w_router: jax.Array, bias: jax.Array, cfg: ModelConfig, idx: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Router for tokens ``x[T, d]`` -> (weights f32[T, k], expert indices int32[T, k]).
+
+    ``idx`` int32[T, k] replays recorded experts (routing replay: the experts the sampler chose) instead of selecting
+    them; the weights are still this call's scores of those experts, normalised as usual, so gradients reach
+    ``w_router`` through them.
+    """
     logits = jnp.einsum("Td,de->Te", x.astype(jnp.float32), w_router.astype(jnp.float32))
     scores = jax.nn.sigmoid(logits) if cfg.scoring == Scoring.SIGMOID else jax.nn.softmax(logits, axis=-1)
-    n_tok, n_exp, k = scores.shape[0], cfg.n_experts, cfg.experts_per_token
-    grouped = (n_tok, cfg.n_group, n_exp // cfg.n_group)
-    if cfg.topk_method == TopkMethod.GREEDY:
-        _, idx = jax.lax.top_k(scores, k)
-    elif cfg.topk_method == TopkMethod.GROUP_LIMITED_GREEDY:
-        group_score = scores.reshape(grouped).max(-1)
-        keep = _group_mask(group_score, cfg.topk_group, grouped)
-        _, idx = jax.lax.top_k(jnp.where(keep, scores, 0.0), k)
-    else:  # NOAUX_TC: the bias steers selection only
-        choice = scores + bias.astype(jnp.float32)
-        group_score = jax.lax.top_k(choice.reshape(grouped), 2)[0].sum(-1)
-        keep = _group_mask(group_score, cfg.topk_group, grouped)
-        _, idx = jax.lax.top_k(jnp.where(keep, choice, -jnp.inf), k)
+    if idx is None:
+        idx = _select(scores, bias, cfg)
     weights = jnp.take_along_axis(scores, idx, axis=-1)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return weights * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+def _select(scores: jax.Array, bias: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The ``cfg.topk_method`` choice of experts from router scores f32[T, e] -> indices [T, k]."""
+    n_tok, n_exp, k = scores.shape[0], cfg.n_experts, cfg.experts_per_token
+    grouped = (n_tok, cfg.n_group, n_exp // cfg.n_group)
+    if cfg.topk_method == TopkMethod.GREEDY:
+        return jax.lax.top_k(scores, k)[1]
+    if cfg.topk_method == TopkMethod.GROUP_LIMITED_GREEDY:
+        group_score = scores.reshape(grouped).max(-1)
+        keep = _group_mask(group_score, cfg.topk_group, grouped)
+        return jax.lax.top_k(jnp.where(keep, scores, 0.0), k)[1]
+    # NOAUX_TC: the bias steers selection only
+    choice = scores + bias.astype(jnp.float32)
+    group_score = jax.lax.top_k(choice.reshape(grouped), 2)[0].sum(-1)
+    keep = _group_mask(group_score, cfg.topk_group, grouped)
+    return jax.lax.top_k(jnp.where(keep, choice, -jnp.inf), k)[1]
 
 
 def _group_mask(group_score: jax.Array, topk_group: int, grouped: tuple[int, int, int]) -> jax.Array:

@@ -2,7 +2,7 @@
 
 Prompts are left-padded to a bucketed length (multiples of ``PROMPT_BUCKET``, so few shapes are compiled); each
 sequence's cache starts at its first real token, so padding never changes results. The decode loop that uses these
-is ``r1jax.rollout.sample_groups`` (``r1jax.rollout.generate`` for plain generation).
+is ``r1jax.rollout``'s slot engine (``r1jax.rollout.generate`` for plain generation).
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import numpy as np
 PROMPT_BUCKET = 32
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_p: float, top_k: int) -> jax.Array:
-    """Next tokens int32[b] from logits f32[b, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+def sample_logits(logits: jax.Array, keys: jax.Array, temperature: float, top_p: float, top_k: int) -> jax.Array:
+    """Next tokens int32[b] from logits f32[b, V]: greedy at temperature 0, else top-k / nucleus sampling.
+
+    ``keys``: one PRNG key per row (key[b]), so a row's draw depends on its own key alone, never on its place in the
+    batch; a single key is split into b."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
@@ -29,25 +32,27 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_p: 
         keep = jnp.cumsum(probs, axis=-1) - probs < top_p
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return categorical(key, logits)
+    return categorical(keys, logits)
 
 
-def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
-    """One draw per row from softmax(logits f32[b, V]) -> int32[b]; -inf logits are never drawn.
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits f32[b, V]) -> int32[b], row i drawn with ``keys[i]`` (a single key is
+    split into b); -inf logits are never drawn.
 
     On CPU by inverting the CDF with one uniform per row: ``jax.random.categorical`` draws V Gumbel variates per row,
     and generating them is a large share of an XLA:CPU decode step at a real vocabulary (figures in
     docs/performance.md). Elsewhere Gumbel-max (``jax.random.categorical``). Same distribution, different random
     streams.
     """
-    return jax.lax.platform_dependent(
-        key, logits, cpu=_inverse_cdf, default=lambda k, lg: jax.random.categorical(k, lg, axis=-1).astype(jnp.int32)
-    )
+    if keys.ndim == 0:
+        keys = jax.random.split(keys, logits.shape[0])
+    gumbel = jax.vmap(lambda k, lg: jax.random.categorical(k, lg).astype(jnp.int32))
+    return jax.lax.platform_dependent(keys, logits, cpu=_inverse_cdf, default=gumbel)
 
 
-def _inverse_cdf(key: jax.Array, logits: jax.Array) -> jax.Array:
+def _inverse_cdf(keys: jax.Array, logits: jax.Array) -> jax.Array:
     cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-    u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]  # < the total mass
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)[:, None] * cdf[:, -1:]  # < the total mass
     # the first index whose cdf exceeds u; a zero-probability token never raises the cdf, so it is never that index
     return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
 

@@ -104,6 +104,22 @@ def normalize_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(devices, MESH_AXES, axis_types=auto)
 
 
+def split_mesh(mesh: jax.sharding.Mesh) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh]:
+    """Two halves of an r1jax mesh along its first batch axis of even size (``RULES["batch"]``), every other axis
+    kept: the trainer's and the sampler's meshes of off-policy overlap."""
+    from r1jax.errors import ConfigError
+
+    sizes = dict(mesh.shape)
+    axis = next((a for a in RULES["batch"] if sizes.get(a, 1) % 2 == 0), None)
+    if axis is None:
+        raise ConfigError(
+            f"mesh {sizes} cannot be split into a trainer and a sampler half: none of its batch axes "
+            f"{RULES['batch']} has an even size"
+        )
+    halves = np.split(np.asarray(mesh.devices), 2, axis=list(mesh.axis_names).index(axis))
+    return tuple(jax.sharding.Mesh(d, mesh.axis_names, axis_types=mesh.axis_types) for d in halves)
+
+
 def abstract_mesh(shape: dict[str, int] | Sequence[int]) -> jax.sharding.AbstractMesh:
     """A device-free mesh over ``MESH_AXES`` (for ``jax.eval_shape`` and sharding arithmetic at any scale)."""
     return jax.sharding.AbstractMesh(_mesh_dims(shape), MESH_AXES)

@@ -1,25 +1,22 @@
 """Multi-turn rollouts with tools: decode until a tool call closes, run the calls, append their results, go on.
 
 One trajectory per row (``b`` prompts x G rows, groups contiguous, as ``r1jax.rollout.sample``) is built in turns,
-each one call of ``r1jax.rollout.sample`` (its jitted ``sample_groups`` loop and host-side stop strings). A row
-ends the turn at EOS, a stop string, a tool call's closing tag (``ToolEnv.stop_strings``, e.g. ``</search>``), the
-per-turn limit or the trajectory budget. The host then runs the calls of every row that made one, all at once on
-the environment's thread pool, appends each result block (``<information>...</information>``) as tokens, and the
-next turn samples only those rows, each from its whole context so far. After ``max_turns`` calls a row's closing
-tags no longer stop it (further calls are plain text). The decode loop is ``sample_groups``' own: no second decoder.
+each one call of ``r1jax.rollout.sample`` (its slot engine and host-side stop strings). A row ends the turn at EOS,
+a stop string, a tool call's closing tag (``ToolEnv.stop_strings``, e.g. ``</search>``), the per-turn limit or the
+trajectory budget. The host then runs the calls of every row that made one, all at once on the environment's thread
+pool, appends each result block (``<information>...</information>``) as tokens, and the next turn samples only those
+rows, each from its whole context so far. After ``max_turns`` calls a row's closing tags no longer stop it (further
+calls are plain text). The decode loop is the slot engine's own: no second decoder.
 
-Re-prefill, not cache reuse. ``sample_groups``' KV cache has one write position for all rows; rows that stop at
-different steps and get results of different lengths would need per-row cache positions, so each later turn
-prefills its rows' whole context (prompt + trajectory) again: one forward over the context per later turn (its
-cost against decoding is measured in the README). Turn 0 shares each prompt's prefill across its G rows.
+Re-prefill, not cache reuse. Each later turn is a new engine call that prefills its rows' whole context (prompt +
+trajectory) again: one forward over the context per later turn (its cost against decoding is measured in the
+README). Turn 0 shares each prompt's prefill across its G rows.
 
-What overlaps what. Within a turn, rows decode together in one jitted loop (a row that stopped early idles until
-the turn's last row stops, as in single-turn sampling). Between turns, the calls of all rows run concurrently on
-threads, so the turn waits for its slowest call (bounded by ``ToolConfig.timeout_s``), not for the sum of them.
-Rows that made no call in a turn are finished: tool latency holds them back only in that the batch returns when the
-last row has finished. Decoding and tool execution do not overlap each other (a turn's calls start when its
-decoding has ended): that keeps which rows decode together, and so every sampled token, a function of the data and
-the key alone, never of how fast a tool answered (the sampler's random draws depend on a row's place in its batch).
+What overlaps what. Within a turn, rows decode together in the engine's slots. Between turns, the calls of all rows
+run concurrently on threads, so the turn waits for its slowest call (bounded by ``ToolConfig.timeout_s``), not for
+the sum of them. Rows that made no call in a turn are finished: tool latency holds them back only in that the batch
+returns when the last row has finished. Decoding and tool execution do not overlap each other (a turn's calls start
+when its decoding has ended).
 
 Masks. ``mask`` is 1 on the model's tokens only: result tokens are context (present in ``tokens``, read by every
 teacher-forced forward), with loss, ratio and KL mask 0 and no sampler log-prob (``logp`` 0). ``env_mask`` marks

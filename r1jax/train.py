@@ -238,6 +238,11 @@ def check_mesh(cfg: TrainConfig, mesh) -> None:
         rows = {"grpo.prompts_per_step x grpo.group_size": cfg.grpo.samples_per_step, "micro_batch": cfg.micro_batch}
     else:
         rows = {"sft_batch_size": cfg.sft_batch_size}
+    if cfg.stage == Stage.GRPO and cfg.grpo.max_off_policy_steps and mesh.size > 1:
+        from r1jax.sharding import split_mesh
+
+        split_mesh(mesh)  # raises when the mesh cannot be split
+        data //= 2  # the trainer half
     for name, n in rows.items():
         if n % data:
             raise ConfigError(
@@ -320,7 +325,7 @@ def run(cfg: TrainConfig, out_dir: str, *, mesh=None, progress: bool = True, max
         try:
             while step < total:
                 t0 = time.perf_counter()
-                state, metrics = stage.step(state, next(data), jax.random.fold_in(jax.random.key(cfg.seed), step))
+                state, metrics = stage.step(state, next(data), step_key(cfg, step))
                 step += 1
                 _count_skips(counters, metrics)
                 metrics = {
@@ -524,6 +529,7 @@ class GRPOStage:
         from r1jax.data.tokenizer import stop_ids
 
         self.cfg, self.model_cfg, self.tok = cfg, model_cfg, tok
+        self._peek: dict | None = None  # read-ahead batches by step (off-policy sampling)
         stops = stop_ids(model_cfg, tok)
         reward = grpo.text_reward(cfg, tok.decode, stops)
         self.trainer = grpo.GRPOTrainer(
@@ -554,9 +560,31 @@ class GRPOStage:
         )
 
     def step(self, state, batch, key):
-        prompts = [ex["prompt_ids"] for ex in batch]
-        metas = [{k: v for k, v in ex.items() if k not in ("prompt_ids",)} for ex in batch]
-        return self.trainer.grpo_step(state, prompts, metas, key)
+        return self.trainer.grpo_step(state, *_prompts_and_metas(batch), key, ahead=self._ahead(int(state.step)))
+
+    def _ahead(self, step: int) -> list:
+        """The next ``grpo.max_off_policy_steps`` steps' (prompts, metadata, key), read ahead of the loop's own
+        iterator (batches are a pure function of the step) for the trainer's off-policy sampling."""
+        k = self.cfg.grpo.max_off_policy_steps
+        if not k:
+            return []
+        if self._peek is None or min(self._peek, default=step + 1) > step + 1:
+            self._peek, self._peek_iter, self._peek_next = {}, self.data(step + 1), step + 1
+        while self._peek_next <= step + k:
+            self._peek[self._peek_next] = next(self._peek_iter)
+            self._peek_next += 1
+        for s in [s for s in self._peek if s <= step]:
+            del self._peek[s]
+        return [(*_prompts_and_metas(self._peek[s]), step_key(self.cfg, s)) for s in range(step + 1, step + k + 1)]
+
+
+def _prompts_and_metas(batch) -> tuple[list, list]:
+    return [ex["prompt_ids"] for ex in batch], [{k: v for k, v in ex.items() if k != "prompt_ids"} for ex in batch]
+
+
+def step_key(cfg: TrainConfig, step: int) -> jax.Array:
+    """The PRNG key of a training step: a pure function of the seed and the step (resumes exactly)."""
+    return jax.random.fold_in(jax.random.key(cfg.seed), step)
 
 
 class SFTStage:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import r1jax
+from r1jax.config import SamplingConfig
 from r1jax.model import forward
-from r1jax.rollout import generate_tokens
-from r1jax.sampling import left_pad
+from r1jax.rollout import sample
 from tests import hf_tiny
 
 CASES = ["deepseek_v3", "deepseek_v2_group_limited", "qwen2", "llama"]
@@ -49,24 +49,15 @@ def test_cached_logprobs_equal_teacher_forced_forward(tiny):
     path, _ = tiny
     model = r1jax.load(path)
     params = model.param_dict()
-    tokens, start = left_pad([PROMPTS[0]])
-    toks, logps, lengths = generate_tokens(
-        params,
-        tokens,
-        start,
-        np.zeros((0,), np.int32),
-        jax.random.key(0),
-        cfg=model.cfg,
-        max_new_tokens=6,
-        temperature=1.0,
-    )
-    full = np.array([PROMPTS[0] + np.asarray(toks)[0].tolist()])
+    ro = sample(params, [PROMPTS[0]], jax.random.key(0), cfg=model.cfg,
+                sampling=SamplingConfig(temperature=1.0, max_new_tokens=6), group_size=1, stop_ids=[])  # fmt: skip
+    full = np.array([PROMPTS[0] + ro.tokens[0].tolist()])
     logits, _ = forward(params, full, model.cfg)
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     n = len(PROMPTS[0])
     want = [logp[0, n - 1 + i, full[0, n + i]] for i in range(6)]
-    np.testing.assert_allclose(np.asarray(logps)[0], want, rtol=1e-4, atol=1e-5)
-    assert int(lengths[0]) == 6
+    np.testing.assert_allclose(ro.logp[0], want, rtol=1e-4, atol=1e-5)
+    assert int(ro.lengths[0]) == 6
 
 
 def test_stops_at_eos(tiny):

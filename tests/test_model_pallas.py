@@ -39,49 +39,53 @@ def test_pallas_attention_matches_xla(name):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _greedy(params, prompts, cfg, n, mesh=None):
+    from r1jax.config import SamplingConfig
+    from r1jax.rollout import sample
+
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=n)
+    return sample(params, prompts, jax.random.key(0), cfg=cfg, sampling=sampling, group_size=1, stop_ids=[],
+                  bucket=1, mesh=mesh)  # fmt: skip
+
+
 def test_pallas_decode_matches_xla_generate():
-    """Sampler decode steps run the absorbed-MLA decode kernel (left-padded cache) and match XLA token for token."""
-    from r1jax.rollout import generate_tokens
-    from r1jax.sampling import left_pad
+    """The slot engine's decode steps run the absorbed-MLA decode kernel (left-padded cache) and match XLA token for
+    token."""
+    from r1jax import rollout
 
     cfg = CONFIGS["mla"]
     params = init_params(cfg, jax.random.key(1), std=0.2)
-    tokens, start = left_pad([[5, 17, 33, 8, 41], [9, 12], [60, 61, 62, 63, 2, 3, 4]], bucket=1)
-    args = (params, jnp.asarray(tokens), jnp.asarray(start), jnp.zeros((0,), jnp.int32), jax.random.key(0))
-    runs = {}
-    for impl in ("xla", "pallas"):
-        c = cfg.replace(attention_impl=impl)
-        runs[impl] = generate_tokens(*args, cfg=c, max_new_tokens=8)
-    pallas_jaxpr = str(jax.make_jaxpr(lambda *a: generate_tokens(*a, cfg=c, max_new_tokens=8))(*args))
-    assert "mla_decode" in pallas_jaxpr
-    (tx, lx, nx), (tp, lp, np_) = runs["xla"], runs["pallas"]
-    np.testing.assert_array_equal(np.asarray(tp), np.asarray(tx))
-    np.testing.assert_array_equal(np.asarray(np_), np.asarray(nx))
-    np.testing.assert_allclose(np.asarray(lp), np.asarray(lx), rtol=1e-4, atol=1e-6)
+    prompts = [[5, 17, 33, 8, 41], [9, 12], [60, 61, 62, 63, 2, 3, 4]]
+    runs = {impl: _greedy(params, prompts, cfg.replace(attention_impl=impl), 8) for impl in ("xla", "pallas")}
+    pallas = cfg.replace(attention_impl="pallas")
+    pool = rollout.empty_pool(cfg=pallas, slots=3, width=16, max_new=8, window=1, unrolled=False, mesh=None)
+    args = (params, pool, jnp.zeros((0,), jnp.int32), jnp.zeros((0, 1), jnp.int32), 8, False)
+    assert "mla_decode" in str(jax.make_jaxpr(lambda *a: rollout.decode(*a, cfg=pallas))(*args))
+    x, p = runs["xla"], runs["pallas"]
+    np.testing.assert_array_equal(p.tokens, x.tokens)
+    np.testing.assert_array_equal(p.lengths, x.lengths)
+    np.testing.assert_allclose(p.logp, x.logp, rtol=1e-4, atol=1e-6)
 
 
 def test_pallas_kernels_on_a_mesh_match_xla():
     """On a mesh the kernels run per device under shard_map (batch over data, heads over tensor): teacher-forced
     log-probs (flash) and a greedy decode (absorbed MLA) equal the single-device XLA model."""
     from r1jax import sharding
-    from r1jax.rollout import generate_tokens
-    from r1jax.sampling import left_pad
 
     cfg = CONFIGS["mla"]
     params = init_params(cfg, jax.random.key(1), std=0.2)
-    tokens, start = left_pad([[5, 17, 33, 8, 41], [9, 12], [60, 61, 62, 63, 2, 3, 4], [7, 7, 7]], bucket=1)
-    args = (params, jnp.asarray(tokens), jnp.asarray(start), jnp.zeros((0,), jnp.int32), jax.random.key(0))
-    tx, lx, _ = generate_tokens(*args, cfg=cfg, max_new_tokens=6)
-    full = jnp.concatenate([jnp.asarray(tokens), tx], 1)
+    prompts = [[5, 17, 33, 8, 41], [9, 12], [60, 61, 62, 63, 2, 3, 4], [7, 7, 7]]
+    x = _greedy(params, prompts, cfg, 6)
+    full = jnp.concatenate([jnp.asarray(x.prompt_tokens), x.tokens], 1)
     logits_x, _ = forward(params, full, cfg)
     mesh = sharding.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])
     pallas = cfg.replace(attention_impl="pallas")
     assert cfg.n_heads % 2 == 0
+    p = _greedy(params, prompts, pallas, 6, mesh=mesh)
     with jax.set_mesh(mesh):
-        tp, lp, _ = jax.jit(lambda *a: generate_tokens(*a, cfg=pallas, max_new_tokens=6))(*args)
         logits_p, _ = jax.jit(lambda p, t: forward(p, t, pallas))(params, full)
         hlo = jax.jit(lambda p, t: forward(p, t, pallas)).lower(params, full).as_text()
     assert "shard_map" in hlo or "sdy.manual_computation" in hlo
-    np.testing.assert_array_equal(np.asarray(tp), np.asarray(tx))
-    np.testing.assert_allclose(np.asarray(lp), np.asarray(lx), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(p.tokens, x.tokens)
+    np.testing.assert_allclose(p.logp, x.logp, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(logits_p), np.asarray(logits_x), rtol=1e-4, atol=1e-4)

@@ -10,8 +10,7 @@ from configs.tiny import tiny_model
 from r1jax.config import ModelConfig, SamplingConfig
 from r1jax.loss import sequence_logprobs
 from r1jax.model import forward, init_params
-from r1jax.rollout import Rollout, apply_stop_strings, completion_texts, sample, sample_groups, stop_token_seqs
-from r1jax.sampling import left_pad
+from r1jax.rollout import Rollout, SlotEngine, apply_stop_strings, completion_texts, sample, stop_token_seqs
 
 MLA = tiny_model()
 DENSE = ModelConfig(
@@ -85,14 +84,18 @@ def test_unstacked_decode_equals_scanned(cfg):
     """Decoding over per-layer buffers (the CPU default) and over the scanned layer stacks (accelerators) give the
     same tokens and log-probs at temperature 1."""
     params = _params(cfg)
-    tokens, start = left_pad(PROMPTS, pad_id=0, bucket=8)
-    args = (params, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray([1]), jnp.zeros((0, 1), jnp.int32))
-    kw = dict(cfg=cfg, group_size=G, max_new_tokens=T, temperature=1.0)
-    scanned = sample_groups(*args, jax.random.key(5), unroll_layers=False, **kw)
-    unrolled = sample_groups(*args, jax.random.key(5), unroll_layers=True, **kw)
-    np.testing.assert_array_equal(unrolled.tokens, scanned.tokens)
-    np.testing.assert_allclose(unrolled.logp, scanned.logp, rtol=1e-5, atol=1e-6)
-    assert len({tuple(r) for r in np.asarray(scanned.tokens)}) > len(PROMPTS)
+    runs = []
+    for unroll in (False, True):
+        engine = SlotEngine(cfg, SamplingConfig(temperature=1.0, max_new_tokens=T), slots=4, prompt_len=8,
+                            stop_ids=[1], prefill_batch=2, unroll_layers=unroll)  # fmt: skip
+        for i, p in enumerate(PROMPTS):
+            engine.submit(p, G, jax.random.fold_in(jax.random.key(5), i))
+        engine.run(params)
+        runs.append([engine.finished[i] for i in range(len(PROMPTS) * G)])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logp, b.logp, rtol=1e-5, atol=1e-6)
+    assert len({tuple(r.tokens) for r in runs[0]}) > len(PROMPTS)
 
 
 def test_sequence_logprobs_independent_of_padding():

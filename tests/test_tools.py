@@ -298,7 +298,7 @@ def test_sampler_logprobs_equal_teacher_forced_over_trajectories(corpus):
     prompts = [[ID["question"], ID["capital"]], [ID["compute"]], [ID["answer"], ID["code"], ID["4"]]]
     with toy_env(corpus, max_turns=3, max_result_tokens=6) as env:
         ro = sample_with_tools(
-            params, prompts, jax.random.key(2), cfg=TOY, sampling=SamplingConfig(temperature=1.0, max_new_tokens=24),
+            params, prompts, jax.random.key(3), cfg=TOY, sampling=SamplingConfig(temperature=1.0, max_new_tokens=24),
             env=env, group_size=4, encode=toy_encode, decode=toy_decode, bucket=8,
         )  # fmt: skip
     assert (ro.num_calls >= 1).sum() >= 4 and (ro.num_calls >= 2).any()  # multi-turn rows exist

@@ -244,6 +244,8 @@ def test_sft_stage_learns_and_loads(tmp_path):
         (["--set", "mesh=fsdp=3"], "needs 3 devices, 8 available"),  # the config's own mesh
         (["--mesh", "fsdp=2,model=4"], "unknown mesh axes"),
         (["--set", "micro_batch_size=3"], "must divide the mini-batch"),
+        (["--set", "sampling.slots=2"], "is smaller than a group"),
+        (["--set", "sampling.step_budget=4", "--set", "sampling.prompt_chunk=16"], "is below the prompt chunk"),
     ],
 )
 def test_cli_config_errors_are_one_line(tmp_path, capsys, argv, message):

@@ -13,7 +13,8 @@ Train step: the GRPO policy update the trainer runs (``r1jax.grpo.update_minibat
 over teacher-forced log-probs, gradient accumulation over micro-batches, clipping, AdamW, router-bias update), with
 params and optimiser state donated. The run is the preset's ``train()`` (a ``TrainConfig``) or, for a variant without
 one, R1's recipe at the variant's shapes (``configs.r1.r1_on``): ``batch()`` sequences per micro-batch.
-Decode step: one token per sequence against the compressed (MLA) or GQA KV cache.
+Decode step: the slot engine's decode loop (``r1jax.rollout.decode``), one token per slot per step against the
+compressed (MLA) or GQA KV cache of its pool (``batch`` slots of ``cache_len`` tokens, each with its own position).
 
 Figures, per device: argument / output / temp / alias bytes from ``memory_analysis()``; total = argument + output +
 temp - alias; ``fits`` = total <= 90% of HBM. FLOPs and bytes accessed: XLA's cost analysis counts a ``while``
@@ -55,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from r1jax import expert_parallel, lora, moe, sharding
+from r1jax import expert_parallel, lora, moe, rollout, sharding
 from r1jax.cache import Cache, layer_shapes
 from r1jax.config import LoraConfig, ModelConfig, TrainConfig
 from r1jax.grpo import TrainBatch, update_minibatch
@@ -67,7 +68,6 @@ from r1jax.model import (
     ParamSpec,
     block,
     block_cached,
-    forward,
     param_specs,
 )
 from r1jax.optim import make_optimizer, opt_shardings
@@ -149,11 +149,6 @@ def train_shape(tc: TrainConfig) -> dict[str, int]:
     }
 
 
-def decode_step(params, cache, tokens, *, cfg):
-    logits, aux = forward(params, tokens, cfg, cache=cache)
-    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), aux["cache"]
-
-
 def _layer_specs(cfg: ModelConfig, stack: str):
     specs = param_specs(cfg)[stack]
     return jax.tree.map(lambda s: dataclasses.replace(s, shape=s.shape[1:], axes=s.axes[1:]), specs, is_leaf=_is_spec)
@@ -204,22 +199,43 @@ def _cache_abstract(cfg: ModelConfig, mesh, batch: int, cache_len: int):
             full = (n, *shape)
             spec = sharding.logical_to_spec(("layers", "batch", *[None] * (len(shape) - 1)), full, mesh)
             layers[stack][k] = jax.ShapeDtypeStruct(full, dt, sharding=NamedSharding(mesh, spec))
-    rep = NamedSharding(mesh, PartitionSpec())
-    return Cache(
-        layers=layers,
-        index=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-        start=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, (batch,))),
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, (batch,)))
+    return Cache(layers=layers, index=rows, start=rows)
+
+
+def _pool_abstract(cfg: ModelConfig, mesh, slots: int, cache_len: int) -> rollout.Pool:
+    """The slot engine's pool (``r1jax.rollout.Pool``): ``slots`` slots over the batch axes, each with a cache of
+    ``cache_len`` tokens and a token buffer as long."""
+
+    def rows(*dims, dtype):
+        return jax.ShapeDtypeStruct((slots, *dims), dtype, sharding=sharding.batch_sharding(mesh, (slots, *dims)))
+
+    return rollout.Pool(
+        cache=_cache_abstract(cfg, mesh, slots, cache_len),
+        logits=rows(cfg.vocab_size, dtype=jnp.float32),
+        keys=rows(*rollout.KEY_SHAPE, dtype=jnp.uint32),
+        count=rows(dtype=jnp.int32),
+        budget=rows(dtype=jnp.int32),
+        done=rows(dtype=jnp.bool_),
+        ended=rows(dtype=jnp.bool_),
+        window=rows(1, dtype=jnp.int32),
+        tokens=rows(cache_len, dtype=jnp.int32),
+        logp=rows(cache_len, dtype=jnp.float32),
     )
 
 
 def compile_decode(cfg: ModelConfig, mesh, batch: int, cache_len: int):
+    """The slot engine's jitted decode loop (``r1jax.rollout.decode``: sample, write, one cached forward per step,
+    the pool donated) for ``batch`` slots; XLA's cost analysis counts one step of its loop."""
     specs = param_specs(cfg)
     psh = sharding.param_shardings(specs, mesh)
     params = _abstract(specs, cfg, psh, dtype=cfg.dtype)  # serving weights in the compute dtype
-    cache = _cache_abstract(cfg, mesh, batch, cache_len)
-    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=sharding.batch_sharding(mesh, (batch, 1)))
+    pool = _pool_abstract(cfg, mesh, batch, cache_len)
+    rep = NamedSharding(mesh, PartitionSpec())
+    scalar = partial(jax.ShapeDtypeStruct, sharding=rep)
+    args = (scalar((1,), jnp.int32), scalar((0, 1), jnp.int32), scalar((), jnp.int32), scalar((), jnp.bool_))
     with jax.set_mesh(mesh):
-        return jax.jit(partial(decode_step, cfg=cfg), donate_argnums=(1,)).lower(params, cache, tokens).compile()
+        return rollout.decode.lower(params, pool, *args, cfg=cfg, mesh=mesh).compile()
 
 
 _COLLECTIVE = re.compile(

@@ -9,6 +9,7 @@ gets its own peak RSS), with the same thread count, model and sizes. Each prints
     python tools/bench.py grpo       # one GRPO step (2 prompts x G=8, 64 new tokens, KL to a reference) vs TRL
     python tools/bench.py grpo --lora 16   # the same with rank-16 LoRA on every projection vs TRL + PEFT
     python tools/bench.py sft        # SFT step tokens/s on packed 8 x 256 rows vs a plain torch AdamW step
+    python tools/bench.py rollout    # long-tail lengths: the slot engine (and partial rollouts) vs static batches
     python tools/bench.py all        # everything, one command
     python tools/bench.py all --small   # tiny sizes: a smoke test of the harness
 
@@ -489,6 +490,65 @@ def side_sft(args, impl: str) -> dict:
     return {"times": times, "tokens": b * t}
 
 
+def long_tail_budgets(n: int, mean: int, cap: int, seed: int) -> list[int]:
+    """``n`` per-row token budgets from a lognormal (sigma 1.25), scaled to ``mean`` and clipped to [1, ``cap``]: the
+    long tail of reasoning lengths (max / mean >= 4 is checked by the caller)."""
+    import numpy as np
+
+    x = np.random.default_rng(seed).lognormal(0.0, 1.25, n)
+    return [int(b) for b in np.clip(np.round(x / x.mean() * mean), 1, cap)]
+
+
+ROLLOUT_MODES = ("static", "slots", "partial")
+
+
+def side_rollout(args, name: str) -> dict:
+    """Sample ``steps`` GRPO-like batches (``n`` rows each, G per prompt) with per-row budgets, EOS disabled, in the
+    three modes: static batches of S rows (each costs its longest row), S slots refilled as rows end (each step
+    drains), and slots with partial rollouts (a step decodes a fixed budget; unfinished rows carry over)."""
+    jax = setup_jax(args)
+    import numpy as np
+
+    import r1jax
+    from r1jax.config import SamplingConfig
+    from r1jax.rollout import SlotEngine
+
+    S, G, steps = (4, 2, 2) if args.small else (8, 4, 2)
+    n, mean, cap, plen = (4 * S, 8, 40, 16) if args.small else (8 * S, 32, 256, 32)
+    model = r1jax.load(model_path(name, args.small))
+    cfg, params = model.cfg, model.param_dict()
+    rng = np.random.default_rng(7)
+    batches = [
+        ([rng.integers(3, min(cfg.vocab_size, 32000), plen).tolist() for _ in range(n // G)],
+         long_tail_budgets(n, mean, cap, seed=2 + s))
+        for s in range(steps)
+    ]  # fmt: skip
+    assert all(max(b) >= 4 * sum(b) / len(b) for _, b in batches), "the budgets' tail is too short"
+    useful = sum(sum(b) for _, b in batches)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=cap)
+    per_step = -(-useful // (steps * S))  # the partial-rollout decode budget: a step's share of the work over S
+
+    def run(mode: str) -> dict:
+        engine = SlotEngine(cfg, sampling, slots=S, prompt_len=plen, stop_ids=[], prefill_batch=S // G,
+                            refill=mode != "static")  # fmt: skip
+        t0 = time.perf_counter()
+        for i, (prompts, budgets) in enumerate(batches):
+            for j, p in enumerate(prompts):
+                engine.submit(p, G, jax.random.key(1000 * i + j), budgets[j * G : (j + 1) * G])
+            engine.run(params, max_steps=per_step if mode == "partial" else None)
+        engine.run(params)  # what partial rollouts left in flight
+        wall = time.perf_counter() - t0
+        got = sum(len(f.tokens) for f in engine.finished.values())
+        assert got == useful, (mode, got, useful)
+        return {"wall_s": wall, "decode_steps": engine.decode_steps}
+
+    run("slots")  # compile (all modes share the shapes)
+    out = {m: run(m) for m in ROLLOUT_MODES}
+    return {"modes": out, "useful_tokens": useful, "slots": S, "samples_per_step": n, "steps": steps,
+            "budget_mean": useful / (steps * n), "budget_max": max(max(b) for _, b in batches),
+            "partial_budget": per_step, "model": name}  # fmt: skip
+
+
 def run_side(args) -> dict:
     bench, impl, *rest = args.side
     t0 = time.perf_counter()
@@ -502,6 +562,8 @@ def run_side(args) -> dict:
         out = side_grpo(args, impl)
     elif bench == "sft":
         out = side_sft(args, impl)
+    elif bench == "rollout":
+        out = side_rollout(args, impl)
     else:
         raise SystemExit(f"unknown side {args.side}")
     out["peak_rss_mb"] = peak_rss_mb()
@@ -685,6 +747,31 @@ class Driver:
             first_step_s_r1jax=round(o["times"][0], 2),
         )
 
+    def rollout(self):
+        """Useful tokens/s of the three sampling modes, each row's length its own budget (EOS off): static batches
+        (the peer: a batch costs its longest row, as in TRL / transformers generate) against the slot engine."""
+        for name in ("smollm2", "tiny_v3"):
+            model_path(name, self.args.small)
+            o = spawn(self.args, "rollout", name)
+            modes, useful = o["modes"], o["useful_tokens"]
+            rate = {m: useful / r["wall_s"] for m, r in modes.items()}
+            for m in ("slots", "partial"):
+                self.compare(
+                    f"rollout/{name}-{m}",
+                    "tok/s",
+                    (rate[m], o),
+                    (rate["static"], o),
+                    higher_better=True,
+                    peer_impl="r1jax static batches (same S, same loop)",
+                    slots=o["slots"],
+                    samples=o["samples_per_step"] * o["steps"],
+                    budget_mean=round(o["budget_mean"], 1),
+                    budget_max=o["budget_max"],
+                    decode_steps_per_useful_token=round(modes[m]["decode_steps"] / useful, 4),
+                    decode_steps_per_useful_token_static=round(modes["static"]["decode_steps"] / useful, 4),
+                    partial_step_budget=o["partial_budget"],
+                )
+
     def _smollm2_stats(self) -> dict:
         # SmolLM2-135M: 30 layers, 9 heads of 64, 134.5M parameters with the tied embedding counted once
         return {"params": 134_515_008, "head": 49152 * 576, "layers": 30, "heads": 9, "d_qk": 64, "d_v": 64}
@@ -715,7 +802,7 @@ class Driver:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["forward", "generate", "grpo", "sft", "all", "_side"])
+    p.add_argument("command", choices=["forward", "generate", "grpo", "sft", "rollout", "all", "_side"])
     p.add_argument("side", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--small", action="store_true", help="tiny sizes (harness smoke test)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (XLA uses all cores)")
@@ -734,7 +821,7 @@ def main(argv=None) -> None:
     if args.cold_cache:
         shutil.rmtree(args.jax_cache, ignore_errors=True)
     d = Driver(args)
-    for name in ["forward", "generate", "grpo", "sft"] if args.command == "all" else [args.command]:
+    for name in ["forward", "generate", "grpo", "sft", "rollout"] if args.command == "all" else [args.command]:
         d.fresh_peak()
         getattr(d, name)()
     d.table()
