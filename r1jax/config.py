@@ -304,6 +304,10 @@ class GRPOConfig:
     # axis, and the weights are resharded onto the sampler half after each update). Needs tis_cap (the importance
     # correction of the stale samples). 0 = synchronous.
     max_off_policy_steps: int = 0
+    # MoE routing replay (R3): the sampler records each token's experts and the teacher-forced passes (pi_old,
+    # pi_ref, the update) route with them, gated by the current router, so routing flips between the decode path
+    # and the training forward do not add to the sampler/trainer mismatch. Needs a model with MoE layers.
+    routing_replay: bool = False
 
     def __post_init__(self) -> None:
         for name, cls in (("loss_agg", LossAgg), ("adv_scale", AdvScale), ("ratio_level", RatioLevel)):
@@ -726,6 +730,8 @@ class TrainConfig:
                 f"sampling.slots ({self.sampling.slots}) is smaller than a group (grpo.group_size="
                 f"{self.grpo.group_size}): the pool must hold a whole group at once"
             )
+        if self.grpo.routing_replay and self.tools.enabled:
+            raise ValueError("grpo.routing_replay records single-turn rollouts: it does not combine with tools")
         if self.sampling.step_budget and self.grpo.max_off_policy_steps:
             raise ValueError("partial rollouts (sampling.step_budget) and grpo.max_off_policy_steps are exclusive")
         if self.sampling.step_budget and (self.tools.enabled or self.grpo.dynamic_sampling):

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from r1jax import lora, rollout
 from r1jax.config import ModelConfig, TrainConfig
+from r1jax.errors import ConfigError
 from r1jax.loss import (
     group_advantages,
     group_rows,
@@ -67,7 +68,8 @@ Array = jax.Array
 # sharded over the mesh's batch axes (data parallel); gradients are reduced by XLA. Results equal the unsharded run.
 #
 # The expert loads of the bias update leave prompt padding out and count every completion slot, a row's padding
-# after its end included. Routing replay (recomputing MoE routes with the sampler's choices) is not implemented.
+# after its end included. With ``grpo.routing_replay`` the teacher-forced passes route every token with the
+# experts the sampler chose (``TrainBatch.routes``); the loads of the bias update are then those experts'.
 
 RewardFn = Callable[[rollout.Rollout, Sequence[Mapping[str, Any]]], tuple[np.ndarray, dict[str, float]]]
 
@@ -85,6 +87,12 @@ class TrainBatch:
     sampler_logp: Array  # float32[n, T]
     old_logp: Array | None  # float32[n, T]; None: the current policy's (mu = 1, one mini-batch)
     ref_logp: Array | None  # float32[n, T]; None when kl_coef = 0
+    routes: Array | None = None  # [n, L_moe, P + T, k]: the sampler's experts (routing replay); None: off
+
+
+def _replayed(routes: Array | None) -> Array | None:
+    """A batch's recorded routes as ``sequence_logprobs`` takes them: int32[L_moe, n, P + T, k]."""
+    return None if routes is None else jnp.swapaxes(routes, 0, 1).astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -132,7 +140,7 @@ def update_minibatch(
         p = stop_router_bias(lora.combine(t, frozen))
         logp, aux = sequence_logprobs(
             p, mb.prompt_tokens, mb.prompt_start, mb.tokens, model_cfg, temperature=tau, entropy=True,
-            prompt_group=group,
+            prompt_group=group, routes=_replayed(mb.routes),
         )  # fmt: skip
         old = jax.lax.stop_gradient(logp) if mb.old_logp is None else mb.old_logp
         loss, metrics = grpo_loss(
@@ -266,7 +274,7 @@ class _PartialRollouts:
         filled = take + [take[0]] * (want - len(take))
         rows += rows[: self.G] * (want - len(take))
         ro = rollout.assemble(rows, [g.prompt for g in filled], self.G, cfg.sampling.max_new_tokens, eng.pad,
-                              model_cfg, self.bucket)  # fmt: skip
+                              model_cfg, self.bucket, eng.prompt_len)  # fmt: skip
         if decode is not None and cfg.sampling.stop_strings:
             ro = rollout.apply_stop_strings(ro, decode, cfg.sampling.stop_strings)
         age = np.asarray([step - g.step for g in take], np.float32)
@@ -311,6 +319,8 @@ class GRPOTrainer:
         self.reward_fn = reward_fn
         self.mesh = normalize_mesh(mesh) if mesh is not None else None
         self.sampler_mesh = self.mesh
+        if cfg.grpo.routing_replay and not model_cfg.n_moe_layers:
+            raise ConfigError("grpo.routing_replay replays MoE routes: this model has no MoE layers")
         if cfg.grpo.max_off_policy_steps and self.mesh is not None and self.mesh.size > 1:
             self.mesh, self.sampler_mesh = split_mesh(self.mesh)
         self.stop_ids = list(model_cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
@@ -407,6 +417,7 @@ class GRPOTrainer:
                 self.model_cfg, s, slots=s.slots or n, prompt_len=width, stop_ids=self.stop_ids,
                 stop_seqs=rollout.stop_token_seqs(s.stop_strings, self.encode), prompt_chunk=s.prompt_chunk or width,
                 prefill_batch=-(-(s.slots or n) // self.cfg.grpo.group_size), mesh=self.mesh,
+                record_routes=self.cfg.grpo.routing_replay,
             )  # fmt: skip
             self._partial = _PartialRollouts(engine, self.cfg.grpo.group_size, self.prompt_bucket)
         return self._partial.step(params, prompts, metadata, key, step, self.cfg, self.model_cfg, self.decode)
@@ -419,7 +430,7 @@ class GRPOTrainer:
                   stop_ids=self.stop_ids, encode=self.encode, decode=self.decode, mesh=self.sampler_mesh,
                   bucket=self.prompt_bucket)  # fmt: skip
         if self.tools is None:
-            return rollout.sample(params, prompts, key, **kw)
+            return rollout.sample(params, prompts, key, record_routes=self.cfg.grpo.routing_replay, **kw)
         return sample_with_tools(params, prompts, key, env=self.tools, **kw)
 
     def _check_prompts(self, prompts, metadata) -> None:
@@ -447,6 +458,7 @@ class GRPOTrainer:
             sampler_logp=place(_take_rows(ro.logp, rows)),
             old_logp=None,
             ref_logp=None,
+            routes=place(_take_rows(ro.routes, rows)),
         )
 
     @property
@@ -458,7 +470,8 @@ class GRPOTrainer:
         pi_ref's (when there is a KL term), from the inference view of the weights."""
         g = self.cfg.grpo
         tau = rollout.logprob_temperature(self.cfg.sampling.temperature)
-        lp = functools.partial(sequence_logprobs, cfg=self.model_cfg, temperature=tau, prompt_group=self._prompt_group)
+        lp = functools.partial(sequence_logprobs, cfg=self.model_cfg, temperature=tau, prompt_group=self._prompt_group,
+                               routes=_replayed(batch.routes))  # fmt: skip
         args = (batch.prompt_tokens, batch.prompt_start, batch.tokens)
         view = self._inference_view
         if g.num_iterations > 1 or g.num_minibatches > 1:

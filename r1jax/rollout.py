@@ -71,6 +71,9 @@ class Rollout:
     logp: Array  # float32[n, T]: log_softmax(logits / tau) of each sampled token; 0 where mask is 0
     lengths: Array  # int32[n]: completion lengths (= mask row sums)
     ended: Array  # bool[n]: stopped on EOS / a stop string (False: truncated at its budget)
+    # the experts the sampler chose for every token of prompt + completion (routing replay), [n, L_moe, P + T, k]
+    # in ``route_dtype``; None unless recorded
+    routes: Array | None = dataclasses.field(default=None, kw_only=True)
 
     @property
     def num_rows(self) -> int:
@@ -130,6 +133,12 @@ class Pool:
     window: Array  # int32[S, L]: the last tokens, for stop sequences
     tokens: Array  # int32[S, T]
     logp: Array  # f32[S, T]
+    routes: Array | None  # [S, W, L_moe, k] experts of the token at each cache slot (routing replay); None: off
+
+
+def route_dtype(cfg: ModelConfig):
+    """The smallest integer type that holds an expert index: recorded routes are [tokens, MoE layers, k] per row."""
+    return jnp.uint8 if cfg.n_experts <= 256 else jnp.int16
 
 
 def _slot_axis(unrolled: bool) -> int:
@@ -146,14 +155,21 @@ def _constrain_pool(pool: Pool, mesh: Mesh | None, unrolled: bool) -> Pool:
         index=constrain_batch(pool.cache.index, mesh),
         start=constrain_batch(pool.cache.start, mesh),
     )
-    rest = {f.name: constrain_batch(getattr(pool, f.name), mesh) for f in dataclasses.fields(Pool) if f.name != "cache"}
+    rest = {
+        f.name: constrain_batch(getattr(pool, f.name), mesh)
+        for f in dataclasses.fields(Pool)
+        if f.name != "cache" and getattr(pool, f.name) is not None
+    }
     return dataclasses.replace(pool, cache=cache, **rest)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "slots", "width", "max_new", "window", "unrolled", "mesh"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "slots", "width", "max_new", "window", "unrolled", "mesh", "record_routes")
+)
 def empty_pool(
-    *, cfg: ModelConfig, slots: int, width: int, max_new: int, window: int, unrolled: bool, mesh: Mesh | None
-) -> Pool:
+    *, cfg: ModelConfig, slots: int, width: int, max_new: int, window: int, unrolled: bool, mesh: Mesh | None,
+    record_routes: bool = False,
+) -> Pool:  # fmt: skip
     """S free slots of ``width`` cache slots each (prompt width + max_new)."""
     cache = init_cache(cfg, slots, width)
     if unrolled:
@@ -169,33 +185,43 @@ def empty_pool(
         window=jnp.full((slots, window), -2, jnp.int32),
         tokens=jnp.zeros((slots, max_new), jnp.int32),
         logp=jnp.zeros((slots, max_new), jnp.float32),
+        routes=jnp.zeros((slots, width, cfg.n_moe_layers, cfg.experts_per_token), route_dtype(cfg))
+        if record_routes
+        else None,
     )
     return _constrain_pool(pool, mesh, unrolled)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "unrolled"))
-def prefill(params: Params, prompts: Array, start: Array, *, cfg: ModelConfig, chunk: int, unrolled: bool):
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "unrolled", "record_routes"))
+def prefill(
+    params: Params, prompts: Array, start: Array, *, cfg: ModelConfig, chunk: int, unrolled: bool,
+    record_routes: bool = False,
+):  # fmt: skip
     """Prefill left-padded prompts int32[k, P] (real tokens from ``start[k]``) in chunks of ``chunk`` tokens (P a
-    multiple of it) -> (their cache and the next-token logits f32[k, V]). ``params`` and the cache are unstacked
-    when ``unrolled`` (the pool's layout)."""
+    multiple of it) -> (their cache, the next-token logits f32[k, V], and with ``record_routes`` the experts of every
+    prompt position, [k, P, L_moe, experts_per_token]). ``params`` and the cache are unstacked when ``unrolled``
+    (the pool's layout)."""
     k, plen = prompts.shape
     chunks = prompts.reshape(k, plen // chunk, chunk).transpose(1, 0, 2)
 
     def step(cache, toks):
-        logits, aux = forward(params, toks, cfg, cache=cache)
-        return aux["cache"], logits[:, -1]
+        logits, aux = forward(params, toks, cfg, cache=cache, return_routes=record_routes)
+        routes = aux["routes"].transpose(1, 2, 0, 3).astype(route_dtype(cfg)) if record_routes else None
+        return aux["cache"], (logits[:, -1], routes)
 
     cache = init_cache(cfg, k, plen, start)
     if unrolled:
         cache = dataclasses.replace(cache, layers=unstack_layers(cache.layers))
-    cache, last = jax.lax.scan(step, cache, chunks)
-    return cache, last[-1]
+    cache, (last, routes) = jax.lax.scan(step, cache, chunks)  # routes: [chunks, k, chunk, L, e]
+    if record_routes:
+        routes = routes.transpose(1, 0, 2, 3, 4).reshape(k, plen, *routes.shape[3:])
+    return cache, last[-1], routes
 
 
 @functools.partial(jax.jit, static_argnames=("unrolled", "mesh"), donate_argnums=(0,))
 def admit(
-    pool: Pool, pre: Cache, pre_logits: Array, src: Array, dst: Array, keys: Array, budget: Array, pad: Array, *,
-    unrolled: bool, mesh: Mesh | None,
+    pool: Pool, pre: Cache, pre_logits: Array, pre_routes: Array | None, src: Array, dst: Array, keys: Array,
+    budget: Array, pad: Array, *, unrolled: bool, mesh: Mesh | None,
 ) -> Pool:  # fmt: skip
     """Copy prefilled prompts ``src[j]`` of ``pre`` into slots ``dst[j]`` (``dst`` = S: no-op padding) and start
     their samples there: key data ``keys[j]``, budget ``budget[j]``, no tokens yet."""
@@ -227,6 +253,7 @@ def admit(
         window=put_rows(pool.window, jnp.full((dst.shape[0], pool.window.shape[1]), -2, jnp.int32)),
         tokens=put_rows(pool.tokens, jnp.broadcast_to(pad, (dst.shape[0], pool.tokens.shape[1]))),
         logp=put_rows(pool.logp, jnp.zeros((dst.shape[0], pool.logp.shape[1]), jnp.float32)),
+        routes=None if pool.routes is None else pool.routes.at[dst, :plen].set(pre_routes[src], mode="drop"),
     )
     return _constrain_pool(pool, mesh, unrolled)
 
@@ -278,7 +305,12 @@ def decode(
         window = jnp.where(live[:, None], jnp.concatenate([p.window[:, 1:], tok[:, None]], axis=1), p.window)
         stop = live & (jnp.isin(tok, stop_ids) | _stop_seq_hit(window, stop_seqs))
         count = p.count + live.astype(jnp.int32)
-        lg, aux = forward(params, tok[:, None], cfg, cache=p.cache)
+        lg, aux = forward(params, tok[:, None], cfg, cache=p.cache, return_routes=p.routes is not None)
+        routes = p.routes
+        if routes is not None:  # the experts of the token just fed, at its cache slot
+            at_slot = jnp.where(live, p.cache.index, routes.shape[1])
+            routes = routes.at[rows, at_slot].set(aux["routes"][:, :, 0].transpose(1, 0, 2).astype(routes.dtype),
+                                                  mode="drop")  # fmt: skip
         new = dataclasses.replace(
             p,
             cache=dataclasses.replace(aux["cache"], index=p.cache.index + live.astype(jnp.int32)),
@@ -289,6 +321,7 @@ def decode(
             window=window,
             tokens=p.tokens.at[rows, at].set(tok, mode="drop"),
             logp=p.logp.at[rows, at].set(logp, mode="drop"),
+            routes=routes,
         )
         return i + 1, _constrain_pool(new, mesh, unrolled)
 
@@ -307,6 +340,7 @@ class Finished:
     tokens: np.ndarray  # int32[length]
     logp: np.ndarray  # f32[length]
     ended: bool
+    routes: np.ndarray | None = None  # [P_pool + length, L_moe, k]: the experts of each cache slot (routing replay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +376,7 @@ class SlotEngine:
         refill: bool = True,
         mesh: Mesh | None = None,
         unroll_layers: bool | None = None,
+        record_routes: bool = False,
     ) -> None:
         chunk = prompt_chunk or prompt_len
         if slots < 1 or prompt_len < 1 or prompt_len % chunk:
@@ -361,11 +396,14 @@ class SlotEngine:
         self.finished: dict[int, Finished] = {}
         self.decode_steps = 0
         self._next_sid = self._next_prompt = 0
-        self._pre: tuple[tuple[int, ...], Cache, Array] | None = None
+        self._pre: tuple[tuple[int, ...], Cache, Array, Array | None] | None = None
+        if record_routes and not cfg.n_moe_layers:
+            raise ConfigError("routing replay records MoE routes: this model has no MoE layers")
+        self.record_routes = record_routes
         with on_mesh(mesh):
             self.pool = empty_pool(
                 cfg=cfg, slots=slots, width=prompt_len + self.max_new, max_new=self.max_new,
-                window=seqs.shape[1], unrolled=self.unrolled, mesh=mesh,
+                window=seqs.shape[1], unrolled=self.unrolled, mesh=mesh, record_routes=record_routes,
             )  # fmt: skip
 
     @property
@@ -442,9 +480,9 @@ class SlotEngine:
         toks = [self.prompts[p] for p in pids]
         toks += [toks[-1]] * (self.prefill_batch - len(toks))
         tokens, start = left_pad(toks, pad_id=self.cfg.pad_token_id or 0, bucket=self.prompt_len)
-        cache, logits = prefill(params, *_inputs(self.mesh, tokens, start), cfg=self.cfg, chunk=self.chunk,
-                                unrolled=self.unrolled)  # fmt: skip
-        self._pre = (pids, cache, logits)
+        pre = prefill(params, *_inputs(self.mesh, tokens, start), cfg=self.cfg, chunk=self.chunk,
+                      unrolled=self.unrolled, record_routes=self.record_routes)  # fmt: skip
+        self._pre = (pids, *pre)
         for p in [p for p in self.prompts if p < first]:  # admitted in full: admission runs in queue order
             del self.prompts[p]
 
@@ -455,9 +493,11 @@ class SlotEngine:
         if not out:
             return
         tokens, logp = to_host(p.tokens), to_host(p.logp)
+        routes = None if p.routes is None else to_host(p.routes)
         for s in out:
             n = int(count[s])
-            self.finished[self.slot_sid[s]] = Finished(tokens[s, :n].copy(), logp[s, :n].copy(), bool(ended[s]))
+            r = None if routes is None else routes[s, : self.prompt_len + n].copy()
+            self.finished[self.slot_sid[s]] = Finished(tokens[s, :n].copy(), logp[s, :n].copy(), bool(ended[s]), r)
             self.slot_sid[s] = None
 
 
@@ -498,6 +538,7 @@ def sample(
     bucket: int = 32,
     budgets: Sequence[int] | None = None,
     refill: bool = True,
+    record_routes: bool = False,
 ) -> Rollout:
     """Token-list prompts -> a ``Rollout`` of ``len(prompts) * group_size`` rows (numpy arrays on the host), sampled
     by a ``SlotEngine`` of ``sampling.slots`` slots (0: one per row).
@@ -508,6 +549,7 @@ def sample(
     are split over the data axes, and every process gets the whole rollout back. ``budgets``: each row's
     ``max_new_tokens`` (default ``sampling.max_new_tokens``). Row j of prompt i is drawn with
     ``fold_in(fold_in(key, i), j)``. ``refill=False``: static batches of ``slots`` rows (the benchmark's baseline).
+    ``record_routes``: the rollout carries the experts the sampler chose (``Rollout.routes``, routing replay).
     """
     stops = list(cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
     n = len(prompts) * group_size
@@ -523,14 +565,14 @@ def sample(
         cfg, sampling, slots=slots, prompt_len=plen, stop_ids=stops,
         stop_seqs=stop_token_seqs(sampling.stop_strings, encode), prompt_chunk=sampling.prompt_chunk or plen,
         prefill_batch=min(-(-slots // group_size), len(prompts)), refill=refill, mesh=mesh,
+        record_routes=record_routes,
     )  # fmt: skip
     for i, p in enumerate(prompts):
         rows = None if budgets is None else budgets[i * group_size : (i + 1) * group_size]
         engine.submit(p, group_size, jax.random.fold_in(key, i), rows)
     engine.run(params)
-    out = assemble(
-        [engine.finished[i] for i in range(n)], prompts, group_size, sampling.max_new_tokens, engine.pad, cfg, plen
-    )
+    rows = [engine.finished[i] for i in range(n)]
+    out = assemble(rows, prompts, group_size, sampling.max_new_tokens, engine.pad, cfg, plen, plen)
     if decode is not None and sampling.stop_strings:
         out = apply_stop_strings(out, decode, sampling.stop_strings)
     return out
@@ -538,10 +580,11 @@ def sample(
 
 def assemble(
     rows: Sequence[Finished], prompts: Sequence[Sequence[int]], group_size: int, T: int, pad: int, cfg: ModelConfig,
-    bucket: int,
+    bucket: int, pool_prompt_len: int = 0,
 ) -> Rollout:  # fmt: skip
     """Harvested samples (groups contiguous) -> a numpy ``Rollout``: prompts left-padded to a multiple of
-    ``bucket``, completions padded to ``T`` with ``pad``."""
+    ``bucket``, completions padded to ``T`` with ``pad``; recorded routes (from a pool whose prompts were left-padded
+    to ``pool_prompt_len``) moved to the same layout, expert 0 at padding."""
     n = len(rows)
     tokens = np.full((n, T), pad, np.int32)
     logp = np.zeros((n, T), np.float32)
@@ -550,6 +593,14 @@ def assemble(
         tokens[i, : lengths[i]] = r.tokens
         logp[i, : lengths[i]] = r.logp
     ptoks, pstart = left_pad([list(p) for p in prompts], pad_id=cfg.pad_token_id or 0, bucket=bucket)
+    routes = None
+    if rows and rows[0].routes is not None:
+        plen = ptoks.shape[1]
+        routes = np.zeros((n, plen + T, *rows[0].routes.shape[1:]), rows[0].routes.dtype)
+        for i, r in enumerate(rows):
+            real = plen - pstart[i // group_size]  # prompt tokens
+            routes[i, plen - real : plen + lengths[i]] = r.routes[pool_prompt_len - real :]
+        routes = routes.transpose(0, 2, 1, 3)
     return Rollout(
         prompt_tokens=np.repeat(ptoks, group_size, axis=0),
         prompt_start=np.repeat(pstart, group_size),
@@ -558,6 +609,7 @@ def assemble(
         logp=logp,
         lengths=lengths,
         ended=np.asarray([r.ended for r in rows], bool),
+        routes=routes,
     )
 
 
