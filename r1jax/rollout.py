@@ -198,24 +198,31 @@ def prefill(
     record_routes: bool = False,
 ):  # fmt: skip
     """Prefill left-padded prompts int32[k, P] (real tokens from ``start[k]``) in chunks of ``chunk`` tokens (P a
-    multiple of it) -> (their cache, the next-token logits f32[k, V], and with ``record_routes`` the experts of every
-    prompt position, [k, P, L_moe, experts_per_token]). ``params`` and the cache are unstacked when ``unrolled``
-    (the pool's layout)."""
+    multiple of it; chunks that hold left padding only are skipped) -> (their cache, the next-token logits f32[k, V],
+    and with ``record_routes`` the experts of every prompt position, [k, P, L_moe, experts_per_token]; 0 at skipped
+    padding). ``params`` and the cache are unstacked when ``unrolled`` (the pool's layout)."""
     k, plen = prompts.shape
-    chunks = prompts.reshape(k, plen // chunk, chunk).transpose(1, 0, 2)
-
-    def step(cache, toks):
-        logits, aux = forward(params, toks, cfg, cache=cache, return_routes=record_routes)
-        routes = aux["routes"].transpose(1, 2, 0, 3).astype(route_dtype(cfg)) if record_routes else None
-        return aux["cache"], (logits[:, -1], routes)
-
+    n_chunks = plen // chunk
+    first = jnp.min(start) // chunk  # chunks before it hold left padding only: skipped
     cache = init_cache(cfg, k, plen, start)
+    cache = dataclasses.replace(cache, index=jnp.full((k,), first * chunk, jnp.int32))
     if unrolled:
         cache = dataclasses.replace(cache, layers=unstack_layers(cache.layers))
-    cache, (last, routes) = jax.lax.scan(step, cache, chunks)  # routes: [chunks, k, chunk, L, e]
-    if record_routes:
-        routes = routes.transpose(1, 0, 2, 3, 4).reshape(k, plen, *routes.shape[3:])
-    return cache, last[-1], routes
+    dt = route_dtype(cfg)
+    routes = jnp.zeros((k, plen, cfg.n_moe_layers, cfg.experts_per_token), dt) if record_routes else None
+
+    def step(c, carry):
+        cache, _, routes = carry
+        toks = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
+        logits, aux = forward(params, toks, cfg, cache=cache, return_routes=record_routes)
+        if record_routes:
+            used = aux["routes"].transpose(1, 2, 0, 3).astype(dt)  # [k, chunk, L, e]
+            routes = jax.lax.dynamic_update_slice_in_dim(routes, used, c * chunk, axis=1)
+        return aux["cache"], logits[:, -1], routes
+
+    last = jnp.zeros((k, cfg.vocab_size), jnp.float32)
+    cache, last, routes = jax.lax.fori_loop(first, n_chunks, step, (cache, last, routes))
+    return cache, last, routes
 
 
 @functools.partial(jax.jit, static_argnames=("unrolled", "mesh"), donate_argnums=(0,))
@@ -356,7 +363,8 @@ class SlotEngine:
 
     ``submit`` queues samples (``n`` per prompt); ``run`` decodes until the queue is empty and every slot is done,
     or until ``max_steps`` decode steps (the rest carry over, cache and all, to the next ``run``); ``finished``
-    holds the harvested samples by id. ``refill=False`` admits only into an empty pool (static batches).
+    holds the harvested samples by id. ``refill=False`` admits only into an empty pool (static batches);
+    ``eager=True`` returns from ``run`` as soon as any row ends (the caller acts on it: a tool call).
     ``prompt_len`` (a multiple of ``prompt_chunk``) and ``max_new_tokens`` fix the cache width; ``prefill_batch``
     prompts are prefilled per call.
     """
@@ -377,6 +385,7 @@ class SlotEngine:
         mesh: Mesh | None = None,
         unroll_layers: bool | None = None,
         record_routes: bool = False,
+        eager: bool = False,
     ) -> None:
         chunk = prompt_chunk or prompt_len
         if slots < 1 or prompt_len < 1 or prompt_len % chunk:
@@ -387,7 +396,7 @@ class SlotEngine:
         self.stops = [int(s) for s in stop_ids]
         self.pad = self.stops[0] if self.stops else 0
         seqs = np.zeros((0, 1), np.int32) if stop_seqs is None else np.asarray(stop_seqs, np.int32)
-        self.prefill_batch, self.refill = max(1, int(prefill_batch)), refill
+        self.prefill_batch, self.refill, self.eager = max(1, int(prefill_batch)), refill, eager
         self.unrolled = jax.default_backend() == "cpu" if unroll_layers is None else bool(unroll_layers)
         self._stop_ids, self._stop_seqs = _inputs(mesh, np.asarray(self.stops, np.int32).reshape(-1), seqs)
         self.queue: collections.deque[_Request] = collections.deque()
@@ -447,7 +456,7 @@ class SlotEngine:
 
     @property
     def _refill_now(self) -> bool:
-        return self.refill and bool(self.queue)
+        return (self.refill and bool(self.queue)) or self.eager
 
     def _admit(self, params: Params) -> None:
         free = [s for s, sid in enumerate(self.slot_sid) if sid is None]
@@ -618,6 +627,20 @@ def _first_stop(text: str, stop_strings: Sequence[str]) -> tuple[int, str] | Non
     return min(hits) if hits else None
 
 
+def stop_cut(tokens: list[int], decode: Callable[[list[int]], str], stop_strings: Sequence[str]) -> int | None:
+    """The length of the shortest prefix of ``tokens`` whose text contains a stop string (None: none does)."""
+    if not stop_strings or _first_stop(decode(tokens), stop_strings) is None:
+        return None
+    lo, hi = 1, len(tokens)  # containment is monotone in the prefix length
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _first_stop(decode(tokens[:mid]), stop_strings) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def apply_stop_strings(rollout: Rollout, decode: Callable[[list[int]], str], stop_strings: Sequence[str]) -> Rollout:
     """Host-side stop strings: cut each row after the first token at which its decoded text contains a stop string.
 
@@ -630,17 +653,9 @@ def apply_stop_strings(rollout: Rollout, decode: Callable[[list[int]], str], sto
     lengths = np.array(rollout.lengths)
     ended = np.array(rollout.ended)
     for i in range(tokens.shape[0]):
-        row = tokens[i, : lengths[i]].tolist()
-        if _first_stop(decode(row), stop_strings) is None:
-            continue
-        lo, hi = 1, len(row)  # smallest prefix whose text contains a stop string (containment is monotone)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if _first_stop(decode(row[:mid]), stop_strings) is None:
-                lo = mid + 1
-            else:
-                hi = mid
-        lengths[i], ended[i] = lo, True
+        cut = stop_cut(tokens[i, : lengths[i]].tolist(), decode, stop_strings)
+        if cut is not None:
+            lengths[i], ended[i] = cut, True
     mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
     return dataclasses.replace(
         rollout, lengths=lengths, ended=ended, mask=mask, logp=np.where(mask > 0, rollout.logp, 0.0)

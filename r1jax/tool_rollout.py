@@ -1,22 +1,23 @@
 """Multi-turn rollouts with tools: decode until a tool call closes, run the calls, append their results, go on.
 
-One trajectory per row (``b`` prompts x G rows, groups contiguous, as ``r1jax.rollout.sample``) is built in turns,
-each one call of ``r1jax.rollout.sample`` (its slot engine and host-side stop strings). A row ends the turn at EOS,
-a stop string, a tool call's closing tag (``ToolEnv.stop_strings``, e.g. ``</search>``), the per-turn limit or the
-trajectory budget. The host then runs the calls of every row that made one, all at once on the environment's thread
-pool, appends each result block (``<information>...</information>``) as tokens, and the next turn samples only those
-rows, each from its whole context so far. After ``max_turns`` calls a row's closing tags no longer stop it (further
-calls are plain text). The decode loop is the slot engine's own: no second decoder.
+One trajectory per row (``b`` prompts x G rows, groups contiguous, as ``r1jax.rollout.sample``) is built in turns
+on one ``r1jax.rollout.SlotEngine`` (its decode loop: no second decoder). A turn ends at EOS, a stop string, a tool
+call's closing tag (``ToolEnv.stop_strings``, e.g. ``</search>``), the per-turn limit or the trajectory budget; the
+engine returns to the host as soon as a row's turn ends (``eager``), the host cuts the turn at its first stop string
+as text (``rollout.stop_cut``), and a call starts at once on the environment's thread pool. The engine meanwhile
+decodes the other rows, and the host collects finished calls every ``poll_steps`` decode steps (or waits for the
+first one when nothing is left to decode): a call's latency blocks only its own row. Its result block
+(``<information>...</information>``) is appended as tokens and the row's next turn is queued from its whole context
+so far. After ``max_turns`` calls a row's closing tags no longer end its turns (further calls are plain text).
 
-Re-prefill, not cache reuse. Each later turn is a new engine call that prefills its rows' whole context (prompt +
-trajectory) again: one forward over the context per later turn (its cost against decoding is measured in the
-README). Turn 0 shares each prompt's prefill across its G rows.
+Re-prefill, not cache reuse. Each later turn prefills its row's whole context (prompt + trajectory) again, in
+chunks, skipping the chunks of left padding: one forward over the context per later turn (its cost against decoding
+is measured in the README). Turn 0 shares each prompt's prefill across its G rows.
 
-What overlaps what. Within a turn, rows decode together in the engine's slots. Between turns, the calls of all rows
-run concurrently on threads, so the turn waits for its slowest call (bounded by ``ToolConfig.timeout_s``), not for
-the sum of them. Rows that made no call in a turn are finished: tool latency holds them back only in that the batch
-returns when the last row has finished. Decoding and tool execution do not overlap each other (a turn's calls start
-when its decoding has ended).
+Determinism. Turn 0 of row j of prompt i is drawn with ``fold_in(fold_in(key, i), j)``, a later turn of row r with a
+key of (r, its trajectory length), and the engine's draws depend on a sample's own key and context only (never on
+its slot or its company), so every sampled token is a function of the data and the key, never of how fast a tool
+answered.
 
 Masks. ``mask`` is 1 on the model's tokens only: result tokens are context (present in ``tokens``, read by every
 teacher-forced forward), with loss, ratio and KL mask 0 and no sampler log-prob (``logp`` 0). ``env_mask`` marks
@@ -27,6 +28,7 @@ call that never closed (``open_call``: no tool runs; the reward scores the text 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,7 +53,7 @@ class ToolRollout(Rollout):
     num_calls: np.ndarray  # int32[n]: tool calls executed
     open_call: np.ndarray  # bool[n]: cut by the budget inside a call that never closed
     calls: tuple[tuple[CallRecord, ...], ...]  # per row, in order
-    timing: Mapping[str, float]  # sample_s (prefills + decoding), tools_s (wall time of the calls), turns
+    timing: Mapping[str, float]  # sample_s (prefills + decoding), tools_s (decoding idle, waiting on calls), turns
 
 
 @dataclasses.dataclass
@@ -77,10 +79,6 @@ def _first_hit(text: str, strings: Sequence[str]) -> str | None:
     return min(((text.find(s), s) for s in strings if s in text), default=(0, None))[1]
 
 
-def _pow2_at_least(x: int, cap: int) -> int:
-    return min(cap, 1 << max(x - 1, 0).bit_length())
-
-
 def _result_tokens(env: ToolEnv, record: CallRecord, encode: Callable[[str], list[int]]) -> list[int]:
     """The result block's tokens, at most ``max_result_tokens``: the text is cut, the tags always kept."""
     s = env.syntax[record.tool]
@@ -103,82 +101,97 @@ def sample_with_tools(
     stop_ids: Sequence[int] | None = None,
     mesh: Mesh | None = None,
     bucket: int = 32,
+    poll_steps: int = 8,
 ) -> ToolRollout:
     """``len(prompts) * group_size`` trajectories with tool calls (see the module docstring): the multi-turn
     counterpart of ``r1jax.rollout.sample``, with the same arguments plus the environment ``env``.
 
     ``sampling.max_new_tokens`` is the budget of a whole trajectory; ``env.cfg`` (a ``ToolConfig``) bounds the turns
-    and the tokens of one turn and one result. Returns numpy arrays on the host.
+    and the tokens of one turn and one result. While calls run, the engine decodes the other rows and looks for
+    finished calls every ``poll_steps`` decode steps. Returns numpy arrays on the host.
     """
     stops = list(cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
-    pad = stops[0] if stops else 0
     T, tc = sampling.max_new_tokens, env.cfg
-    turn_cap = tc.max_turn_tokens or T
+    turn_cap = min(tc.max_turn_tokens or T, T)
     n = len(prompts) * group_size
     rows = [_Row(context=[int(t) for t in prompts[i // group_size]]) for i in range(n)]
+    strings = tuple(sampling.stop_strings) + env.stop_strings  # past max_turns a closing tag is text (below)
+    plen = -(-max(len(p) for p in prompts) // bucket) * bucket
+    engine = rollout.SlotEngine(
+        cfg, dataclasses.replace(sampling, stop_strings=strings), slots=min(sampling.slots or n, n),
+        prompt_len=-(-(plen + T) // bucket) * bucket, max_new_tokens=turn_cap, stop_ids=stops,
+        stop_seqs=rollout.stop_token_seqs(strings, encode), prompt_chunk=bucket, mesh=mesh, eager=True,
+    )  # fmt: skip
+    row_of: dict[int, int] = {}
+    for i, p in enumerate(prompts):
+        for j, sid in enumerate(engine.submit(p, group_size, jax.random.fold_in(key, i), [turn_cap] * group_size)):
+            row_of[sid] = i * group_size + j
+
+    def go_on(i: int) -> None:
+        """Queue row i's next turn: its whole context so far, re-prefilled; the key depends on the row and turn."""
+        r = rows[i]
+        turn_key = jax.random.fold_in(jax.random.fold_in(key, n + i), len(r.tokens))
+        (sid,) = engine.submit(r.context + r.tokens, 1, turn_key, [min(turn_cap, T - len(r.tokens))])
+        row_of[sid] = i
+
+    pending: list[tuple[int, ToolCall, object, float]] = []  # (row, call, future, started)
     sample_s = tools_s = 0.0
-    active = list(range(n))
-    turn = 0
-    while active:
-        strings = tuple(sampling.stop_strings) + (env.stop_strings if turn < tc.max_turns else ())
-        budget = max(T - len(rows[i].tokens) for i in active)
-        steps = min(turn_cap, _pow2_at_least(budget, T))
-        if turn == 0:
-            contexts, group = [list(p) for p in prompts], group_size
-        else:
-            width = n if mesh is not None else _pow2_at_least(len(active), n)
-            contexts = [rows[i].context + rows[i].tokens for i in active]
-            contexts += [contexts[-1]] * (width - len(contexts))
-            group = 1
-        t0 = time.perf_counter()
-        ro = rollout.sample(
-            params,
-            contexts,
-            jax.random.fold_in(key, turn),
-            cfg=cfg,
-            sampling=dataclasses.replace(sampling, max_new_tokens=steps, stop_strings=strings),
-            group_size=group,
-            stop_ids=stops,
-            encode=encode,
-            decode=decode,
-            mesh=mesh,
-            bucket=bucket,
-        )
-        sample_s += time.perf_counter() - t0
-
-        calls: list[tuple[int, ToolCall]] = []
-        for j, i in enumerate(active):
-            row = rows[i]
-            room = T - len(row.tokens)
-            length = int(ro.lengths[j])
-            seg = ro.tokens[j, : min(length, room)].tolist()
-            row.extend(seg, ro.logp[j, : len(seg)])
-            text = decode(seg)
-            hit = _first_hit(text, strings) if length <= room and ro.ended[j] else None
-            if hit in env.stop_strings:
-                call = env.find_call(text[: text.find(hit) + len(hit)])
-                if len(row.tokens) < T:  # room for its result
-                    calls.append((i, call))
-            elif length <= room and ro.ended[j]:  # EOS or a stop string
-                row.ended = True
-            else:  # cut by the budget or the per-turn limit
-                row.open_call = env.open_call(decode(row.tokens))
-
-        t1 = time.perf_counter()
-        records = env.run([c for _, c in calls]) if calls else []
-        tools_s += time.perf_counter() - t1
-        active = []
-        for (i, _), rec in zip(calls, records, strict=True):
-            row = rows[i]
-            row.calls.append(rec)
+    while engine.busy or pending:
+        if engine.busy:
+            t0 = time.perf_counter()
+            engine.run(params, max_steps=poll_steps if pending else None)
+            sample_s += time.perf_counter() - t0
+        for sid in sorted(engine.finished):
+            i, f = row_of.pop(sid), engine.finished.pop(sid)
+            call = _turn(rows[i], f, env, decode, stops, sampling.stop_strings, T, turn_cap)
+            if call == "continue":
+                go_on(i)
+            elif call is not None:
+                pending.append((i, call, env.submit(call), time.perf_counter()))
+        if pending and not engine.busy:  # nothing to decode: wait for the first call to finish
+            t0 = time.perf_counter()
+            left = min(tc.timeout_s - (t0 - started) for *_, started in pending)
+            cf.wait([fut for _, _, fut, _ in pending], timeout=max(left, 0.0), return_when=cf.FIRST_COMPLETED)
+            tools_s += time.perf_counter() - t0
+        now = time.perf_counter()
+        done = [c for c in pending if c[2].done() or now - c[3] >= tc.timeout_s]
+        pending = [c for c in pending if c not in done]
+        for i, call, fut, started in done:
+            r = rows[i]
+            rec = env.record(call, fut, started)
+            r.calls.append(rec)
             result = _result_tokens(env, rec, encode)
-            room = T - len(row.tokens)
-            row.extend(result[:room], None)
+            room = T - len(r.tokens)
+            r.extend(result[:room], None)
             if len(result) < room:
-                active.append(i)
-        turn += 1
-    timing = {"sample_s": sample_s, "tools_s": tools_s, "turns": float(turn)}
+                go_on(i)
+    timing = {"sample_s": sample_s, "tools_s": tools_s, "turns": float(max(len(r.calls) for r in rows) + 1)}
+    pad = stops[0] if stops else 0
     return _assemble(rows, prompts, group_size, T, pad, cfg, bucket, timing)
+
+
+def _turn(row: _Row, f: rollout.Finished, env: ToolEnv, decode, stops, stop_strings, T: int, turn_cap: int):
+    """Append a finished turn to its row -> the call to run, ``"continue"`` (decode on: a closing tag past
+    ``max_turns`` or a token-matched stop the text does not confirm), or None (the trajectory is over)."""
+    room = T - len(row.tokens)
+    live = tuple(stop_strings) + (env.stop_strings if len(row.calls) < env.cfg.max_turns else ())
+    seg = f.tokens[:room].tolist()
+    cut = rollout.stop_cut(seg, decode, live)
+    eos = cut is None and f.ended and bool(seg) and seg[-1] in stops
+    if cut is not None:
+        seg = seg[:cut]
+    row.extend(seg, f.logp[: len(seg)])
+    text = decode(seg)
+    hit = _first_hit(text, live) if cut is not None else None
+    if hit in env.stop_strings:
+        return env.find_call(text[: text.find(hit) + len(hit)]) if len(row.tokens) < T else None
+    if hit is not None or eos:
+        row.ended = True
+        return None
+    if f.ended and len(row.tokens) < T and len(seg) < turn_cap:  # a stop the text does not confirm: go on
+        return "continue"
+    row.open_call = env.open_call(decode(row.tokens))  # cut by the budget or the per-turn limit
+    return None
 
 
 def _assemble(rows, prompts, group_size, T, pad, cfg, bucket, timing) -> ToolRollout:

@@ -298,7 +298,7 @@ def test_sampler_logprobs_equal_teacher_forced_over_trajectories(corpus):
     prompts = [[ID["question"], ID["capital"]], [ID["compute"]], [ID["answer"], ID["code"], ID["4"]]]
     with toy_env(corpus, max_turns=3, max_result_tokens=6) as env:
         ro = sample_with_tools(
-            params, prompts, jax.random.key(3), cfg=TOY, sampling=SamplingConfig(temperature=1.0, max_new_tokens=24),
+            params, prompts, jax.random.key(2), cfg=TOY, sampling=SamplingConfig(temperature=1.0, max_new_tokens=24),
             env=env, group_size=4, encode=toy_encode, decode=toy_decode, bucket=8,
         )  # fmt: skip
     assert (ro.num_calls >= 1).sum() >= 4 and (ro.num_calls >= 2).any()  # multi-turn rows exist
@@ -307,6 +307,42 @@ def test_sampler_logprobs_equal_teacher_forced_over_trajectories(corpus):
     np.testing.assert_allclose(np.asarray(logp)[m], ro.logp[m], rtol=1e-4)
     assert ro.env_mask.sum() > 0 and not np.any(m & (ro.env_mask > 0))
     np.testing.assert_array_equal((ro.mask + ro.env_mask).sum(1), ro.lengths)
+
+
+def test_a_slow_call_holds_back_only_its_own_row(corpus):
+    """The scripted model, one "question" row whose search takes 1.5 s and one "compute" row that calls python
+    twice: both python calls run while the search is still sleeping (the engine decodes the other row meanwhile),
+    and every token equals the run with instant tools (latency never changes what is sampled)."""
+    events = []
+    search = BM25Search.from_file(corpus, top_k=1)
+
+    def slow_search(query):
+        t0 = time.perf_counter()
+        time.sleep(1.5)
+        events.append(("search", t0, time.perf_counter()))
+        return search(query)
+
+    def timed_python(code, **kw):
+        events.append(("python", time.perf_counter(), time.perf_counter()))
+        return fake_python(code)
+
+    def run(tools):
+        cfg = ToolConfig(tools=("search", "python"), corpus=corpus, top_k=1, max_turns=2)
+        with ToolEnv(tools, cfg) as env:
+            return sample_with_tools(
+                bigram_params(), [[ID["question"]], [ID["compute"]]], jax.random.key(0), cfg=TOY,
+                sampling=SamplingConfig(temperature=0.0, max_new_tokens=20), env=env, group_size=1,
+                encode=toy_encode, decode=toy_decode, bucket=8, poll_steps=2,
+            )  # fmt: skip
+
+    slow = run({"search": slow_search, "python": SandboxedPython(run=timed_python)})
+    (search_end,) = [end for name, _, end in events if name == "search"]
+    python_at = [t for name, t, _ in events if name == "python"]
+    assert len(python_at) == 2 and all(t < search_end for t in python_at), events
+    fast = run({"search": search, "python": SandboxedPython(run=fake_python)})
+    np.testing.assert_array_equal(slow.tokens, fast.tokens)
+    np.testing.assert_array_equal(slow.num_calls, [1, 2])
+    assert slow.timing["tools_s"] < 1.5  # decoding waited for the search less than the search took
 
 
 def _toy_rollout(corpus, params, key=2):

@@ -46,7 +46,8 @@ class ToolEnv:
 
     - ``stop_strings``: the call closing tags (what the sampler stops on).
     - ``find_call(segment)``: the call a segment of model text ends with, or None.
-    - ``run(calls)``: every call at once -> ``CallRecord``s in order.
+    - ``run(calls)``: every call at once -> ``CallRecord``s in order; ``submit(call)`` / ``record(call, future,
+      started)``: one call started now, collected later (the rollout decodes other rows meanwhile).
     - ``result_text(record)``: the result block appended to the trajectory.
     """
 
@@ -93,16 +94,21 @@ class ToolEnv:
     def run(self, calls: Sequence[ToolCall]) -> list[CallRecord]:
         """Run all ``calls`` concurrently; results in the order of ``calls``."""
         t0 = time.perf_counter()
-        futures = [self._pool.submit(self._one, c) for c in calls]
-        records = []
-        for call, fut in zip(calls, futures, strict=True):
-            left = self.cfg.timeout_s - (time.perf_counter() - t0)
-            try:
-                out, wall = fut.result(timeout=max(left, 0.0))
-            except cf.TimeoutError:
-                out, wall = ToolOutput(f"{call.tool} timed out after {self.cfg.timeout_s:g}s", "timeout"), left
-            records.append(CallRecord(call.tool, call.argument, self._clean(out.text), out.error, wall))
-        return records
+        futures = [self.submit(c) for c in calls]
+        return [self.record(c, f, t0) for c, f in zip(calls, futures, strict=True)]
+
+    def submit(self, call: ToolCall) -> cf.Future:
+        """Start ``call`` on the pool; ``record`` collects it."""
+        return self._pool.submit(self._one, call)
+
+    def record(self, call: ToolCall, future: cf.Future, started: float) -> CallRecord:
+        """The ``CallRecord`` of a submitted call, waiting at most until ``timeout_s`` after ``started``."""
+        left = self.cfg.timeout_s - (time.perf_counter() - started)
+        try:
+            out, wall = future.result(timeout=max(left, 0.0))
+        except cf.TimeoutError:
+            out, wall = ToolOutput(f"{call.tool} timed out after {self.cfg.timeout_s:g}s", "timeout"), left
+        return CallRecord(call.tool, call.argument, self._clean(out.text), out.error, wall)
 
     def _clean(self, text: str) -> str:
         for s in self._forbidden:
