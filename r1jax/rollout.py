@@ -436,7 +436,8 @@ class SlotEngine:
         return sids
 
     def run(self, params: Params, max_steps: int | None = None) -> int:
-        """Decode until nothing is queued or live, or for ``max_steps`` steps; returns the steps run."""
+        """Decode until nothing is queued or live, or for ``max_steps`` steps (``eager``: or until a row ends);
+        returns the steps run."""
         if self.unrolled:
             params = unstack_params(params)
         steps = 0
@@ -450,7 +451,8 @@ class SlotEngine:
                     top_k=int(self.sampling.top_k), unrolled=self.unrolled, mesh=self.mesh,
                 )  # fmt: skip
                 steps += int(to_host(n))
-                self._harvest()
+                if self._harvest() and self.eager:
+                    break
         self.decode_steps += steps
         return steps
 
@@ -495,12 +497,13 @@ class SlotEngine:
         for p in [p for p in self.prompts if p < first]:  # admitted in full: admission runs in queue order
             del self.prompts[p]
 
-    def _harvest(self) -> None:
+    def _harvest(self) -> int:
+        """Move the rows that ended into ``finished``, freeing their slots; returns how many."""
         p = self.pool
         done, count, ended = (to_host(x) for x in (p.done, p.count, p.ended))
         out = [s for s, sid in enumerate(self.slot_sid) if sid is not None and done[s]]
         if not out:
-            return
+            return 0
         tokens, logp = to_host(p.tokens), to_host(p.logp)
         routes = None if p.routes is None else to_host(p.routes)
         for s in out:
@@ -508,6 +511,7 @@ class SlotEngine:
             r = None if routes is None else routes[s, : self.prompt_len + n].copy()
             self.finished[self.slot_sid[s]] = Finished(tokens[s, :n].copy(), logp[s, :n].copy(), bool(ended[s]), r)
             self.slot_sid[s] = None
+        return len(out)
 
 
 def stop_token_seqs(stop_strings: Sequence[str], encode: Callable[[str], list[int]] | None) -> np.ndarray:

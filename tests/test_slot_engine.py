@@ -116,6 +116,16 @@ def test_decode_steps_track_total_tokens_over_slots():
     assert refilled.decode_steps < static.decode_steps
 
 
+def test_an_eager_engine_returns_when_a_row_ends():
+    """``eager``: ``run`` comes back as soon as one row ends (a tool rollout starts its call then), the others still
+    live in their slots; the next ``run`` goes on with them."""
+    cfg = CFGS["gqa"]
+    engine = SlotEngine(cfg, SamplingConfig(temperature=0.0, max_new_tokens=10), slots=2, prompt_len=8, eager=True)
+    engine.submit(PROMPTS[0], 2, jax.random.key(0), budgets=[3, 10])
+    assert engine.run(_params(cfg)) == 3 and list(engine.finished) == [0] and engine.busy
+    assert engine.run(_params(cfg)) == 7 and sorted(engine.finished) == [0, 1] and not engine.busy
+
+
 def test_fewer_slots_than_a_group_is_refused():
     with pytest.raises(ConfigError, match="smaller than a group"):
         _sample(CFGS["gqa"], slots=1)
