@@ -313,6 +313,7 @@ class GRPOTrainer:
         decode: Callable[[list[int]], str] | None = None,
         prompt_bucket: int = 32,
         tools: ToolEnv | None = None,
+        budgets: Callable[[Sequence[Sequence[int]]], Sequence[int]] | None = None,
     ):
         self.cfg = cfg
         self.model_cfg = model_cfg
@@ -326,6 +327,7 @@ class GRPOTrainer:
         self.stop_ids = list(model_cfg.eos_token_ids) if stop_ids is None else list(stop_ids)
         self.encode, self.decode = encode, decode
         self.prompt_bucket = prompt_bucket
+        self.budgets = budgets  # per-row max_new_tokens of a step's rollout (rows in group order); None: the config's
         self.optimizer = make_optimizer(cfg.optim)
         if tools is None and cfg.tools.enabled:
             from r1jax.tools import build_tools
@@ -430,7 +432,9 @@ class GRPOTrainer:
                   stop_ids=self.stop_ids, encode=self.encode, decode=self.decode, mesh=self.sampler_mesh,
                   bucket=self.prompt_bucket)  # fmt: skip
         if self.tools is None:
-            return rollout.sample(params, prompts, key, record_routes=self.cfg.grpo.routing_replay, **kw)
+            budgets = None if self.budgets is None else self.budgets(prompts)
+            return rollout.sample(params, prompts, key, record_routes=self.cfg.grpo.routing_replay, budgets=budgets,
+                                  **kw)  # fmt: skip
         return sample_with_tools(params, prompts, key, env=self.tools, **kw)
 
     def _check_prompts(self, prompts, metadata) -> None:

@@ -8,6 +8,7 @@ gets its own peak RSS), with the same thread count, model and sizes. Each prints
     python tools/bench.py generate   # 16 sequences x 128 new tokens, greedy, KV cache, vs transformers generate
     python tools/bench.py grpo       # one GRPO step (2 prompts x G=8, 64 new tokens, KL to a reference) vs TRL
     python tools/bench.py grpo --lora 16   # the same with rank-16 LoRA on every projection vs TRL + PEFT
+    python tools/bench.py grpo --long-tail # 4 prompts x G=8, lognormal lengths: 8 refilled slots vs TRL's padding
     python tools/bench.py sft        # SFT step tokens/s on packed 8 x 256 rows vs a plain torch AdamW step
     python tools/bench.py rollout    # long-tail lengths: the slot engine (and partial rollouts) vs static batches
     python tools/bench.py all        # everything, one command
@@ -321,8 +322,23 @@ def reward(text: str) -> float:
     return min(len(set(text.split())), 40) / 40.0 + (1.0 if "Paris" in text else 0.0)
 
 
-def side_grpo(args, impl: str) -> dict:
+LONG_TAIL_PROMPTS = PROMPTS + ["Name three rivers in Europe.", "Explain what a prime number is."]
+LONG_TAIL_SLOTS = 8
+
+
+def grpo_shape(args) -> tuple[int, int, int, list[str], list[int] | None]:
+    """(G, prompts, T, prompt texts, per-row budgets or None). ``--long-tail``: 4 prompts x G=8 rows whose lengths
+    are lognormal budgets (mean T/4, at most T), each row ending with EOS at its budget on both sides."""
     G, n_prompts, T = (4, 2, 8) if args.small else (8, 2, 64)
+    if not args.long_tail:
+        return G, n_prompts, T, PROMPTS, None
+    budgets = long_tail_budgets(4 * G, T // 4, T, seed=2)
+    assert max(budgets) >= 4 * sum(budgets) / len(budgets), "the budgets' tail is too short"
+    return G, 4, T, LONG_TAIL_PROMPTS, budgets
+
+
+def side_grpo(args, impl: str) -> dict:
+    G, n_prompts, T, texts, budgets = grpo_shape(args)
     path = smollm2_gguf()
     steps = args.grpo_steps
     if impl == "r1jax":
@@ -343,7 +359,7 @@ def side_grpo(args, impl: str) -> dict:
             grpo=GRPOConfig(
                 group_size=G, prompts_per_step=n_prompts, max_completion_len=T, kl_coef=0.04, shared_prompt=True
             ),
-            sampling=SamplingConfig(temperature=1.0, max_new_tokens=T),
+            sampling=SamplingConfig(temperature=1.0, max_new_tokens=T, slots=LONG_TAIL_SLOTS if budgets else 0),
             rewards=RewardConfig(num_workers=0),
             optim=OptimConfig(lr=1e-6, weight_decay=0.0, b2=0.999),
             lora=LoraConfig(rank=args.lora, alpha=2.0 * args.lora, merge_for_sampling=args.lora_merge)
@@ -358,8 +374,9 @@ def side_grpo(args, impl: str) -> dict:
         # no stop tokens: every completion is T tokens on both sides, so both do the same work
         # remat keeping the matmul outputs: recomputing norms and activations is cheaper on CPU than saving them
         mcfg = model.cfg.replace(remat=True, remat_policy="dots")
-        trainer = grpo.GRPOTrainer(cfg, mcfg, reward_fn, stop_ids=[], prompt_bucket=16)
-        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in PROMPTS]
+        trainer = grpo.GRPOTrainer(cfg, mcfg, reward_fn, stop_ids=[], prompt_bucket=16,
+                                   budgets=None if budgets is None else lambda prompts: budgets)  # fmt: skip
+        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in texts]
         params = model.param_dict()
         if args.lora:  # every attention and MLP projection, as the peer's target_modules
             params = lora.attach(params, cfg.lora, mcfg, jax.random.key(1))
@@ -384,7 +401,7 @@ def side_grpo(args, impl: str) -> dict:
 
     transformers.logging.set_verbosity_error()
     model_dir = smollm2_hf_dir()
-    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS])
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in texts])
 
     def reward_fn(completions, **kw):
         return [reward(c[0]["content"] if isinstance(c, list) else c) for c in completions]
@@ -416,7 +433,8 @@ def side_grpo(args, impl: str) -> dict:
         save_strategy="no",
         logging_steps=1000,
         gradient_checkpointing=False,
-        generation_kwargs={"min_new_tokens": T},  # no early EOS: T tokens per completion, as on the r1jax side
+        # no early EOS: T tokens per completion (or each row's budget), as on the r1jax side
+        generation_kwargs={} if budgets else {"min_new_tokens": T},
         seed=0,
         disable_tqdm=True,
         model_init_kwargs={"dtype": torch.float32},
@@ -430,8 +448,36 @@ def side_grpo(args, impl: str) -> dict:
                                  task_type="CAUSAL_LM")  # fmt: skip
     trainer = GRPOTrainer(model=model_dir, reward_funcs=reward_fn, args=conf, train_dataset=ds, callbacks=[Timer()],
                           peft_config=peft_config)  # fmt: skip
+    if budgets:
+        force_eos_at(trainer.model, budgets, trainer.processing_class.eos_token_id)
     trainer.train()
     return {"times": times}
+
+
+def force_eos_at(model, budgets: list[int], eos: int) -> None:
+    """Make ``model.generate`` end row i with EOS exactly at its ``budgets[i]``-th new token (EOS barred before):
+    the long-tail lengths on the transformers side, whose generate runs until its longest row ends."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class AtBudget(LogitsProcessor):
+        def __init__(self, prompt_len: int):
+            self.prompt_len = prompt_len
+
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - self.prompt_len
+            b = torch.as_tensor(budgets[: scores.shape[0]])
+            scores[step < b - 1, eos] = -float("inf")
+            scores[step >= b - 1] = torch.where(torch.arange(scores.shape[1]) == eos, 0.0, -float("inf"))
+            return scores
+
+    generate = model.generate
+
+    def with_budgets(*a, **kw):
+        ids = kw.get("input_ids", a[0] if a else None)
+        return generate(*a, logits_processor=LogitsProcessorList([AtBudget(ids.shape[1])]), **kw)
+
+    model.generate = with_budgets
 
 
 def side_sft(args, impl: str) -> dict:
@@ -579,6 +625,8 @@ def spawn(args, *side: str, extra: tuple[str, ...] = ()) -> dict:
         cmd.append("--small")
     if args.lora:
         cmd += ["--lora", str(args.lora)]
+    if args.long_tail:
+        cmd.append("--long-tail")
     cmd += list(extra)
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -693,10 +741,12 @@ class Driver:
         last = o["phases"][1:] or o["phases"]
         upd_s = statistics.median(p["update_s"] for p in last)
         phases = {k: round(statistics.median(p[k] for p in last), 3) for k in last[0]}
-        if self.args.lora:  # the backward skips the frozen weights' gradients: no like-for-like FLOP count
-            ours = theirs = update = None
+        if self.args.lora or self.args.long_tail:  # frozen weights get no gradient / rows of their own lengths:
+            ours = theirs = update = None  # no like-for-like FLOP count
         self.compare(
-            "grpo/smollm2-instruct" + (f"-lora{self.args.lora}" if self.args.lora else ""),
+            "grpo/smollm2-instruct"
+            + (f"-lora{self.args.lora}" if self.args.lora else "")
+            + ("-longtail" if self.args.long_tail else ""),
             "s/step",
             (steady(o["times"]), o),
             (steady(t["times"]), t),
@@ -812,6 +862,8 @@ def main(argv=None) -> None:
     p.add_argument("--sft-steps", type=int, default=3)
     p.add_argument("--lora", type=int, default=0, help="grpo: LoRA of this rank on every projection, both sides")
     p.add_argument("--lora-merge", action="store_true", help=argparse.SUPPRESS)  # r1jax side: merged for sampling
+    p.add_argument("--long-tail", action="store_true",
+                   help="grpo: 4 prompts x G=8 rows with lognormal lengths; r1jax on 8 refilled slots")  # fmt: skip
     p.add_argument("--cold-cache", action="store_true", help="empty the JAX compilation cache first")
     p.add_argument("--json", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
