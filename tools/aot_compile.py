@@ -221,6 +221,7 @@ def _pool_abstract(cfg: ModelConfig, mesh, slots: int, cache_len: int) -> rollou
         window=rows(1, dtype=jnp.int32),
         tokens=rows(cache_len, dtype=jnp.int32),
         logp=rows(cache_len, dtype=jnp.float32),
+        routes=None,
     )
 
 
