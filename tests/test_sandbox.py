@@ -191,11 +191,16 @@ def test_process_limit():
 def test_fork_bomb_does_not_starve_a_concurrent_sandbox():
     """Sandboxes running at the same time do not share a process limit (a root caller's get different uids)."""
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    # The parent waits for its child: a sandbox ends its whole process tree when the main process exits.
+    waits_for_a_child = (
+        "import os\npid = os.fork()\nif pid == 0:\n    print('forked', flush=True)\n    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
     limits = SandboxLimits(max_procs=8, wall_s=4.0)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         bombing = pool.submit(run_python, bomb, limits=limits)
         time.sleep(1.0)  # the bomb is at its limit by now
-        results = [run_python("import os\nos.fork() or print('forked')", limits=limits) for _ in range(3)]
+        results = [run_python(waits_for_a_child, limits=limits) for _ in range(3)]
         assert bombing.result().status == "timeout"
     assert [(r.status, r.stdout) for r in results] == [("ok", "forked\n")] * 3
 
