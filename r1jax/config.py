@@ -704,7 +704,8 @@ class TrainConfig:
     tools: ToolConfig = ToolConfig()  # multi-turn tool calls in GRPO rollouts (and tool results masked in SFT)
     lora: LoraConfig = LoraConfig()  # rank 0: full fine-tuning
     mtp: MtpConfig = MtpConfig()  # SFT: the multi-token-prediction loss (off by default)
-    sft_batch_size: int = 8  # SFT: packed rows per optimiser step
+    sft_batch_size: int = 8  # SFT: examples per optimiser step (one row each unless sft_pack)
+    sft_pack: int = 0  # SFT: > 0 packs each step's examples first-fit into rows, their count rounded up to this
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     mesh: str = ""  # device mesh when ``r1jax train`` gets no --mesh, e.g. "fsdp=8" or "fsdp=16,tensor=8,expert=16"
 
@@ -714,6 +715,11 @@ class TrainConfig:
             raise ValueError("mtp.weight > 0 is an SFT loss: set stage=sft or mtp.weight=0")
         if self.max_consecutive_skips < 1 or self.sft_batch_size < 1:
             raise ValueError("max_consecutive_skips and sft_batch_size must be >= 1")
+        if self.sft_pack < 0 or (self.sft_pack and self.micro_batch_size and self.sft_pack % self.micro_batch_size):
+            raise ValueError(
+                f"sft_pack={self.sft_pack} must be >= 0 and a multiple of micro_batch_size ({self.micro_batch_size}): "
+                "a packed batch has a multiple of sft_pack rows"
+            )
         if self.sampling.max_new_tokens != self.grpo.max_completion_len:
             raise ValueError(
                 f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must equal grpo.max_completion_len "

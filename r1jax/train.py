@@ -237,7 +237,7 @@ def check_mesh(cfg: TrainConfig, mesh) -> None:
     if cfg.stage == Stage.GRPO:
         rows = {"grpo.prompts_per_step x grpo.group_size": cfg.grpo.samples_per_step, "micro_batch": cfg.micro_batch}
     else:
-        rows = {"sft_batch_size": cfg.sft_batch_size}
+        rows = {"sft_pack": cfg.sft_pack} if cfg.sft_pack else {"sft_batch_size": cfg.sft_batch_size}
     if cfg.stage == Stage.GRPO and cfg.grpo.max_off_policy_steps and mesh.size > 1:
         from r1jax.sharding import split_mesh
 
@@ -588,7 +588,9 @@ def step_key(cfg: TrainConfig, step: int) -> jax.Array:
 
 
 class SFTStage:
-    """SFT / distillation: (prompt, completion) pairs packed into ``sft_batch_size`` rows of ``data.seq_len``.
+    """SFT / distillation: ``sft_batch_size`` (prompt, completion) pairs per step in rows of ``data.seq_len``, one
+    each, or with ``sft_pack`` packed first-fit into as few rows as hold them (rounded up to a multiple of
+    ``sft_pack``; the examples per step stay fixed, so resume replays the same batches).
 
     The completion is the example's ``completion`` (e.g. ``r1jax sample`` traces, R1 stage 3) or its reference
     ``solution`` (cold start on worked solutions); the prompt goes through ``data.template``. With ``tools.tools`` set,
@@ -646,10 +648,13 @@ class SFTStage:
                                                  eos_id=self.tok.eos_id))  # fmt: skip
             else:
                 pairs.append(tokenize_trace(ex["prompt_text"], completion, self.tok.encode, eos_id=self.tok.eos_id))
-        packed = pack_examples(pairs, self.cfg.data.seq_len, num_rows=len(pairs), pad_id=self.tok.eos_id or 0)
+        pack = self.cfg.sft_pack
+        packed = pack_examples(pairs, self.cfg.data.seq_len, num_rows=None if pack else len(pairs),
+                               row_multiple=pack or 1, pad_id=self.tok.eos_id or 0)  # fmt: skip
+        rows = len(packed["tokens"])
         if self.mesh is not None:  # every process packed the whole batch; each places its devices' rows
             packed = {k: put(v, batch_sharding(self.mesh, v.shape)) for k, v in packed.items()}
-        micro = max(1, len(pairs) // (self.cfg.micro_batch_size or len(pairs)))
+        micro = max(1, rows // (self.cfg.micro_batch_size or rows))
         with on_mesh(self.mesh):
             params, opt, m = sft_step(
                 state["params"],
@@ -661,4 +666,5 @@ class SFTStage:
                 router_bias_gamma=self.cfg.optim.router_bias_gamma,
                 mtp=self.cfg.mtp if self.cfg.mtp.enabled else None,
             )
-        return {"params": params, "opt": opt}, {k: float(v) for k, v in jax.device_get(m).items()}
+        metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+        return {"params": params, "opt": opt}, metrics | {"rows": float(rows)}

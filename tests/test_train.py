@@ -235,6 +235,32 @@ def test_sft_stage_learns_and_loads(tmp_path):
     assert r1jax.load(str(tmp_path / "sft")).cfg.vocab_size == 320
 
 
+def test_sft_pack_trains_the_same_examples_in_fewer_rows(tmp_path):
+    """``sft_pack`` packs a step's examples into fewer rows: the same batches, the same losses, half the rows."""
+    rows = [
+        {"prompt": f"What is {a} + {b}?", "completion": f"<answer>{a + b}</answer>"} for a in range(4) for b in (1, 2)
+    ]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for pack in (0, 2):
+        cfg = train.apply_overrides(
+            train.load_config("tiny_text"),
+            ["stage=sft", f"data.name={tmp_path / 'data'}", "data.template={prompt}", "data.seq_len=128",
+             "sft_batch_size=4", f"sft_pack={pack}", "micro_batch_size=0", "steps=2", "optim.lr=0.01"],
+        )  # fmt: skip
+        train.run(cfg, str(tmp_path / f"pack{pack}"), progress=False)
+        runs[pack] = [json.loads(x) for x in (tmp_path / f"pack{pack}" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["rows"] for m in runs[0]] == [4, 4] and [m["rows"] for m in runs[2]] == [2, 2]
+    assert [m["tokens"] for m in runs[0]] == [m["tokens"] for m in runs[2]]
+    np.testing.assert_allclose([m["loss"] for m in runs[2]], [m["loss"] for m in runs[0]], rtol=1e-5)
+
+
+def test_sft_pack_must_divide_into_micro_batches():
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+        train.apply_overrides(train.load_config("tiny_text"), ["stage=sft", "sft_pack=3", "micro_batch_size=2"])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
