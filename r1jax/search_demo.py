@@ -159,7 +159,7 @@ class SearchPlan:
 
     sft_steps: int | None = None  # None: the preset's (demo_search_sft / demo_search_grpo)
     grpo_steps: int | None = None
-    sft_traces: int = 4800  # training questions with a cold-start trace (all 4,800: one SFT epoch)
+    sft_traces: int = 4800  # training questions with a cold-start trace (all 4,800)
     data: tuple[tuple[str, int], ...] = ()  # SearchQAConfig options, e.g. (("train_students", 30),)
     n_test: int | None = None  # held-out questions evaluated (None: all 200)
     eval_batch: int = 100  # prompts per sampler call when evaluating
