@@ -412,8 +412,7 @@ class GRPOTrainer:
         between steps."""
         if self._partial is None:
             s = self.cfg.sampling
-            unit = int(np.lcm(self.prompt_bucket, s.prompt_chunk or self.prompt_bucket))
-            width = -(-self.cfg.data.max_prompt_tokens // unit) * unit
+            width = rollout.prompt_width(self.cfg.data.max_prompt_tokens, self.prompt_bucket, s.prompt_chunk)
             n = self.cfg.grpo.samples_per_step
             engine = rollout.SlotEngine(
                 self.model_cfg, s, slots=s.slots or n, prompt_len=width, stop_ids=self.stop_ids,

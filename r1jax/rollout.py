@@ -536,6 +536,13 @@ def _inputs(mesh: Mesh | None, *xs) -> tuple[Array, ...]:
     return tuple(put(x, NamedSharding(mesh, PartitionSpec())) for x in xs)
 
 
+def prompt_width(longest: int, bucket: int, chunk: int = 0) -> int:
+    """The pool's prompt length for prompts of up to ``longest`` tokens: a multiple of the shape ``bucket`` and of
+    the prefill ``chunk`` (0: one chunk), so a few widths serve every batch."""
+    unit = int(np.lcm(bucket, chunk or bucket))
+    return -(-longest // unit) * unit
+
+
 def sample(
     params: Params,
     prompts: Sequence[Sequence[int]],
@@ -571,8 +578,7 @@ def sample(
         raise ConfigError(f"sampling.slots={slots} is smaller than a group ({group_size})")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    unit = int(np.lcm(bucket, sampling.prompt_chunk or bucket))
-    plen = -(-max(len(p) for p in prompts) // unit) * unit
+    plen = prompt_width(max(len(p) for p in prompts), bucket, sampling.prompt_chunk)
     mesh = normalize_mesh(mesh) if mesh is not None else None
     engine = SlotEngine(
         cfg, sampling, slots=slots, prompt_len=plen, stop_ids=stops,
