@@ -161,7 +161,8 @@ def test_router_gradient_flows_through_replayed_gates(params, layout):
     natural, replayed, other = grad(None), grad(routes), grad(_shift(routes))
     assert natural.shape == (CFG.n_moe_layers, CFG.d_model, CFG.n_experts)
     assert np.all(np.abs(replayed).max(axis=(1, 2)) > 0)  # every MoE layer's router
-    np.testing.assert_allclose(replayed, natural, rtol=1e-5)
+    # a small entry is a sum of terms of the gradient's scale: its rounding is relative to that scale
+    np.testing.assert_allclose(replayed, natural, rtol=1e-5, atol=1e-5 * np.abs(natural).max())
     assert np.all(np.abs(other).max(axis=(1, 2)) > 0)
     _assert_differs(other, natural)
 
@@ -247,7 +248,9 @@ def test_replay_removes_routing_flips_from_the_bf16_sampler_mismatch():
                                       routes=routes if replay else None)  # fmt: skip
             kls[dtype, replay] = _k3(np.asarray(lp) - ro.logp, m)
     assert kls["bfloat16", False] > 3 * kls["bfloat16", True], kls
-    assert kls["float32", False] < 1e-8 and kls["float32", True] < 1e-8, kls
+    # f32 routes do not flip: replay changes nothing there, and what is left is rounding far below bf16's
+    assert kls["float32", False] == pytest.approx(kls["float32", True], rel=1e-3), kls
+    assert kls["float32", False] < 1e-7 and kls["float32", False] < kls["bfloat16", True] / 1000, kls
 
 
 def test_grpo_step_replays_the_sampler_routes():
