@@ -66,17 +66,16 @@ def pack_examples(
     truncate: bool = True,
 ) -> dict[str, np.ndarray]:
     """Pack (prompt ids, completion ids) pairs into rows of ``seq_len`` slots; a third element, one loss weight per
-        completion token (``tokenize_tool_trace``: 0 on tool results), scales that token's ``loss_mask`` entry.
+    completion token (``tokenize_tool_trace``: 0 on tool results), scales that token's ``loss_mask`` entry.
 
-        Returns numpy arrays ``tokens`` int32[r, seq_len], ``targets`` int32[r, seq_len], ``loss_mask`` float32[r,
-        seq_len] (1 on completion targets), ``segment_ids`` int32[r, seq_len] (1.. per example, 0 on padding) and
-        ``positions`` int32[r, seq_len] (restarting at 0 for every example). Rows are filled first-fit in the order of
-        ``examples``; ``num_rows`` pads the result with empty rows to a fixed count (a ``ValueError`` if more are
-    needed), else ``row_multiple`` pads it to the next multiple of that many rows (few distinct shapes: few
-    compiles).
+    Returns numpy arrays ``tokens`` int32[r, seq_len], ``targets`` int32[r, seq_len], ``loss_mask`` float32[r,
+    seq_len] (1 on completion targets), ``segment_ids`` int32[r, seq_len] (1.. per example, 0 on padding) and
+    ``positions`` int32[r, seq_len] (restarting at 0 for every example). Rows are filled first-fit in the order of
+    ``examples``; ``num_rows`` pads the result with empty rows to a fixed count (a ``ValueError`` if more are
+    needed), else ``row_multiple`` pads it to the next multiple of that many rows (few shapes: few compiles).
 
-        An example longer than ``seq_len + 1`` tokens has its completion cut to fit when ``truncate`` (else a
-        ``ValueError``); a prompt that leaves no completion target in a row is always a ``ValueError``.
+    An example longer than ``seq_len + 1`` tokens has its completion cut to fit when ``truncate`` (else a
+    ``ValueError``); a prompt that leaves no completion target in a row is always a ``ValueError``.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
