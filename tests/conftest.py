@@ -3,13 +3,22 @@
 Every compiled CPU program holds a few memory maps. A pytest worker that kept every program of its share of the
 suite went past the kernel's limit of 65530 maps per process, and XLA then segfaulted compiling or serialising the
 next program, taking the worker and the rest of its file down (and xdist's loadfile scheduler waited forever). So
-``jax.clear_caches()`` runs after each module. JAX's persistent compilation cache is off unless
-``R1JAX_TEST_JAX_CACHE=DIR`` turns it on for local reruns (a fresh clone gains little from it).
+``jax.clear_caches()`` runs after each module.
+
+JAX's persistent compilation cache is on, in ``.cache/jax-tests`` (``R1JAX_TEST_JAX_CACHE=DIR`` moves it), through
+the environment so that the trainers and hosts the tests spawn share it: many tests build the same programs afresh
+(a resumed run compiles what the uninterrupted run compiled, a subprocess what its parent did), and on a fresh clone
+this saves most of those compiles; a rerun saves nearly all. The cache is capped at 4 GB (least recently used go).
 """
 
 import gc
 import os
+from pathlib import Path
 
+_CACHE = os.environ.get("R1JAX_TEST_JAX_CACHE") or str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,9 +26,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-if os.environ.get("R1JAX_TEST_JAX_CACHE"):
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.environ["R1JAX_TEST_JAX_CACHE"]))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 

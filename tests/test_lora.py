@@ -168,7 +168,7 @@ def test_bad_lora_configs():
 
 # --- runs: save, resume, load, export ---------------------------------------------------------------------------------
 FAST = ["steps=2", "checkpoint.every=1", "checkpoint.keep=5", "data.template=plain", "data.max_prompt_tokens=384",
-        "rewards.num_workers=0", "lora.rank=4", "optim.lr=3e-2"]  # fmt: skip
+        "data.options=train_size=64,test_size=8", "rewards.num_workers=0", "lora.rank=4", "optim.lr=3e-2"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

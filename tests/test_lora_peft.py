@@ -104,7 +104,8 @@ def test_lora_run_exports_an_adapter_that_peft_loads(tmp_path, tmp_path_factory,
     base_dir = str(tmp_path / "base")
     r1jax.export_hf(Transformer.random(dense, 0), base_dir, dtype="float32")
     sets = ["stage=sft", "data.template=plain", "data.seq_len=384", "sft_batch_size=4", "steps=2", "optim.lr=0.02",
-            f"init={base_dir}", "lora.rank=4", "lora.alpha=8", "checkpoint.every=2"]  # fmt: skip
+            "data.options=train_size=64,test_size=8", f"init={base_dir}", "lora.rank=4", "lora.alpha=8",
+            "checkpoint.every=2"]  # fmt: skip
     cfg = train.apply_overrides(train.load_config("tiny_text"), sets)
     run = str(tmp_path / "run")
     train.run(cfg, run, progress=False)

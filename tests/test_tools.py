@@ -499,8 +499,9 @@ def test_train_run_with_tools(tmp_path, monkeypatch, corpus):
 
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     sets = ["steps=1", "checkpoint.every=1", "data.template=plain", "data.max_prompt_tokens=384",
-            "rewards.num_workers=0", "tools.tools=search", f"tools.corpus={corpus}", "tools.max_turns=2",
-            "eval.every=1", "eval.limit=2", "eval.batch_size=2", "eval.max_new_tokens=8"]  # fmt: skip
+            "data.options=train_size=64,test_size=8", "rewards.num_workers=0", "tools.tools=search",
+            f"tools.corpus={corpus}", "tools.max_turns=2", "eval.every=1", "eval.limit=2", "eval.batch_size=2",
+            "eval.max_new_tokens=8"]  # fmt: skip
     out = tmp_path / "run"
     train.run(train.apply_overrides(train.load_config("tiny_text"), sets), str(out), progress=False)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
