@@ -1,4 +1,4 @@
-"""Test setup: CPU with 8 fake devices, float32 matmuls, compiled programs released after each test module.
+"""Test setup: CPU with 8 fake devices, LLVM at -O0, float32 matmuls, compiled programs released after each module.
 
 Every compiled CPU program holds a few memory maps. A pytest worker that kept every program of its share of the
 suite went past the kernel's limit of 65530 maps per process, and XLA then segfaulted compiling or serialising the
@@ -17,10 +17,14 @@ from pathlib import Path
 
 _CACHE = os.environ.get("R1JAX_TEST_JAX_CACHE") or str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_CACHE))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# LLVM at -O0: the suite's programs are tiny, so compiling them is most of its time; -O0 compiles ~2x faster and the
+# XLA-level passes (fusion, layout, sharding), which fix what is computed, still run as in a real run
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
+)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
