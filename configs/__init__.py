@@ -18,7 +18,7 @@ from .dapo import dapo
 from .demo import demo_distill, demo_grpo, demo_search_grpo, demo_search_sft, demo_sft
 from .dr_grpo import dr_grpo
 from .r1 import r1
-from .smollm2 import smollm2_arith, smollm2_gsm8k
+from .smollm2 import smollm2_arith, smollm2_gsm8k, smollm2_search_grpo, smollm2_search_sft
 from .tiny import tiny, tiny_model
 from .tiny_text import tiny_text
 
@@ -34,6 +34,8 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "demo_search_grpo": demo_search_grpo,
     "smollm2_arith": smollm2_arith,
     "smollm2_gsm8k": smollm2_gsm8k,
+    "smollm2_search_sft": smollm2_search_sft,  # the search miniature on SmolLM2 (r1jax demo --task search)
+    "smollm2_search_grpo": smollm2_search_grpo,
     "r1_distill_qwen_1_5b": r1_distill_qwen_1_5b.train,  # TPU v5e-8 (the module has v6e/v5p/H200 variants)
     "r1_distill_qwen_7b": r1_distill_qwen_7b.train,  # TPU v6e-8
     "r1_distill_qwen_7b:v5e_8_lora": lambda: r1_distill_qwen_7b.v5e_8_lora().train(),  # LoRA on TPU v5e-8

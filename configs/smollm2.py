@@ -32,6 +32,7 @@ from r1jax.config import (
     OptimConfig,
     RewardConfig,
     SamplingConfig,
+    ToolConfig,
     TrainConfig,
 )
 from r1jax.errors import ConfigError
@@ -83,3 +84,66 @@ def smollm2_arith() -> TrainConfig:
 def smollm2_gsm8k() -> TrainConfig:
     data = DataConfig(name="gsm8k", template="chat", max_prompt_tokens=320)
     return _smollm2(256, data, steps=200, eval_every=50)
+
+
+SEARCH_DIR = "runs/demo_search_smollm2"  # r1jax demo --task search --model smollm2 writes data/ and sft_data/ here
+SEARCH_MAX_LEN = 160  # trajectory tokens: a whole two-search trace is at most 93 SmolLM2 tokens, results included
+SEARCH_PROMPT_TOKENS = 64  # the chat template's default system prompt and the question: ~41 tokens
+
+
+def _search_tools() -> ToolConfig:
+    """BM25 search over the search miniature's corpus, one document per query, up to 3 calls."""
+    corpus = f"{SEARCH_DIR}/data/corpus.jsonl"
+    return ToolConfig(tools=("search",), corpus=corpus, max_turns=3, top_k=1, max_result_tokens=64, num_threads=4)
+
+
+def smollm2_search_sft() -> TrainConfig:
+    """The search miniature's cold start on SmolLM2-135M-Instruct: full fine-tuning on tool-use traces through the
+    chat template, 16 examples per step packed into rows of 256 tokens (``sft_pack``), the ``<information>`` blocks
+    masked out of the loss. A pretrained model already copies names from its context; what it learns here is the
+    protocol (when to search, what to put in a query, where the answer goes)."""
+    steps = 60
+    return TrainConfig(
+        stage="sft",
+        init=smollm2_gguf(),
+        steps=steps,
+        sft_batch_size=16,
+        sft_pack=4,
+        optim=OptimConfig(lr=3e-5, warmup_steps=5, decay_steps=steps - 5, weight_decay=0.0, max_grad_norm=1.0),
+        data=DataConfig(
+            name=f"{SEARCH_DIR}/sft_data", template="chat", max_prompt_tokens=SEARCH_PROMPT_TOKENS, seq_len=256
+        ),
+        checkpoint=CheckpointConfig(every=steps, keep=1),
+        tools=_search_tools(),
+        # GRPO fields are unused by SFT but must agree with each other
+        grpo=GRPOConfig(max_completion_len=SEARCH_MAX_LEN),
+        sampling=SamplingConfig(max_new_tokens=SEARCH_MAX_LEN),
+    )
+
+
+def smollm2_search_grpo() -> TrainConfig:
+    """GRPO with the search tool in the loop from the cold start: 4 questions x G = 8 per step at temperature 0.7,
+    accuracy (normalised exact match) + strict format, KL 0.01, lr 1e-5 (as ``smollm2_arith``)."""
+    steps = 16
+    return TrainConfig(
+        stage="grpo",
+        init=f"{SEARCH_DIR}/sft",
+        steps=steps,
+        grpo=GRPOConfig(
+            group_size=8,
+            prompts_per_step=4,
+            clip_eps_low=0.2,
+            clip_eps_high=0.28,
+            kl_coef=0.01,
+            max_completion_len=SEARCH_MAX_LEN,
+            num_iterations=1,
+            num_minibatches=1,
+        ),
+        sampling=SamplingConfig(temperature=0.7, top_p=1.0, max_new_tokens=SEARCH_MAX_LEN),
+        rewards=RewardConfig(functions=("accuracy", "format_strict"), weights=(1.0, 1.0), num_workers=0),
+        optim=OptimConfig(lr=1e-5, b2=0.99, weight_decay=0.0, max_grad_norm=1.0),
+        micro_batch_size=16,
+        data=DataConfig(name=f"{SEARCH_DIR}/data", template="chat", max_prompt_tokens=SEARCH_PROMPT_TOKENS),
+        checkpoint=CheckpointConfig(every=steps, keep=1),
+        tools=_search_tools(),
+    )

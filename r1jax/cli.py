@@ -112,19 +112,22 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _cmd_demo(args) -> int:
-    out = args.out or ("runs/demo_search" if args.task == "search" else "runs/demo")
-    if args.seeds and args.task == "search":
-        from r1jax.errors import ConfigError
+    from r1jax.errors import ConfigError
 
+    if args.task != "search" and args.model != "byte":
+        raise ConfigError("--model picks the search demo's model (--task search); the addition demo's is byte-level")
+    if args.seeds and args.task == "search":
         raise ConfigError("--seeds runs the addition demo; the search demo takes one --seed")
     if args.task == "search":
-        from r1jax.search_demo import SearchPlan, run_search_demo
+        from r1jax.search_demo import MODELS, SearchPlan, run_search_demo
 
-        plan = SearchPlan(sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, seed=args.seed)
+        out = args.out or MODELS[args.model][1]
+        plan = SearchPlan(sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, seed=args.seed, model=args.model)
         run_search_demo(out, args.minutes_budget, plan=plan, progress=not args.no_progress)
     else:
         from r1jax.demo import DemoPlan, run_demo, run_seeds
 
+        out = args.out or "runs/demo"
         plan = DemoPlan(
             sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, distill_steps=args.distill_steps, seed=args.seed
         )
@@ -190,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", default=None, help="output directory (default runs/demo or runs/demo_search; its stage "
                    "directories are replaced)")  # fmt: skip
+    d.add_argument("--model", choices=("byte", "smollm2"), default="byte",
+                   help="search: byte (the 0.86M demo model from scratch, default) or smollm2 (SmolLM2-135M-Instruct "
+                   "fine-tuned; output default runs/demo_search_smollm2)")  # fmt: skip
     d.add_argument("--minutes-budget", type=float, default=15.0)
     d.add_argument("--sft-steps", type=int, default=None, help="override the preset's step count")
     d.add_argument("--grpo-steps", type=int, default=None)
@@ -207,10 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands that run compiled step loops: they keep host memory mapped across steps (r1jax.host_memory)
+_LOOP_COMMANDS = frozenset({"train", "sample", "eval", "generate", "demo"})
+
+
 def main(argv: list[str] | None = None) -> int:
     from r1jax.errors import R1jaxError
 
     args = build_parser().parse_args(argv)
+    if args.command in _LOOP_COMMANDS:
+        from r1jax.host_memory import retain_host_memory
+
+        retain_host_memory()
     try:
         return args.fn(args) or 0
     except R1jaxError as e:

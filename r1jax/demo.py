@@ -106,11 +106,12 @@ class DemoPlan:
     overrides: tuple[tuple[str, str], ...] = ()  # (stage, "key=value") config overrides, stage sft|grpo|distill
 
 
-def _stage_config(stage: str, plan: DemoPlan, *, data: str, init: str | None, steps: int | None):
+def _stage_config(stage: str, plan: DemoPlan, *, data: str, init: str | None, steps: int | None, preset=None):
+    """Preset ``preset`` (default ``demo_{stage}``) with the plan's data, init, steps, seed and overrides."""
     from r1jax import train
     from r1jax.overrides import apply_overrides
 
-    cfg = train.load_config(f"demo_{stage}")
+    cfg = train.load_config(preset or f"demo_{stage}")
     sets = [f"data.name={data}", f"seed={plan.seed}"]
     if init is not None:
         sets.append(f"init={init}")

@@ -768,9 +768,16 @@ def mtp_logits(
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(target) f32[b, t] from logits [b, t, V]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    """log p(target) f32[...] from logits [..., V]: ``log_softmax(logits)[target]``, value for value.
+
+    The target is picked with a one-hot mask rather than a gather, so the gradient is the elementwise
+    ``g * (onehot - softmax)`` that fuses with the head's backward instead of a zero [..., V] buffer plus a scatter.
+    """
+    logits = logits.astype(jnp.float32)
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
+    picked = jnp.sum(jnp.where(hit, shifted, 0.0), axis=-1)
+    return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
 
 
 def mtp_mask(loss_mask: jax.Array, segment_ids: jax.Array | None, depth: int) -> jax.Array:

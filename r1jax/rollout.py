@@ -50,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from r1jax.cache import Cache, init_cache
 from r1jax.config import ModelConfig, SamplingConfig
 from r1jax.errors import ConfigError
-from r1jax.model import Params, forward, unstack_layers
+from r1jax.model import Params, forward, token_logprobs, unstack_layers
 from r1jax.sampling import left_pad, sample_logits
 from r1jax.sharding import logical_to_spec, normalize_mesh, on_mesh, put, to_host
 
@@ -306,7 +306,7 @@ def decode(
         live = ~p.done
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(p.keys), p.count)
         tok = sample_logits(p.logits, keys, temperature, top_p, top_k)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(p.logits / tau, -1), tok[:, None], -1)[:, 0]
+        logp = token_logprobs(p.logits / tau, tok)
         tok = jnp.where(live, tok, pad)
         at = jnp.where(live, p.count, T)  # done slots write nowhere
         window = jnp.where(live[:, None], jnp.concatenate([p.window[:, 1:], tok[:, None]], axis=1), p.window)

@@ -4,12 +4,14 @@ The task (``r1jax.data.builders.search_qa``): two-hop questions about invented p
 mentor of Qarvel?``, whose facts live only in a generated corpus searched by BM25 (``r1jax.tools.search``). Test
 questions are about people no training question mentions, so memorising training answers is worth nothing on them.
 
-1. Cold start: the byte-level V3-style demo model (``configs/demo.py``) is trained from scratch by SFT on tool-use
-   traces for ``sft_traces`` training questions: ``<think><search>mentor of Qarvel</search><information>[3] Qarvel:
-   The mentor of Qarvel is Ostrin.</information><search>city of Ostrin</search><information>...</information>
-   </think> <answer>Vexholm</answer>``, with the results written by the real search tool over the corpus. The
-   ``<information>`` blocks are context, masked out of the loss (``tools.tools`` of the SFT preset). Each trace is
-   also cut after each of its calls (``turn_prefixes``): one short row per turn, so each query is a target again.
+1. Cold start: the byte-level V3-style demo model (``configs/demo.py``, ``model="byte"``) is trained from scratch,
+   or SmolLM2-135M-Instruct (``configs/smollm2.py``, ``model="smollm2"``, prompted through its chat template) is
+   fine-tuned, by SFT on tool-use traces for ``sft_traces`` training questions: ``<think><search>mentor of
+   Qarvel</search><information>[3] Qarvel: The mentor of Qarvel is Ostrin.</information><search>city of
+   Ostrin</search><information>...</information></think> <answer>Vexholm</answer>``, with the results written
+   by the real search tool over the corpus. The ``<information>`` blocks are context, masked out of the loss
+   (``tools.tools`` of the SFT preset). Each trace is also cut after each of its calls (``turn_prefixes``): one
+   short row per turn, so each query is a target again.
 2. GRPO with the tool in the loop (``r1jax.tool_rollout``): the sampler stops at ``</search>``, the tool's result
    is appended with loss and KL mask 0, decoding goes on; rewards accuracy (normalised exact match) + format.
 3. Held-out greedy pass@1 of each model with the tool, and of the GRPO model with the tool switched off (it then
@@ -166,29 +168,41 @@ class SearchPlan:
     closed_book: bool = True  # also train and evaluate the baseline without tool traces
     seed: int = 0
     overrides: tuple[tuple[str, str], ...] = ()  # (stage, "key=value"), stage search_sft | search_grpo
+    model: str = "byte"  # a key of MODELS: the presets the stages start from
 
     def __post_init__(self) -> None:
         if self.sft_traces < 1 or self.eval_batch < 1 or (self.n_test is not None and self.n_test < 1):
             raise ValueError("sft_traces, eval_batch and n_test must be >= 1")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown search demo model {self.model!r}; known: {', '.join(MODELS)}")
 
 
-def evaluate_search(run_dir: Path, test: list[dict], plan: SearchPlan, tools, max_new_tokens: int) -> dict:
+# the model -> the prefix of its two presets (PREFIX_sft, PREFIX_grpo) and its default output directory
+MODELS = {
+    "byte": ("demo_search", "runs/demo_search"),  # the 0.86M byte-level demo model, trained from scratch
+    "smollm2": ("smollm2_search", "runs/demo_search_smollm2"),  # SmolLM2-135M-Instruct through its chat template
+}
+
+
+def evaluate_search(run_dir: Path, test: list[dict], plan: SearchPlan, tools, cfg) -> dict:
     """Greedy pass@1 of the model in ``run_dir`` on the held-out questions (exact match, ``r1jax.evaluate``), with
-    the tools of ``tools`` (a ``ToolConfig``) in the loop or none; the search calls the environment ran per answer,
-    and the calls the model wrote (without the tool it still writes them, and then its own ``<information>``)."""
+    the tools of ``tools`` (a ``ToolConfig``) in the loop or none, prompted and bounded as the GRPO config ``cfg``
+    samples; the search calls the environment ran per answer, and the calls the model wrote (without the tool it
+    still writes them, and then its own ``<information>``)."""
     import r1jax
     from r1jax.config import RewardConfig
-    from r1jax.configs.demo import TEMPLATE
-    from r1jax.data.tokenizer import ByteTokenizer
+    from r1jax.data.tokenizer import for_model
     from r1jax.evaluate import evaluate
     from r1jax.tools import build_tools, syntax_of
 
     t0 = time.perf_counter()
+    model = r1jax.load(str(run_dir))
+    tok = for_model(model.cfg, dict(model.tokenizer_files), byte_fallback=True)
     env = build_tools(tools) if tools is not None else None
     try:
         m = evaluate(
-            r1jax.load(str(run_dir)), ByteTokenizer(), test, k=1, temperature=0.0, top_p=1.0,
-            max_new_tokens=max_new_tokens, template=TEMPLATE, batch_size=plan.eval_batch, seed=plan.seed,
+            model, tok, test, k=1, temperature=0.0, top_p=1.0, max_new_tokens=cfg.sampling.max_new_tokens,
+            template=cfg.data.template, system=cfg.data.system, batch_size=plan.eval_batch, seed=plan.seed,
             rewards=RewardConfig(functions=("accuracy",), weights=(1.0,), num_workers=0), return_samples=True,
             tools=env,
         )  # fmt: skip
@@ -254,12 +268,14 @@ def run_search_demo(
         return (time.perf_counter() - t_start) / 60
 
     corpus = str(out / "data" / "corpus.jsonl")
-    sft_cfg = _stage_config("search_sft", plan, data=str(out / "sft_data"), init=None, steps=plan.sft_steps)
-    grpo_cfg = _stage_config("search_grpo", plan, data=str(out / "data"), init=str(out / "sft"), steps=plan.grpo_steps)
+    prefix = MODELS[plan.model][0]
+    sft_cfg = _stage_config("search_sft", plan, data=str(out / "sft_data"), init=None, steps=plan.sft_steps,
+                            preset=f"{prefix}_sft")  # fmt: skip
+    grpo_cfg = _stage_config("search_grpo", plan, data=str(out / "data"), init=str(out / "sft"),
+                             steps=plan.grpo_steps, preset=f"{prefix}_grpo")  # fmt: skip
     tools = dataclasses.replace(grpo_cfg.tools, corpus=corpus)
     sft_cfg = dataclasses.replace(sft_cfg, tools=dataclasses.replace(sft_cfg.tools, corpus=corpus))
     grpo_cfg = dataclasses.replace(grpo_cfg, tools=tools)
-    max_len = grpo_cfg.sampling.max_new_tokens
 
     sizes = make_search_data(out, n_traces=plan.sft_traces, seed=plan.seed, top_k=tools.top_k, **dict(plan.data))
     test = _read_jsonl(out / "data" / "test.jsonl")[: plan.n_test]
@@ -271,7 +287,7 @@ def run_search_demo(
 
     def stage(name: str, cfg, evals: dict) -> None:
         stages[name] = _train(cfg, out / name, progress)
-        stages[name]["eval"] = {k: evaluate_search(out / name, test, plan, t, max_len) for k, t in evals.items()}
+        stages[name]["eval"] = {k: evaluate_search(out / name, test, plan, t, grpo_cfg) for k, t in evals.items()}
         shown = ", ".join(f"{k} {v['pass@1']:.3f}" for k, v in stages[name]["eval"].items())
         log(f"[search]     {name}: pass@1 {shown} ({elapsed():.1f} min)")
 
@@ -311,6 +327,7 @@ def run_search_demo(
             "metric": "greedy pass@1, normalised exact match",
         },
         "task": "two-hop questions about invented people; facts only in a BM25-searched corpus; test people unseen",
+        "model": plan.model,
         "data": sizes,
         "machine": machine(),
         "stages": stages,

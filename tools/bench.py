@@ -597,6 +597,10 @@ def side_rollout(args, name: str) -> dict:
 
 def run_side(args) -> dict:
     bench, impl, *rest = args.side
+    if impl not in ("transformers", "trl", "torch"):  # the r1jax sides: as the r1jax CLI runs its step loops
+        from r1jax.host_memory import retain_host_memory
+
+        retain_host_memory()
     t0 = time.perf_counter()
     if bench == "peak":
         out = side_peak(args)
