@@ -100,9 +100,10 @@ def _search_tools() -> ToolConfig:
 def smollm2_search_sft() -> TrainConfig:
     """The search miniature's cold start on SmolLM2-135M-Instruct: full fine-tuning on tool-use traces through the
     chat template, 16 examples per step packed into rows of 256 tokens (``sft_pack``), the ``<information>`` blocks
-    masked out of the loss. A pretrained model already copies names from its context; what it learns here is the
-    protocol (when to search, what to put in a query, where the answer goes)."""
-    steps = 60
+    masked out of the loss: 30 steps, 480 of the 14,400 traces and turn prefixes. A pretrained model already copies
+    names from its context; what it learns here is the protocol (when to search, what to put in a query, where the
+    answer goes)."""
+    steps = 30
     return TrainConfig(
         stage="sft",
         init=smollm2_gguf(),
@@ -123,8 +124,9 @@ def smollm2_search_sft() -> TrainConfig:
 
 def smollm2_search_grpo() -> TrainConfig:
     """GRPO with the search tool in the loop from the cold start: 4 questions x G = 8 per step at temperature 0.7,
-    accuracy (normalised exact match) + strict format, KL 0.01, lr 1e-5 (as ``smollm2_arith``)."""
-    steps = 16
+    accuracy (normalised exact match) + strict format, KL 0.01, lr 1e-5 (as ``smollm2_arith``). 4 steps: the cold
+    start answers 98.5% of the held-out questions, so most groups have no reward spread to learn from."""
+    steps = 4
     return TrainConfig(
         stage="grpo",
         init=f"{SEARCH_DIR}/sft",

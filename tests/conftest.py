@@ -26,6 +26,8 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
 )
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the CLI commands the tests call in this process leave glibc's allocator alone (tests/test_host_memory.py tests it)
+os.environ.setdefault("R1JAX_HOST_MEMORY", "default")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -104,3 +104,5 @@ def test_seeds_flag_errors(capsys):
     assert e.value.code == 2 and "distinct seeds" in capsys.readouterr().err
     assert main(["demo", "--task", "search", "--seeds", "0,1"]) == 2
     assert "--seeds runs the addition demo" in capsys.readouterr().err
+    assert main(["demo", "--model", "smollm2"]) == 2  # the addition demo has one model
+    assert "--model picks the search demo's model" in capsys.readouterr().err
