@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="addition",
         help="addition: the R1 pipeline (default); search: two-hop questions answered with BM25 search in the loop",
     )
-    d.add_argument("--out", default=None, help="output directory (default runs/demo or runs/demo_search; its stage "
-                   "directories are replaced)")  # fmt: skip
+    d.add_argument("--out", default=None, help="output directory (default runs/demo, runs/demo_search or "
+                   "runs/demo_search_smollm2; its stage directories are replaced)")  # fmt: skip
     d.add_argument("--model", choices=("byte", "smollm2"), default="byte",
                    help="search: byte (the 0.86M demo model from scratch, default) or smollm2 (SmolLM2-135M-Instruct "
                    "fine-tuned; output default runs/demo_search_smollm2)")  # fmt: skip
