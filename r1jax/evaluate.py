@@ -94,6 +94,20 @@ def answer_key(
     """
     if meta.get("task") == "code":
         return "".join(extract_program(completion).split()) or None
+    return _answer(completion, meta, think_prefilled, last_number)
+
+
+def answer_text(
+    completion: str, meta: Mapping[str, Any], think_prefilled: bool = False, last_number: bool = False
+) -> str | None:
+    """The answer as a reader (the judge) sees it: for code the extracted program as written, else ``answer_key``."""
+    if meta.get("task") == "code":
+        return extract_program(completion).strip() or None
+    return _answer(completion, meta, think_prefilled, last_number)
+
+
+def _answer(completion: str, meta: Mapping[str, Any], think_prefilled: bool, last_number: bool) -> str | None:
+    """``answer_key`` for the tasks whose answer is a value (gsm8k, math, countdown, ...)."""
     if meta.get("task", "math") == "gsm8k":
         value = gsm8k_prediction(completion, think_prefilled, last_number)
         return None if value is None else str(value)
@@ -367,7 +381,11 @@ def evaluate(
                 batch_size=batch_size * k, mesh=mesh,
             )  # fmt: skip
         problems = [prompt_of(ex) for ex in examples]
-        selection = selection_curves(correct, answers, problems, select, verifier_scores=scores, ask=ask)
+        shown = [
+            [answer_text(t, ex, s["think_prefilled"], rewards.gsm8k_last_number) for t in s["completions"]]
+            for s, ex in zip(samples, examples, strict=True)
+        ]
+        selection = selection_curves(correct, answers, problems, select, verifier_scores=scores, ask=ask, shown=shown)
         oracle = {"pass@k (oracle)": [pass_at_k(correct, size) for size in selection["ks"]]}
         result["selection"] = {**selection, "curves": oracle | selection["curves"]}
     if tools is not None:

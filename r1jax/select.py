@@ -27,7 +27,8 @@ what the split measures. A reward that needs a removed field (``accuracy`` on GS
 refused: for such tasks there is no ground-truth-free verifier beyond format rewards and self-consistency (the
 majority vote). For Countdown the ``accuracy`` reward *is* a verifier: it checks the equation against the
 problem's own numbers and target. Correctness itself is always judged with the full hidden reference. For code,
-the answers that vote and that the judge sees are the programs (``answer_key``).
+the answers that vote are the programs with whitespace removed (``answer_key``), and the judge reads each program
+as written (``answer_text``).
 
 Accuracy against k without bias (``selection_curves``). With k samples drawn per problem, the accuracy of a
 selector at k' <= k is the mean, over problems, of its correctness on uniformly drawn subsets of size k' of that
@@ -123,7 +124,9 @@ def judge_options(answers: Sequence[str | None]) -> list[int]:
 
 def judge_prompt(problem: str, options: Sequence[str]) -> str:
     """The judge's request: the problem, then the candidate answers numbered from 1, then how to reply."""
-    listed = "\n".join(f"Candidate {i}: {text}" for i, text in enumerate(options, 1))
+    listed = "\n".join(  # a multi-line answer (a program) starts on its own line, its layout kept
+        f"Candidate {i}:{chr(10) if chr(10) in text else ' '}{text}" for i, text in enumerate(options, 1)
+    )
     return (
         f"Several attempts answered this problem.\n\nProblem: {problem}\n\nCandidate answers:\n{listed}\n\n"
         f"Which candidate answer is correct? Reply with 'Candidate N', where N is a number from 1 to {len(options)}."
@@ -133,6 +136,19 @@ def judge_prompt(problem: str, options: Sequence[str]) -> str:
 _LABELLED = re.compile(r"(?:candidate|option|answer|choice)\s*(?:number|no\.?)?\s*[#:(\[]?\s*(\d+)", re.IGNORECASE)
 _BRACKETED = re.compile(r"[(\[#](\d+)[)\]]?")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_STATED = re.compile(r"\banswer\s+(?:is|would be|=)\s*:?\s*(-?\d+(?:\.\d+)?)(?![\d.]*\w)", re.IGNORECASE)
+
+
+def _number_choice(number: str, options: Sequence[str], position_first: bool) -> int | None:
+    """The option a stated number names: as a 1-based position in range, or as the answer of exactly one option;
+    ``position_first`` says which reading wins when both apply."""
+    n = len(options)
+    position = int(number) - 1 if number.isdigit() and 1 <= int(number) <= n else None
+    same = [i for i, o in enumerate(options) if "".join(str(o).split()) == number]
+    value = same[0] if len(same) == 1 else None
+    return (
+        (position if position is not None else value) if position_first else (value if value is not None else position)
+    )
 
 
 def parse_judge_choice(reply: str, options: Sequence[str]) -> int | None:
@@ -140,7 +156,8 @@ def parse_judge_choice(reply: str, options: Sequence[str]) -> int | None:
 
     In order: the labelled numbers ("Candidate 2", "option #2", "answer (2)") in range, when they all name one
     option (a reply naming several, as one that echoes the candidate list, names none); else the first bracketed
-    number ("(2)", "[2]", "#2") in range; else, when the whole reply (trimmed of spaces and final punctuation) is a
+    number ("(2)", "[2]", "#2") in range; else a stated answer ("the correct answer is 7") as the answer of exactly
+    one option, else as a position; else, when the whole reply (trimmed of spaces and final punctuation) is a
     number, that number as a position if in range, else as an answer equal to exactly one option; else None.
     """
     n = len(options)
@@ -150,14 +167,11 @@ def parse_judge_choice(reply: str, options: Sequence[str]) -> int | None:
     for m in _BRACKETED.finditer(reply):
         if 1 <= int(m.group(1)) <= n:
             return int(m.group(1)) - 1
+    stated = _STATED.search(reply)
+    if stated:
+        return _number_choice(stated.group(1), options, position_first=False)
     bare = reply.strip().rstrip(".!").strip()
-    if _NUMBER.fullmatch(bare):
-        if bare.isdigit() and 1 <= int(bare) <= n:
-            return int(bare) - 1
-        same = [i for i, o in enumerate(options) if "".join(str(o).split()) == bare]
-        if len(same) == 1:
-            return same[0]
-    return None
+    return _number_choice(bare, options, position_first=True) if _NUMBER.fullmatch(bare) else None
 
 
 def judge_pick(answers: Sequence[str | None], reply: str | None) -> tuple[int | None, bool]:
@@ -283,18 +297,23 @@ def accuracy_curve(
 
 
 def judge_requests(
-    problems: Sequence[str], answers: Sequence[Sequence[str | None]], subsets: Sequence[Mapping], limit: int
+    problems: Sequence[str],
+    answers: Sequence[Sequence[str | None]],
+    subsets: Sequence[Mapping],
+    limit: int,
+    shown: Sequence[Sequence[str | None]] | None = None,
 ) -> list[tuple[int, tuple[int, ...], str]]:
     """``(problem, subset, judge prompt)`` for every judged subset (the first ``limit`` per k') with at least two
-    distinct answers, each (problem, subset) once: the model calls the judge selector needs."""
+    distinct answers, each (problem, subset) once: the model calls the judge selector needs. ``shown[i][j]``: the
+    text the judge reads for candidate j (default its answer; a program keeps its layout there, not in its key)."""
+    shown = answers if shown is None else shown
     out: dict[tuple[int, tuple[int, ...]], str] = {}
     for i, per in enumerate(subsets):
         for size in sorted(per):
             for subset in per[size][:limit]:
-                sub = [answers[i][s] for s in subset]
-                options = judge_options(sub)
+                options = judge_options([answers[i][s] for s in subset])
                 if len(options) >= 2 and (i, subset) not in out:
-                    out[(i, subset)] = judge_prompt(problems[i], [sub[j] for j in options])
+                    out[(i, subset)] = judge_prompt(problems[i], [shown[i][subset[j]] for j in options])
     return [(i, subset, prompt) for (i, subset), prompt in out.items()]
 
 
@@ -306,11 +325,13 @@ def selection_curves(
     *,
     verifier_scores: Sequence[Sequence[float]] | None = None,
     ask: Callable[[list[str]], list[str]] | None = None,
+    shown: Sequence[Sequence[str | None]] | None = None,
 ) -> dict[str, Any]:
     """Accuracy against k for the selectors of ``cfg`` (the caller adds the oracle ``pass@k`` row).
 
     ``verifier_scores[i][j]``: the verifier's score of sample j of problem i (needed by "verifier"). ``ask``: maps
-    judge prompts to the model's replies, one each (needed by "judge"). Returns ``{"ks", "curves": {name: [acc per
+    judge prompts to the model's replies, one each (needed by "judge"); ``shown``: the candidates' texts in those
+    prompts (``judge_requests``). Returns ``{"ks", "curves": {name: [acc per
     k']}, "subsets", "judge_subsets", ...}`` with the judge's ``judge/calls`` and ``judge/unparsed`` counts.
     """
     if not (len(correct) == len(answers) == len(problems)):
@@ -331,7 +352,7 @@ def selection_curves(
         else:
             if ask is None:
                 raise ValueError("the judge selector needs a model to ask")
-            requests = judge_requests(problems, answers, subsets, cfg.judge_subsets)
+            requests = judge_requests(problems, answers, subsets, cfg.judge_subsets, shown)
             replies = ask([prompt for _, _, prompt in requests]) if requests else []
             if len(replies) != len(requests):
                 raise ValueError(f"{len(requests)} judge prompts but {len(replies)} replies")

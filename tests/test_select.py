@@ -63,6 +63,11 @@ def test_judge_parses_the_index_and_handles_garbage():
     for garbage in ("", "   ", "I am not sure.", "41", "-1", "__import__('os').system('echo pwned')", "\x00\ud800"):
         assert parse(garbage, opts) is None, garbage
     assert parse("3", ["5", "3"]) == 1  # "3" is out of range as a position, and option 2's answer
+    # a stated answer is an answer first, then a position
+    assert parse("The correct answer is 1.\n\nThe reason is that", opts) == 0
+    assert parse("The answer is 40.", opts) == 1 and parse("the answer is 3", opts) == 2
+    assert parse("The answer is 3", ["3", "7"]) == 0 and parse("The answer would be 2", ["3", "7"]) == 1
+    assert parse("The answer is 12 apples", opts) is None and parse("The answer is 2x", opts) is None
     # judge_pick: options are the distinct answers in first-seen order; garbage falls back to the majority
     answers = ["7", None, "8", "8", "7", "8"]
     assert sel.judge_options(answers) == [0, 2]
@@ -74,6 +79,13 @@ def test_judge_parses_the_index_and_handles_garbage():
     prompt = sel.judge_prompt("What is 3 + 4?", ["7", "8"])
     assert "Problem: What is 3 + 4?" in prompt and "Candidate 1: 7\nCandidate 2: 8" in prompt
     assert "from 1 to 2" in prompt
+    # programs vote by their whitespace-free key, and the judge reads them as written, one per distinct key
+    progs = ["def f():\n    return 1", "def f():\n  return 1", "def f():\n    return 2"]
+    keys = ["".join(p.split()) for p in progs]
+    subsets = [{2: [(0, 1), (0, 2)], 3: [(0, 1, 2)]}]
+    requests = sel.judge_requests(["Write f."], [keys], subsets, limit=4, shown=[progs])
+    assert [s for _, s, _ in requests] == [(0, 2), (0, 1, 2)]  # (0, 1): one program, nothing to judge
+    assert "Candidate 1:\ndef f():\n    return 1\nCandidate 2:\ndef f():\n    return 2" in requests[1][2]
 
 
 def test_select_config_invariants():
