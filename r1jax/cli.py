@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# commands that run compiled step loops: they keep host memory mapped across steps (r1jax.host_memory)
-_LOOP_COMMANDS = frozenset({"train", "sample", "eval", "generate", "demo"})
+# commands whose training step loops keep host memory mapped across steps (r1jax.host_memory)
+_LOOP_COMMANDS = frozenset({"train"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -369,7 +369,8 @@ def _cmd_eval(args) -> int:
         write_text_atomic(os.path.join(args.out, "eval.json"), json.dumps({**metrics, **shown}, indent=2) + "\n")
         write_text_atomic(os.path.join(args.out, "eval.md"), metrics_markdown(metrics, title, shown))
         if select is not None:
-            plot_selection(metrics["selection"], os.path.join(args.out, "selection.png"), title)
+            short = f"{os.path.basename(os.path.normpath(args.model))} on {data.name} ({data.split})"  # fits a plot
+            plot_selection(metrics["selection"], os.path.join(args.out, "selection.png"), short)
     print(json.dumps(metrics))
     return 0
 

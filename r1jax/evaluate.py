@@ -278,6 +278,10 @@ def verifier_scores(
     return totals
 
 
+JUDGE_PREFILL_CHUNK = 256  # judge prompts are prefilled this many tokens at a time
+JUDGE_BATCH_TOKENS = 8192  # prompt tokens per judge batch (the longest prompt's times the rows)
+
+
 def judge_asker(
     model: Any,
     tokenizer: Any,
@@ -289,14 +293,20 @@ def judge_asker(
     mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[list[str]], list[str]]:
     """``ask(prompts) -> replies``: the model's greedy replies to judge prompts, rendered with the evaluation's
-    template; prompts are batched by length (fewer padded shapes to compile) and the replies returned in order."""
-    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    template; prompts are batched by length (fewer padded shapes to compile) and the replies returned in order.
+
+    A judge prompt lists up to k candidates (k programs run to thousands of tokens), so its memory is bounded: the
+    prompt is prefilled in chunks of ``JUDGE_PREFILL_CHUNK`` tokens, and a batch holds at most ``batch_size`` rows
+    and ``JUDGE_BATCH_TOKENS`` prompt tokens (at least one row)."""
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, prompt_chunk=JUDGE_PREFILL_CHUNK)
 
     def ask(prompts: list[str]) -> list[str]:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        longest = max((len(tokenizer.encode(prompts[i])) for i in order[-1:]), default=1)
+        rows = max(1, min(batch_size, JUDGE_BATCH_TOKENS // longest))
         out = sample_completions(
             model, tokenizer, [{"prompt": prompts[i]} for i in order], k=1, sampling=sampling, template=template,
-            system=system, batch_size=batch_size, mesh=mesh,
+            system=system, batch_size=rows, mesh=mesh,
         )  # fmt: skip
         replies = [""] * len(prompts)
         for i, sample in zip(order, out, strict=True):

@@ -8,9 +8,11 @@ a 2-core host.
 
 ``retain_host_memory`` makes the process use one arena that grows with ``brk`` and never unmaps or trims, so the
 pages of step 1 serve every later step (0 faults per step from step 3 on). The cost: the process holds its peak host
-memory until it exits, which a training or sampling loop reaches anyway. The CLI calls it for the commands that run
-such loops (``train``, ``sample``, ``eval``, ``generate``, ``demo``), not for ``convert`` / ``export``, which stream
-checkpoints and should give freed buffers back. It must run before JAX starts its thread pools (before the first
+memory until it exits, and a heap that never unmaps fragments when the shapes keep changing. The CLI calls it for
+``train`` alone, whose steps repeat one shape: there the LoRA GRPO side's peak RSS is 4406 MB against 4335 MB.
+``eval`` is not a repeated step: SmolLM2-135M on 4 HumanEval problems (k = 8, judge included) peaked at 4649 MB
+with it against 3618 MB without, in 198 s against 188 s. ``sample``, ``eval``, ``generate``, ``demo``,
+``convert`` and ``export`` keep glibc's defaults. It must run before JAX starts its thread pools (before the first
 computation); later calls reach only threads that have not allocated yet. ``R1JAX_HOST_MEMORY=default`` leaves the
 allocator alone. On non-glibc hosts (macOS, musl) it does nothing.
 """

@@ -267,6 +267,30 @@ def test_table_and_plot_are_written(tmp_path):
     assert "## Selection over k samples" in ev.metrics_markdown(metrics, "t")
 
 
+def test_judge_batches_are_bounded_in_tokens(monkeypatch):
+    """A judge prompt lists k candidates (programs: thousands of tokens): prefill is chunked and a batch's rows are
+    capped so rows x longest prompt stays within ``JUDGE_BATCH_TOKENS``; replies come back in the prompts' order."""
+    calls = []
+
+    def fake(model, tokenizer, examples, *, k, sampling, batch_size, **kw):
+        calls.append((batch_size, sampling.prompt_chunk, sampling.temperature))
+        return [{"completions": [f"reply to {ex['prompt']}"]} for ex in examples]
+
+    class Tok:
+        def encode(self, text):
+            return list(range(len(text)))
+
+    monkeypatch.setattr(ev, "sample_completions", fake)
+    prompts = ["b" * 3000, "a" * 10, "c" * 500]
+    ask = ev.judge_asker(None, Tok(), template="plain", system=None, max_new_tokens=4, batch_size=32)
+    assert ask(prompts) == [f"reply to {p}" for p in prompts]
+    assert calls == [(ev.JUDGE_BATCH_TOKENS // 3000, ev.JUDGE_PREFILL_CHUNK, 0.0)]
+    ask(["a" * 10] * 3)
+    assert calls[-1][0] == 32  # short prompts: the evaluation's batch
+    ask(["x" * (ev.JUDGE_BATCH_TOKENS * 2)])
+    assert calls[-1][0] == 1  # a prompt past the budget alone still gets its row
+
+
 # --- the CLI --------------------------------------------------------------------------------------------------------
 def test_eval_select_cli(run, tmp_path, capsys):  # noqa: F811 (the fixture imported above)
     from r1jax import cli

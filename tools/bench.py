@@ -597,7 +597,7 @@ def side_rollout(args, name: str) -> dict:
 
 def run_side(args) -> dict:
     bench, impl, *rest = args.side
-    if impl not in ("transformers", "trl", "torch"):  # the r1jax sides: as the r1jax CLI runs its step loops
+    if bench in ("grpo", "sft") and impl not in ("transformers", "trl", "torch"):  # as `r1jax train` runs them
         from r1jax.host_memory import retain_host_memory
 
         retain_host_memory()
