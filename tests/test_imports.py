@@ -4,6 +4,7 @@ inside module-level functions that the module calls while it is imported (a regi
 inside functions that run later are not edges."""
 
 import ast
+import importlib.util
 import tomllib
 from pathlib import Path
 
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def package_files() -> dict[str, Path]:
-    """Module name -> file, for the r1jax package as installed (``package-dir`` maps kernels/ and configs/)."""
+    """Module name -> file, for the r1jax package as installed (``package-dir`` maps configs/)."""
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     dirs = {"r1jax": ROOT / "r1jax", **{name: ROOT / d for name, d in tool.get("package-dir", {}).items()}}
     files = {}
@@ -158,3 +159,10 @@ def test_the_checker_finds_a_registration_circle(tmp_path):
     graph = import_graph(files)
     assert graph["pkg.later"] == set()  # an import inside a function that runs later is no edge
     assert find_cycle(graph) == ["pkg.cli", "pkg.commands", "pkg.cli"]
+
+
+def test_no_repository_folder_shadows_the_kernels_package():
+    """From the repository root (on ``sys.path`` under ``python -m pytest``) ``import kernels`` must not find a folder
+    of ours: it would shadow the PyPI ``kernels`` package, which transformers imports when it is installed."""
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not Path(spec.origin or "").resolve().is_relative_to(ROOT)

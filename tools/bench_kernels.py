@@ -33,7 +33,7 @@ def _import_kernels():
 
         return kernels
     except Exception:  # not installed: load the source folder
-        root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+        root = pathlib.Path(__file__).resolve().parents[1] / "r1jax" / "kernels"
         spec = importlib.util.spec_from_file_location(
             "r1jax_kernels_src", root / "__init__.py", submodule_search_locations=[str(root)]
         )
