@@ -302,7 +302,7 @@ def judge_asker(
 
     def ask(prompts: list[str]) -> list[str]:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        longest = max((len(tokenizer.encode(prompts[i])) for i in order[-1:]), default=1)
+        longest = len(tokenizer.encode(prompts[order[-1]])) if prompts else 1
         rows = max(1, min(batch_size, JUDGE_BATCH_TOKENS // longest))
         out = sample_completions(
             model, tokenizer, [{"prompt": prompts[i]} for i in order], k=1, sampling=sampling, template=template,
@@ -384,17 +384,17 @@ def evaluate(
     }
     if select is not None:
         scores = verifier_scores(samples, examples, select.verifier, rewards) if select.verifier else None
-        ask = None
+        ask = shown = None
         if "judge" in select.selectors:
+            shown = [  # what the judge reads of each candidate
+                [answer_text(t, ex, s["think_prefilled"], rewards.gsm8k_last_number) for t in s["completions"]]
+                for s, ex in zip(samples, examples, strict=True)
+            ]
             ask = judge_asker(  # one judge prompt per row: batches of as many rows as the sampler's
                 model, tokenizer, template=template, system=system, max_new_tokens=select.judge_max_new_tokens,
                 batch_size=batch_size * k, mesh=mesh,
             )  # fmt: skip
         problems = [prompt_of(ex) for ex in examples]
-        shown = [
-            [answer_text(t, ex, s["think_prefilled"], rewards.gsm8k_last_number) for t in s["completions"]]
-            for s, ex in zip(samples, examples, strict=True)
-        ]
         selection = selection_curves(correct, answers, problems, select, verifier_scores=scores, ask=ask, shown=shown)
         oracle = {"pass@k (oracle)": [pass_at_k(correct, size) for size in selection["ks"]]}
         result["selection"] = {**selection, "curves": oracle | selection["curves"]}

@@ -146,9 +146,8 @@ def _number_choice(number: str, options: Sequence[str], position_first: bool) ->
     position = int(number) - 1 if number.isdigit() and 1 <= int(number) <= n else None
     same = [i for i, o in enumerate(options) if "".join(str(o).split()) == number]
     value = same[0] if len(same) == 1 else None
-    return (
-        (position if position is not None else value) if position_first else (value if value is not None else position)
-    )
+    first, second = (position, value) if position_first else (value, position)
+    return first if first is not None else second
 
 
 def parse_judge_choice(reply: str, options: Sequence[str]) -> int | None:
