@@ -522,9 +522,10 @@ class LoraConfig:
     ``q`` without a q-LoRA rank) and MLP ``gate up down`` (dense layers and shared experts; the routed experts too
     with ``experts``). The update is ``alpha / rank * a @ b`` with ``b`` zero at the start, so training starts from
     the base exactly; there is no adapter dropout. ``quant`` stores the frozen base quantised (QLoRA) with
-    ``quant_block`` input rows per scale. ``merge_for_sampling`` merges the adapters into the weights once per GRPO
-    step for the sampler and the log-prob passes, at the cost of one merged copy of the weights while they run
-    (off: they run the adapters unmerged; with a quantised base the copy is full precision).
+    ``quant_block`` input rows per scale. ``merge_for_sampling``: the sampler and the log-prob passes of a GRPO step
+    read the adapters merged into the weights (one transient merged copy while they run; faster, since a decode step
+    then makes one product per projection instead of three) or run them unmerged (no copy). None (the default):
+    merged for a float base, unmerged for a quantised one, whose merged copy would be full precision.
     """
 
     rank: int = 0
@@ -533,7 +534,7 @@ class LoraConfig:
     experts: bool = False
     quant: LoraQuant = LoraQuant.NONE
     quant_block: int = 64
-    merge_for_sampling: bool = False
+    merge_for_sampling: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -553,6 +554,13 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def merged_sampling(self) -> bool:
+        """Whether GRPO's sampler and log-prob passes read the adapters merged (``merge_for_sampling`` resolved)."""
+        if self.merge_for_sampling is None:
+            return self.quant == LoraQuant.NONE
+        return self.merge_for_sampling
 
 
 @dataclasses.dataclass(frozen=True)

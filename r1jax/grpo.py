@@ -403,9 +403,9 @@ class GRPOTrainer:
             return self._step(state, prompts, metadata, key, ahead)
 
     def _inference_view(self, params: Params) -> Params:
-        """The weights the sampler and the teacher-forced log-prob passes read: with ``lora.merge_for_sampling``
-        the adapters merged in (a transient copy, gone when the pass ends), otherwise ``params`` as they are."""
-        return _merged(params) if self.cfg.lora.enabled and self.cfg.lora.merge_for_sampling else params
+        """The weights the sampler and the teacher-forced log-prob passes read: with ``lora.merged_sampling`` the
+        adapters merged in (a transient copy, gone when the pass ends), otherwise ``params`` as they are."""
+        return _merged(params) if self.cfg.lora.enabled and self.cfg.lora.merged_sampling else params
 
     def _sample_partial(self, params: Params, prompts, metadata, key: Array, step: int):
         """Partial rollouts (``_PartialRollouts.step``): the engine, its carried rows and queued groups persist

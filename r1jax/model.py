@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from r1jax import expert_parallel, moe, sharding
@@ -47,12 +48,16 @@ LAYER_STACKS = {DENSE_LAYERS: False, MOE_LAYERS: True}  # stack name -> MoE bloc
 RESIDUAL = ("batch", "seq", None)  # the residual stream's logical axes (sequence parallel over tensor on a mesh)
 # ModelConfig.remat_policy -> what a rematerialised layer saves for its backward pass besides its input. Both keep
 # the expert-parallel rows (``expert_parallel.EXPERT_ROWS``): recomputing them would repeat the all-to-alls. "dots":
-# the matmul outputs too, so the backward recomputes only norms, activations and softmaxes; on CPU this also beats
-# saving everything (no remat), whose scanned residual stacks XLA:CPU zero-fills, writes and re-slices.
+# the projection outputs too (each ``linear``'s result, ``PROJ``; with an adapter the adapted sum, not the base and
+# low-rank products it is made of), so the backward recomputes only norms, activations, softmaxes and the adapters'
+# small x @ a. On CPU this also beats saving everything (no remat), whose scanned residual stacks XLA:CPU zero-fills,
+# writes and re-slices; and saving the adapters' inner products as well (every matmul output) makes a LoRA update
+# on SmolLM2-135M 1.25x slower (docs/performance.md).
+PROJ = "proj"
 _KEEP_ROWS = jax.checkpoint_policies.save_only_these_names(expert_parallel.EXPERT_ROWS)
 REMAT_POLICIES = {
     "full": _KEEP_ROWS,
-    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable, _KEEP_ROWS),
+    "dots": jax.checkpoint_policies.save_only_these_names(PROJ, expert_parallel.EXPERT_ROWS),
 }
 
 
@@ -286,10 +291,16 @@ def linear(x: jax.Array, w: Any, n_in: int = 1, out_dtype=None) -> jax.Array:
     dtype. Written this way, not as an einsum with batch axes, because XLA:CPU lays out the backward pass of
     ``btd,df->btf`` with a transposed copy of every activation gradient (a slower MLP backward); on TPU the reshapes
     are free. A ``LoraWeight`` runs unmerged: ``x @ base + scale * (x @ a) @ b``; a quantised weight is
-    dequantised into the matmul."""
+    dequantised into the matmul. The result is named ``PROJ`` (what the "dots" remat policy saves)."""
     if isinstance(w, LoraWeight):
-        y = linear(x, w.base, n_in, out_dtype)
-        return y + (w.scale * linear(linear(x, w.a, n_in), w.b)).astype(y.dtype)
+        y = _matmul(x, w.base, n_in, out_dtype)
+        y = y + (w.scale * _matmul(_matmul(x, w.a, n_in), w.b)).astype(y.dtype)
+    else:
+        y = _matmul(x, w, n_in, out_dtype)
+    return checkpoint_name(y, PROJ)
+
+
+def _matmul(x: jax.Array, w: Any, n_in: int = 1, out_dtype=None) -> jax.Array:
     w = dense(w)
     lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
     k = math.prod(w.shape[:n_in])

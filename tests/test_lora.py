@@ -4,6 +4,7 @@ their adapters and export merged, and the bad inputs."""
 
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +119,49 @@ def test_reference_is_the_base_with_adapters_off():
     start = jnp.zeros((2,), jnp.int32)
     want = sequence_logprobs(base, prompt, start, comp, model_cfg)[0]
     np.testing.assert_array_equal(sequence_logprobs(ref, prompt, start, comp, model_cfg)[0], want)
+
+
+def test_sampling_reads_merged_weights_for_a_float_base_only():
+    """``merge_for_sampling`` unset: GRPO's sampler and log-prob passes read plain merged weights for a float base
+    (equal to the adapted model) and the adapters unmerged for a quantised base, whose merged copy would be full
+    precision; set, it is obeyed."""
+    cfg = dataclasses.replace(configs.tiny(), lora=LoraConfig(rank=4))
+    adapted = _noisy(lora.attach(init_params(cfg.model, jax.random.key(0)), cfg.lora, cfg.model, jax.random.key(1)))
+
+    def view(lcfg):
+        trainer = GRPOTrainer(dataclasses.replace(cfg, lora=lcfg), cfg.model, lambda ro, meta: (np.zeros(0), {}))
+        return trainer._inference_view(adapted)
+
+    merged = view(cfg.lora)
+    assert not lora.has_adapters(merged)
+    t = _tokens(cfg.model)
+    assert _rel(forward(merged, t, cfg.model)[0], forward(adapted, t, cfg.model)[0]) < 1e-5
+    assert view(dataclasses.replace(cfg.lora, merge_for_sampling=False)) is adapted
+    assert view(dataclasses.replace(cfg.lora, quant="int8")) is adapted
+    assert LoraConfig(rank=4, quant="nf4", merge_for_sampling=True).merged_sampling
+
+
+@pytest.mark.parametrize("cfg", [MLA, GQA], ids=["mla_moe", "gqa"])
+def test_dots_remat_saves_one_output_per_adapted_projection(cfg):
+    """``remat_policy="dots"`` saves, beyond what ``"full"`` saves, the same bytes with adapters as without: each
+    projection's output, not the base and low-rank products an adapted output is summed from."""
+    base = init_params(cfg, jax.random.key(0))
+    adapted = lora.attach(base, LoraConfig(rank=4), cfg, jax.random.key(1))
+    t = _tokens(cfg)
+
+    def saved_bytes(params, policy):
+        c = cfg.replace(remat=True, remat_policy=policy)
+        train, frozen = lora.partition(params)
+        loss = lambda tr: jnp.sum(forward(lora.combine(tr, frozen), t, c)[0])  # noqa: E731
+        inputs = {id(x) for x in jax.tree.leaves(params)}
+        residuals = jax.tree.leaves(jax.vjp(loss, train)[1])  # what the backward pass reads
+        return sum(math.prod(x.shape) * x.dtype.itemsize for x in residuals if id(x) not in inputs)
+
+    dots_extra = {
+        name: saved_bytes(p, "dots") - saved_bytes(p, "full") for name, p in (("lora", adapted), ("base", base))
+    }
+    assert dots_extra["base"] > 0
+    assert dots_extra["lora"] == dots_extra["base"], dots_extra
 
 
 @pytest.mark.parametrize("quant,levels", [("int8", 254), ("nf4", None)])

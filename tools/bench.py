@@ -362,7 +362,9 @@ def side_grpo(args, impl: str) -> dict:
             sampling=SamplingConfig(temperature=1.0, max_new_tokens=T, slots=LONG_TAIL_SLOTS if budgets else 0),
             rewards=RewardConfig(num_workers=0),
             optim=OptimConfig(lr=1e-6, weight_decay=0.0, b2=0.999),
-            lora=LoraConfig(rank=args.lora, alpha=2.0 * args.lora, merge_for_sampling=args.lora_merge)
+            lora=LoraConfig(
+                rank=args.lora, alpha=2.0 * args.lora, merge_for_sampling=False if args.lora_unmerged else None
+            )
             if args.lora
             else LoraConfig(),
         )
@@ -731,9 +733,9 @@ class Driver:
         warm = spawn(self.args, "grpo", "r1jax")
         after = len(list(cache.glob("*")))
         t = spawn(self.args, "grpo", "trl")
-        merged = full = None
-        if self.args.lora:  # the adapters merged for sampling and log-probs, and full fine-tuning, in the same run
-            merged = spawn(self.args, "grpo", "r1jax", extra=("--lora-merge",))
+        unmerged = full = None
+        if self.args.lora:  # the adapters unmerged in sampling and log-probs, and full fine-tuning, in the same run
+            unmerged = spawn(self.args, "grpo", "r1jax", extra=("--lora-unmerged",))
             full = spawn(self.args, "grpo", "r1jax", extra=("--lora", "0"))
         st = self._smollm2_stats()
         rows, plen, T, groups = o["rows"], o["prompt_len"], o["completion_len"], o["groups"]
@@ -762,25 +764,25 @@ class Driver:
             jax_cache_entries=[before, mid, after],
             phases_r1jax=phases,
             update_mfu_r1jax=None if update is None else round(update / upd_s / self.peak, 3),
-            **({} if merged is None else self._lora_extra(merged, full)),
+            **({} if unmerged is None else self._lora_extra(unmerged, full)),
         )
 
     @staticmethod
-    def _lora_extra(merged: dict, full: dict) -> dict:
-        """The LoRA run (adapters unmerged) against the same with the adapters merged for the sampler and the
-        log-prob passes (``lora.merge_for_sampling``), and against full fine-tuning, in the same invocation."""
+    def _lora_extra(unmerged: dict, full: dict) -> dict:
+        """The LoRA run (the default: adapters merged for the sampler and the log-prob passes) against the same with
+        them unmerged (``lora.merge_for_sampling=false``), and against full fine-tuning, in the same invocation."""
 
         def phase(side, name):
             return round(statistics.median(p[name] for p in side["phases"][1:] or side["phases"]), 3)
 
         return {
-            "step_s_merged": round(steady(merged["times"]), 3),
-            "sample_s_merged": phase(merged, "sample_s"),
-            "logprob_s_merged": phase(merged, "logprob_s"),
+            "step_s_unmerged": round(steady(unmerged["times"]), 3),
+            "sample_s_unmerged": phase(unmerged, "sample_s"),
+            "logprob_s_unmerged": phase(unmerged, "logprob_s"),
             "step_s_full_ft": round(steady(full["times"]), 3),
             "update_s_full_ft": phase(full, "update_s"),
             "rss_mb_full_ft": round(full["peak_rss_mb"]),
-            "rss_mb_merged": round(merged["peak_rss_mb"]),
+            "rss_mb_unmerged": round(unmerged["peak_rss_mb"]),
         }
 
     def sft(self):
@@ -865,7 +867,7 @@ def main(argv=None) -> None:
     p.add_argument("--grpo-steps", type=int, default=3)
     p.add_argument("--sft-steps", type=int, default=3)
     p.add_argument("--lora", type=int, default=0, help="grpo: LoRA of this rank on every projection, both sides")
-    p.add_argument("--lora-merge", action="store_true", help=argparse.SUPPRESS)  # r1jax side: merged for sampling
+    p.add_argument("--lora-unmerged", action="store_true", help=argparse.SUPPRESS)  # r1jax side: unmerged adapters
     p.add_argument("--long-tail", action="store_true",
                    help="grpo: 4 prompts x G=8 rows with lognormal lengths; r1jax on 8 refilled slots")  # fmt: skip
     p.add_argument("--cold-cache", action="store_true", help="empty the JAX compilation cache first")
