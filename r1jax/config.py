@@ -141,7 +141,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: AttentionImpl = AttentionImpl.XLA
     remat: bool = False  # recompute each layer's forward in the backward pass, keeping what remat_policy names
-    remat_policy: str = "full"  # with remat: "full" keeps the layer input (and expert rows), "dots" also matmul outputs
+    remat_policy: str = "full"  # with remat: "full" keeps the layer input (and expert rows), "dots" + projections
     # an expert shard receives dispatch_slack x its mean rows per dispatch round (expert_parallel.round_rows)
     dispatch_slack: float = 1.25
 

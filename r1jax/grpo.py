@@ -46,7 +46,7 @@ from r1jax.optim import (
     steps_taken,
     stop_router_bias,
 )
-from r1jax.sharding import batch_sharding, normalize_mesh, put, split_mesh, to_host
+from r1jax.sharding import batch_sharding, commit, normalize_mesh, put, split_mesh, to_host
 from r1jax.tool_rollout import sample_with_tools, tool_metrics
 from r1jax.tools import ToolEnv
 
@@ -340,7 +340,7 @@ class GRPOTrainer:
     # placement -------------------------------------------------------------------------------------------------
     def _place_params(self, params: Params) -> Params:
         if self.mesh is None:
-            return params
+            return commit(params)
         return jax.device_put(params, lora.shardings(params, self.model_cfg, self.mesh))
 
     def _place_rows(self, x):
@@ -356,7 +356,7 @@ class GRPOTrainer:
         train = lora.partition(params)[0]
         ref = jax.tree.map(jnp.copy, train) if self.cfg.grpo.kl_coef > 0 else None
         if self.mesh is None:
-            opt_state = jax.jit(self.optimizer.init)(train)
+            opt_state = commit(jax.jit(self.optimizer.init)(train))
         else:
             shapes = jax.eval_shape(self.optimizer.init, train)
             out = opt_shardings(shapes, params, self.model_cfg, self.mesh)

@@ -36,8 +36,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from r1jax import expert_parallel, moe, sharding
 from r1jax.cache import Cache
@@ -51,8 +51,8 @@ RESIDUAL = ("batch", "seq", None)  # the residual stream's logical axes (sequenc
 # the projection outputs too (each ``linear``'s result, ``PROJ``; with an adapter the adapted sum, not the base and
 # low-rank products it is made of), so the backward recomputes only norms, activations, softmaxes and the adapters'
 # small x @ a. On CPU this also beats saving everything (no remat), whose scanned residual stacks XLA:CPU zero-fills,
-# writes and re-slices; and saving the adapters' inner products as well (every matmul output) makes a LoRA update
-# on SmolLM2-135M 1.25x slower (docs/performance.md).
+# writes and re-slices. Saving the adapters' inner products as well (every matmul output) holds more activations and
+# is no faster (docs/performance.md, "LoRA GRPO against TRL + PEFT").
 PROJ = "proj"
 _KEEP_ROWS = jax.checkpoint_policies.save_only_these_names(expert_parallel.EXPERT_ROWS)
 REMAT_POLICIES = {

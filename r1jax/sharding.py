@@ -262,6 +262,13 @@ def on_mesh(mesh: jax.sharding.Mesh | None):
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
+def commit(tree):
+    """Arrays committed to the default device, as a jitted step returns them. jit keys committed and uncommitted
+    arguments apart, so a training state that starts uncommitted (fresh from ``jnp`` or the host) and comes back
+    committed after its first step would compile every step function a second time at step 2."""
+    return jax.device_put(tree, jax.devices()[0])
+
+
 def put(x, sharding: jax.sharding.Sharding) -> jax.Array:
     """A host array that every process holds whole, placed with ``sharding``: each process copies only the slices of
     its own devices (unlike ``device_put`` of process-local data, this means the same thing on one host or many)."""

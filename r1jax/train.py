@@ -608,10 +608,12 @@ class SFTStage:
     def init(self, params):
         from r1jax import lora
         from r1jax.optim import opt_shardings
+        from r1jax.sharding import commit
 
+        params = commit(params) if self.mesh is None else params
         train = lora.partition(params)[0]  # the optimiser state covers only what trains
         if self.mesh is None:
-            return {"params": params, "opt": jax.jit(self.optimizer.init)(train)}
+            return {"params": params, "opt": commit(jax.jit(self.optimizer.init)(train))}
         out = opt_shardings(jax.eval_shape(self.optimizer.init, train), params, self.model_cfg, self.mesh)
         return {"params": params, "opt": jax.jit(self.optimizer.init, out_shardings=out)(train)}
 

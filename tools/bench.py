@@ -374,7 +374,7 @@ def side_grpo(args, impl: str) -> dict:
             return np.array([reward(s) for s in texts], np.float32), {}
 
         # no stop tokens: every completion is T tokens on both sides, so both do the same work
-        # remat keeping the matmul outputs: recomputing norms and activations is cheaper on CPU than saving them
+        # remat keeping the projection outputs: recomputing norms and activations is cheaper on CPU than saving them
         mcfg = model.cfg.replace(remat=True, remat_policy="dots")
         trainer = grpo.GRPOTrainer(cfg, mcfg, reward_fn, stop_ids=[], prompt_bucket=16,
                                    budgets=None if budgets is None else lambda prompts: budgets)  # fmt: skip
