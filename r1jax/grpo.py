@@ -38,6 +38,7 @@ from r1jax.loss import (
 from r1jax.model import MOE_LAYERS, Params
 from r1jax.optim import (
     accumulate_and_apply,
+    init_opt_state,
     lr_schedule,
     make_optimizer,
     opt_shardings,
@@ -353,14 +354,8 @@ class GRPOTrainer:
         """Placed parameters, optimiser state for their trainable part, and the reference: a copy of that part (with
         adapters, the adapters alone: the reference shares the policy's frozen base)."""
         params = self._place_params(params)
-        train = lora.partition(params)[0]
-        ref = jax.tree.map(jnp.copy, train) if self.cfg.grpo.kl_coef > 0 else None
-        if self.mesh is None:
-            opt_state = commit(jax.jit(self.optimizer.init)(train))
-        else:
-            shapes = jax.eval_shape(self.optimizer.init, train)
-            out = opt_shardings(shapes, params, self.model_cfg, self.mesh)
-            opt_state = jax.jit(self.optimizer.init, out_shardings=out)(train)
+        ref = jax.tree.map(jnp.copy, lora.partition(params)[0]) if self.cfg.grpo.kl_coef > 0 else None
+        opt_state = init_opt_state(self.optimizer, params, self.model_cfg, self.mesh)
         return GRPOState(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref, opt_state=opt_state)
 
     # phases ----------------------------------------------------------------------------------------------------

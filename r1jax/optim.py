@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from r1jax import lora, moe
 from r1jax.config import ModelConfig, OptimConfig
 from r1jax.model import MOE_LAYERS, Params
+from r1jax.sharding import commit
 
 Array = jax.Array
 
@@ -132,6 +133,16 @@ def opt_shardings(opt_state: Any, params: Params, cfg: ModelConfig, mesh: Mesh):
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params: Params, cfg: ModelConfig, mesh: Mesh | None):
+    """The optimiser state of ``params``' trainable part, placed as the update returns it: on ``mesh``, moments
+    sharded like their parameters (``opt_shardings``); without one, committed to the device (``sharding.commit``)."""
+    train = lora.partition(params)[0]
+    if mesh is None:
+        return commit(jax.jit(optimizer.init)(train))
+    out = opt_shardings(jax.eval_shape(optimizer.init, train), params, cfg, mesh)
+    return jax.jit(optimizer.init, out_shardings=out)(train)
 
 
 def split_micro(x: Array | None, k: int) -> Array | None:

@@ -606,16 +606,11 @@ class SFTStage:
         self.optimizer = make_optimizer(cfg.optim)
 
     def init(self, params):
-        from r1jax import lora
-        from r1jax.optim import opt_shardings
+        from r1jax.optim import init_opt_state
         from r1jax.sharding import commit
 
-        params = commit(params) if self.mesh is None else params
-        train = lora.partition(params)[0]  # the optimiser state covers only what trains
-        if self.mesh is None:
-            return {"params": params, "opt": commit(jax.jit(self.optimizer.init)(train))}
-        out = opt_shardings(jax.eval_shape(self.optimizer.init, train), params, self.model_cfg, self.mesh)
-        return {"params": params, "opt": jax.jit(self.optimizer.init, out_shardings=out)(train)}
+        params = commit(params) if self.mesh is None else params  # on a mesh, start_params placed them
+        return {"params": params, "opt": init_opt_state(self.optimizer, params, self.model_cfg, self.mesh)}
 
     def abstract(self, state):
         return _abstract(state["params"]), _abstract({"opt": state["opt"]})
